@@ -1,0 +1,114 @@
+"""What the engine decided about one request: a denial, or what was removed and why.
+
+A record names rules, field paths, private_metadata key names and counts, never a
+removed value, so it can go to an audit log. Key names can themselves say something
+about the data, so `to_dict(with_keys=False)` leaves them out (the default for logs
+above debug level).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import grpc
+
+Action = Literal["removed", "replaced", "merged"]
+
+
+@dataclass(frozen=True, slots=True)
+class Denial:
+    """The request may not pass at all: a gRPC status and the rule that refused it."""
+
+    code: grpc.StatusCode
+    rule: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.code.name}: {self.message}"
+
+
+@dataclass(frozen=True, slots=True)
+class Removal:
+    """One rule taking something out of a message (or rewriting it, for merged/replaced)."""
+
+    rule: str
+    path: str  # field path inside the message, e.g. parameters.private_metadata
+    keys: tuple[str, ...] = ()  # private_metadata keys or field names, when the path is a map or struct
+    action: Action = "removed"
+
+    @property
+    def count(self) -> int:
+        return len(self.keys) or 1
+
+
+@dataclass(slots=True)
+class EventRecord:
+    """What happened to one event of a request (only events something happened to are recorded)."""
+
+    index: int  # position in the request as received
+    event_id: str
+    feature: str
+    action: str
+    removals: list[Removal] = field(default_factory=list)
+    dropped_by: str | None = None  # rule that removed the whole event
+
+
+@dataclass(slots=True)
+class Decision:
+    rpc: str
+    kind: str | None = None
+    request_id: str = ""
+    denial: Denial | None = None
+    events: list[EventRecord] = field(default_factory=list)
+    removals: list[Removal] = field(default_factory=list)  # outside events (user metadata, unknown fields)
+    unknown_fields: Literal["discarded", "kept", ""] = ""
+    events_in: int = 0
+    events_out: int = 0
+
+    @property
+    def dropped_event_ids(self) -> list[str]:
+        return [e.event_id for e in self.events if e.dropped_by is not None]
+
+    def counts(self) -> dict[str, int]:
+        """Removals per rule: whole events count 1, private_metadata keys 1 each."""
+        counter: Counter[str] = Counter()
+        for event in self.events:
+            if event.dropped_by is not None:
+                counter[event.dropped_by] += 1
+            for removal in event.removals:
+                counter[removal.rule] += removal.count
+        for removal in self.removals:
+            counter[removal.rule] += removal.count
+        return dict(counter)
+
+    def to_dict(self, with_keys: bool = False) -> dict[str, Any]:
+        """A JSON-ready summary for audit logs; key names only when with_keys."""
+
+        def removal(r: Removal) -> dict[str, Any]:
+            out: dict[str, Any] = {"rule": r.rule, "path": r.path, "action": r.action, "count": r.count}
+            if with_keys and r.keys:
+                out["keys"] = list(r.keys)
+            return out
+
+        out: dict[str, Any] = {"rpc": self.rpc, "kind": self.kind, "request_id": self.request_id}
+        if self.denial is not None:
+            out["denial"] = {"code": self.denial.code.name, "rule": self.denial.rule, "message": self.denial.message}
+        out["events_in"] = self.events_in
+        out["events_out"] = self.events_out
+        out["removed_per_rule"] = self.counts()
+        out["dropped_event_ids"] = self.dropped_event_ids
+        out["events"] = [
+            {
+                "index": e.index, "id": e.event_id, "feature": e.feature, "action": e.action,
+                **({"dropped_by": e.dropped_by} if e.dropped_by else {}),
+                "removals": [removal(r) for r in e.removals],
+            }
+            for e in self.events
+        ]
+        if self.removals:
+            out["removals"] = [removal(r) for r in self.removals]
+        if self.unknown_fields:
+            out["unknown_fields"] = self.unknown_fields
+        return out

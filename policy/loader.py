@@ -1,0 +1,236 @@
+"""Load a policy file (and the allowlists it names) into an immutable policy.model.Policy.
+
+Loading reports every problem at once: YAML problems first (a file that cannot be
+read as data cannot be checked further), then every schema violation, then every
+semantic problem (unknown field paths, duplicate or conflicting allowlist entries).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from functools import cache
+from importlib import resources
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+import jsonschema
+
+from policy import fieldpaths
+from policy.errors import PolicyError, Problem
+from policy.kinds import KINDS, RPCS
+from policy.model import (
+    Allowlist,
+    AllowlistEntry,
+    FeatureFilter,
+    KindRules,
+    Origin,
+    Policy,
+    PrivateMetadataRule,
+    Setting,
+    UserMetadataRules,
+)
+from policy.yamlsource import Located, dotted, read
+
+DEFAULT_SCOPE = "telemetry_gateway::events::publish"
+DEFAULT_REPLACEMENT = "telemetry-guard: value is not a string"
+
+# What a key the policy does not set falls back to: the strictest choice.
+STRICTEST: dict[str, Any] = {
+    "marketing_tracking": "drop",
+    "private_metadata": {"mode": "drop"},
+    "drop_fields": [],
+    "unknown_fields": "discard",
+    "events": {"include": ["*"], "exclude": []},
+    "invalid_events": "drop",
+    "legacy_metadata": "merge",
+}
+
+BUILTIN_PREFIX = "builtin:"
+
+
+@cache
+def _schema(name: str) -> dict[str, Any]:
+    text = resources.files("policy").joinpath("schema", name).read_text("utf-8")
+    schema: dict[str, Any] = json.loads(text)
+    return schema
+
+
+def builtin_allowlist_path(name: str) -> Path:
+    """The file of a shipped allowlist (allowlists/NAME.yaml)."""
+    return Path(str(resources.files("allowlists").joinpath(f"{name}.yaml")))
+
+
+def default_policy_path() -> Path:
+    """The policy used when none is given: the seed's rules (policy/default.yaml)."""
+    return Path(str(resources.files("policy").joinpath("default.yaml")))
+
+
+def default_policy() -> Policy:
+    return load_policy(default_policy_path())
+
+
+def load_policy(path: str | Path) -> Policy:
+    """Load and compile a policy; raise PolicyError listing every problem found."""
+    path = Path(path)
+    doc = read(path)
+    problems = _schema_problems(doc, "policy.schema.json")
+    if problems:
+        raise PolicyError(problems)
+    data = doc.data
+    allowlist, files, digest_parts, list_problems = _load_allowlists(doc, path)
+    kinds, kind_problems = _compile_kinds(doc)
+    problems = list_problems + kind_problems
+    if problems:
+        raise PolicyError(problems)
+
+    digest = hashlib.sha256()
+    for part in [doc.text.encode("utf-8"), *digest_parts]:
+        digest.update(hashlib.sha256(part).digest())
+    access = data.get("access", {})
+    credentials = data.get("credentials", {})
+    user_meta = data.get("user_metadata", {})
+    return Policy(
+        name=path.name,
+        files=(str(path), *files),
+        sha256=digest.hexdigest(),
+        access=MappingProxyType({rpc: frozenset(access.get(rpc, [])) for rpc in RPCS}),
+        credentials_required=frozenset(credentials.get("required_for", ["managed_service", "workspace"])),
+        credentials_scope=credentials.get("scope", DEFAULT_SCOPE),
+        user_metadata=UserMetadataRules(
+            enabled=bool(user_meta.get("enabled", False)),
+            user_fields=frozenset(user_meta.get("user_fields", [])),
+            organization_fields=frozenset(user_meta.get("organization_fields", [])),
+        ),
+        kinds=MappingProxyType(kinds),
+        allowlist=allowlist,
+        acknowledged=frozenset(data.get("acknowledged", [])),
+    )
+
+
+def _schema_problems(doc: Located, schema_name: str) -> list[Problem]:
+    validator = jsonschema.Draft202012Validator(_schema(schema_name))
+    problems = []
+    for error in validator.iter_errors(doc.data):
+        path = tuple(error.absolute_path)
+        problems.append(doc.problem(path, _explain(error)))
+    return problems
+
+
+def _explain(error: jsonschema.ValidationError) -> str:
+    """A schema error in reviewer's words, listing the allowed values where there are some."""
+    if error.validator == "additionalProperties":
+        allowed = sorted(error.schema.get("properties", {}))
+        return f"{error.message}; allowed keys: {', '.join(allowed)}"
+    if error.validator == "enum":
+        return f"{error.instance!r} is not allowed; use one of: {', '.join(map(str, error.validator_value))}"
+    if error.validator == "const":
+        return f"{error.instance!r} is not allowed; must be {error.validator_value!r}"
+    return str(error.message)
+
+
+def _load_allowlists(doc: Located, policy_path: Path) -> tuple[Allowlist, list[str], list[bytes], list[Problem]]:
+    entries: dict[tuple[str, str], AllowlistEntry] = {}
+    files: list[str] = []
+    raw: list[bytes] = []
+    problems: list[Problem] = []
+    for i, ref in enumerate(doc.data.get("allowlists", [])):
+        if ref.startswith(BUILTIN_PREFIX):
+            file = builtin_allowlist_path(ref[len(BUILTIN_PREFIX):])
+        else:
+            file = (policy_path.parent / ref).resolve()
+        if not file.is_file():
+            problems.append(doc.problem(("allowlists", i), f"allowlist {ref!r} not found ({file})"))
+            continue
+        try:
+            listed = read(file)
+        except PolicyError as exc:
+            problems.extend(exc.problems)
+            continue
+        schema_problems = _schema_problems(listed, "allowlist.schema.json")
+        if schema_problems:
+            problems.extend(schema_problems)
+            continue
+        files.append(str(file))
+        raw.append(listed.text.encode("utf-8"))
+        for j, item in enumerate(listed.data["entries"]):
+            origin = Origin(listed.file, listed.where(("entries", j))[0])
+            entry = AllowlistEntry(
+                feature=item["feature"],
+                action=item["action"],
+                keys=frozenset(item["keys"]),
+                reason=item["reason"],
+                origin=origin,
+                approved_by=item.get("approved_by", ""),
+            )
+            key = (entry.feature, entry.action)
+            earlier = entries.get(key)
+            if earlier is None:
+                entries[key] = entry
+                continue
+            what = "duplicate" if earlier.keys == entry.keys else "conflicting"
+            line, col = listed.where(("entries", j))
+            problems.append(
+                Problem(
+                    listed.file, line, col, f"entries[{j}]",
+                    f"{what} allowlist entry for feature {entry.feature!r} action {entry.action!r}: "
+                    f"already at {earlier.origin}",
+                )
+            )
+    return Allowlist(MappingProxyType(entries), tuple(files)), files, raw, problems
+
+
+def _compile_kinds(doc: Located) -> tuple[dict[str, KindRules], list[Problem]]:
+    defaults = doc.data.get("defaults", {})
+    overrides = doc.data.get("kinds", {})
+    problems: list[Problem] = []
+    for section, rules in [("defaults", defaults)] + [("kinds." + k, v) for k, v in overrides.items()]:
+        for i, path in enumerate(rules.get("drop_fields", [])):
+            resolved = fieldpaths.resolve(path)
+            if isinstance(resolved, str):
+                key = (*section.split("."), "drop_fields", i)
+                problems.append(doc.problem(key, f"{path!r}: {resolved}"))
+        pm = rules.get("private_metadata", {})
+        if pm.get("non_string") == "replace" and "replacement" not in pm:
+            problems.append(doc.problem((*section.split("."), "private_metadata"),
+                                        "non_string: replace needs a replacement string"))
+
+    compiled: dict[str, KindRules] = {}
+    for kind in KINDS:
+        own = overrides.get(kind, {})
+
+        def pick(key: str, kind: str = kind, own: dict[str, Any] = own) -> tuple[Any, str]:
+            if key in own:
+                return own[key], dotted(("kinds", kind, key))
+            if key in defaults:
+                return defaults[key], dotted(("defaults", key))
+            return STRICTEST[key], f"strictest-default.{key}"
+
+        pm, pm_rule = pick("private_metadata")
+        events, events_rule = pick("events")
+        compiled[kind] = KindRules(
+            kind=kind,
+            marketing_tracking=Setting(*pick("marketing_tracking")),
+            private_metadata=PrivateMetadataRule(
+                mode=pm["mode"],
+                non_string=pm.get("non_string", "drop"),
+                replacement=pm.get("replacement", DEFAULT_REPLACEMENT),
+                rule=pm_rule,
+            ),
+            drop_fields=Setting(*_as_tuple(pick("drop_fields"))),
+            unknown_fields=Setting(*pick("unknown_fields")),
+            events=FeatureFilter(
+                include=tuple(events.get("include", ["*"])),
+                exclude=tuple(events.get("exclude", [])),
+                rule=events_rule,
+            ),
+            invalid_events=Setting(*pick("invalid_events")),
+            legacy_metadata=Setting(*pick("legacy_metadata")),
+        )
+    return compiled, problems
+
+
+def _as_tuple(picked: tuple[Any, str]) -> tuple[tuple[str, ...], str]:
+    value, rule = picked
+    return tuple(value), rule

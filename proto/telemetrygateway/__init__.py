@@ -1,0 +1,1 @@
+"""Python code generated from the telemetrygateway protocol (see proto/generate.py)."""

@@ -1,0 +1,1 @@
+"""The telemetry-guard command line: one entry point, one module per subcommand."""
