@@ -1,11 +1,11 @@
 """telemetry-guard's policy engine: load a YAML policy, apply it to telemetrygateway.v1 requests.
 
-    from policy import Engine, load_policy, default_policy
-    engine = Engine(load_policy("policy.yaml"))
-    outcome = engine.record_events(request, identifier)
-    if outcome.denial: ...            # a gRPC status code and the rule that refused
-    outcome.request                   # what may leave (filtered in place)
-    outcome.decision.to_dict()        # what was removed, by which rule; never a value
+from policy import Engine, load_policy, default_policy
+engine = Engine(load_policy("policy.yaml"))
+outcome = engine.record_events(request, identifier)
+if outcome.denial: ...            # a gRPC status code and the rule that refused
+outcome.request                   # what may leave (filtered in place)
+outcome.decision.to_dict()        # what was removed, by which rule; never a value
 """
 
 from policy.decision import Decision, Denial, EventRecord, Removal

@@ -7,7 +7,6 @@ which kinds must present one, so the engine checks that it is there and well for
 from __future__ import annotations
 
 import grpc
-
 from telemetrygateway.v1 import telemetrygateway_pb2 as pb
 
 from policy.decision import Denial
@@ -31,13 +30,15 @@ def check_identifier(rpc: str, identifier: pb.Identifier | None) -> str | Denial
     kind = identifier_kind(identifier)
     if kind is None or identifier is None:
         return Denial(
-            grpc.StatusCode.INVALID_ARGUMENT, "identifier",
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "identifier",
             f"{rpc}: no identifier in the request metadata (or a kind this proto does not know)",
         )
     required = _REQUIRED_ID_FIELD[kind]
     if not getattr(getattr(identifier, kind), required):
         return Denial(
-            grpc.StatusCode.INVALID_ARGUMENT, "identifier",
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "identifier",
             f"{rpc}: identifier.{kind}.{required} is empty",
         )
     return kind
@@ -48,12 +49,14 @@ def check_kind(policy: Policy, rpc: str, kind: str) -> Denial | None:
     if kind not in policy.access[rpc]:
         allowed = ", ".join(sorted(policy.access[rpc])) or "no kind"
         return Denial(
-            grpc.StatusCode.PERMISSION_DENIED, f"access.{rpc}",
+            grpc.StatusCode.PERMISSION_DENIED,
+            f"access.{rpc}",
             f"{rpc}: identifier kind {kind} is not allowed by rule access.{rpc} (allowed: {allowed})",
         )
     if rpc == "PublishInstanceUserMetadata" and not policy.user_metadata.enabled:
         return Denial(
-            grpc.StatusCode.PERMISSION_DENIED, "user_metadata.enabled",
+            grpc.StatusCode.PERMISSION_DENIED,
+            "user_metadata.enabled",
             f"{rpc}: user metadata export is not enabled by rule user_metadata.enabled",
         )
     return None
@@ -74,7 +77,8 @@ def check_credentials(policy: Policy, rpc: str, kind: str, authorization: str | 
     """UNAUTHENTICATED when the kind must present a bearer token and did not."""
     if kind in policy.credentials_required and bearer_token(authorization) is None:
         return Denial(
-            grpc.StatusCode.UNAUTHENTICATED, "credentials.required_for",
+            grpc.StatusCode.UNAUTHENTICATED,
+            "credentials.required_for",
             f"{rpc}: identifier kind {kind} must present 'authorization: Bearer <token>' "
             f"(rule credentials.required_for)",
         )

@@ -101,7 +101,10 @@ class Decision:
         out["dropped_event_ids"] = self.dropped_event_ids
         out["events"] = [
             {
-                "index": e.index, "id": e.event_id, "feature": e.feature, "action": e.action,
+                "index": e.index,
+                "id": e.event_id,
+                "feature": e.feature,
+                "action": e.action,
                 **({"dropped_by": e.dropped_by} if e.dropped_by else {}),
                 "removals": [removal(r) for r in e.removals],
             }

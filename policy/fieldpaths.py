@@ -11,7 +11,6 @@ from collections.abc import Callable
 
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import Message
-
 from telemetrygateway.v1 import telemetrygateway_pb2 as pb
 
 # The gateway rejects an event without these: dropping them is a policy mistake.
@@ -32,6 +31,12 @@ def resolve(path: str, root: Descriptor = pb.Event.DESCRIPTOR) -> list[FieldDesc
             known = ", ".join(sorted(descriptor.fields_by_name))
             return f"{descriptor.name} has no field {name!r} (it has: {known})"
         fields.append(fd)
+        well_known = fd.message_type.full_name if fd.message_type is not None else ""
+        if well_known.startswith("google.protobuf.") and depth != len(path.split(".")) - 1:
+            return (
+                f"{'.'.join(path.split('.')[: depth + 1])} is a {well_known}: a path can end "
+                "there but not go inside it (private_metadata keys are governed by private_metadata rules)"
+            )
         is_single_message = fd.message_type is not None and not _is_repeated(fd)
         descriptor = fd.message_type if is_single_message else None
     if len(fields) == 1 and fields[0].name in REQUIRED_EVENT_FIELDS:
@@ -40,7 +45,7 @@ def resolve(path: str, root: Descriptor = pb.Event.DESCRIPTOR) -> list[FieldDesc
 
 
 def _is_repeated(fd: FieldDescriptor) -> bool:
-    return fd.label == FieldDescriptor.LABEL_REPEATED
+    return bool(fd.is_repeated)
 
 
 def remover(fields: list[FieldDescriptor]) -> Remover:

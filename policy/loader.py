@@ -121,13 +121,18 @@ def _schema_problems(doc: Located, schema_name: str) -> list[Problem]:
 def _explain(error: jsonschema.ValidationError) -> str:
     """A schema error in reviewer's words, listing the allowed values where there are some."""
     if error.validator == "additionalProperties":
-        allowed = sorted(error.schema.get("properties", {}))
+        schema = error.schema if isinstance(error.schema, dict) else {}
+        allowed = sorted(schema.get("properties", {}))
         return f"{error.message}; allowed keys: {', '.join(allowed)}"
     if error.validator == "enum":
-        return f"{error.instance!r} is not allowed; use one of: {', '.join(map(str, error.validator_value))}"
+        return f"{error.instance!r} is not allowed; use one of: {', '.join(str(v) for v in _listed(error.validator_value))}"
     if error.validator == "const":
         return f"{error.instance!r} is not allowed; must be {error.validator_value!r}"
     return str(error.message)
+
+
+def _listed(value: object) -> list[object]:
+    return list(value) if isinstance(value, list | tuple) else [value]
 
 
 def _load_allowlists(doc: Located, policy_path: Path) -> tuple[Allowlist, list[str], list[bytes], list[Problem]]:
@@ -137,7 +142,7 @@ def _load_allowlists(doc: Located, policy_path: Path) -> tuple[Allowlist, list[s
     problems: list[Problem] = []
     for i, ref in enumerate(doc.data.get("allowlists", [])):
         if ref.startswith(BUILTIN_PREFIX):
-            file = builtin_allowlist_path(ref[len(BUILTIN_PREFIX):])
+            file = builtin_allowlist_path(ref[len(BUILTIN_PREFIX) :])
         else:
             file = (policy_path.parent / ref).resolve()
         if not file.is_file():
@@ -173,7 +178,10 @@ def _load_allowlists(doc: Located, policy_path: Path) -> tuple[Allowlist, list[s
             line, col = listed.where(("entries", j))
             problems.append(
                 Problem(
-                    listed.file, line, col, f"entries[{j}]",
+                    listed.file,
+                    line,
+                    col,
+                    f"entries[{j}]",
                     f"{what} allowlist entry for feature {entry.feature!r} action {entry.action!r}: "
                     f"already at {earlier.origin}",
                 )
@@ -193,8 +201,9 @@ def _compile_kinds(doc: Located) -> tuple[dict[str, KindRules], list[Problem]]:
                 problems.append(doc.problem(key, f"{path!r}: {resolved}"))
         pm = rules.get("private_metadata", {})
         if pm.get("non_string") == "replace" and "replacement" not in pm:
-            problems.append(doc.problem((*section.split("."), "private_metadata"),
-                                        "non_string: replace needs a replacement string"))
+            problems.append(
+                doc.problem((*section.split("."), "private_metadata"), "non_string: replace needs a replacement string")
+            )
 
     compiled: dict[str, KindRules] = {}
     for kind in KINDS:

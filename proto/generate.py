@@ -55,8 +55,11 @@ def main(argv: list[str] | None = None) -> int:
         generate(Path(tmp))
         fresh = Path(tmp) / "telemetrygateway" / "v1"
         if args.check:
-            stale = [name for name in OUTPUTS if not (package / name).exists()
-                     or not filecmp.cmp(fresh / name, package / name, shallow=False)]
+            stale = [
+                name
+                for name in OUTPUTS
+                if not (package / name).exists() or not filecmp.cmp(fresh / name, package / name, shallow=False)
+            ]
             if stale:
                 print(f"generated code is stale: {', '.join(stale)}; run python proto/generate.py", file=sys.stderr)
                 return 1

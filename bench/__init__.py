@@ -1,0 +1,1 @@
+"""Benchmarks (not tests): each module prints a table; see its docstring for the command."""

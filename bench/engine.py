@@ -1,0 +1,125 @@
+"""Engine throughput against the floor (parse + serialize, no policy), in one run.
+
+    python -m bench.engine            # the README's table
+    python -m bench.engine --quick    # fewer repetitions
+
+For each batch size, identifier kind and allowlist size it times, on the same
+serialized bytes: the floor (RecordEventsRequest parse + serialize) and the guard
+(engine.record_events_bytes: parse into the kind's view, filter, serialize). Each figure is the best of several
+rounds, the floor and the guard interleaved so that machine noise hits both.
+Targets (issue 2): guard >= 60% of the floor's events/s; allowlists of 10 and
+10,000 entries within 5% of each other.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import google.protobuf
+import grpc
+import yaml
+from telemetrygateway.v1 import telemetrygateway_pb2 as pb
+
+from bench import workload
+from policy import Engine, default_policy_path, load_policy
+from policy.model import Policy
+
+IDENTIFIERS = {
+    "licensed_instance": pb.Identifier(
+        licensed_instance=pb.Identifier.LicensedInstanceIdentifier(license_key="key", instance_id="i-1")
+    ),
+    "managed_service": pb.Identifier(managed_service=pb.Identifier.ManagedServiceIdentifier(service_id="svc")),
+}
+
+
+def policy_with_allowlist(size: int, tmp: Path) -> Policy:
+    """The default policy with the Sourcegraph allowlist padded to `size` entries."""
+    base = yaml.safe_load(default_policy_path().read_text())
+    shipped = yaml.safe_load(Path(load_policy(default_policy_path()).allowlist.files[0]).read_text())
+    entries = list(shipped["entries"])
+    for i in range(size - len(entries)):
+        # Feature names admit letters only: spell the number in letters (0 -> a, 1 -> b, ...).
+        name = "".join(chr(ord("a") + int(d)) for d in str(i))
+        entries.append(
+            {"feature": f"padding.f{name}", "action": "viewed", "keys": ["languageId"], "reason": "benchmark padding"}
+        )
+    (tmp / f"allow{size}.yaml").write_text(yaml.safe_dump({"version": 1, "entries": entries}))
+    base["allowlists"] = [f"allow{size}.yaml"]
+    (tmp / f"policy{size}.yaml").write_text(yaml.safe_dump(base))
+    return load_policy(tmp / f"policy{size}.yaml")
+
+
+def best_of(rounds: int, repeat: int, fn: Callable[[], object]) -> float:
+    """Seconds per call: the best of `rounds` rounds of `repeat` calls."""
+    best = float("inf")
+    for _ in range(rounds):
+        start = time.perf_counter()
+        for _ in range(repeat):
+            fn()
+        best = min(best, (time.perf_counter() - start) / repeat)
+    return best
+
+
+def measure(data: bytes, engine: Engine, identifier: pb.Identifier, rounds: int, repeat: int) -> tuple[float, float]:
+    parse = pb.RecordEventsRequest.FromString
+
+    def floor() -> bytes:
+        return parse(data).SerializeToString()
+
+    def guard() -> bytes | None:  # parse + filter + serialize, as a proxy runs it
+        return engine.record_events_bytes(data, identifier).request
+
+    floor_s, guard_s = float("inf"), float("inf")
+    for _ in range(rounds):  # interleaved: noise hits both
+        floor_s = min(floor_s, best_of(1, repeat, floor))
+        guard_s = min(guard_s, best_of(1, repeat, guard))
+    return floor_s, guard_s
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="fewer rounds (a smoke run, noisier)")
+    args = parser.parse_args(argv)
+    rounds = 3 if args.quick else 9
+    print(
+        f"# engine benchmark: Python {platform.python_version()}, protobuf {google.protobuf.__version__} "
+        f"({_backend()}), grpcio {grpc.__version__}, {platform.machine()}"
+    )
+    print("| batch | kind | allowlist | bytes/event | floor ev/s | guard ev/s | guard/floor |")
+    print("|---:|---|---:|---:|---:|---:|---:|")
+    with tempfile.TemporaryDirectory() as tmp:
+        policies = {size: policy_with_allowlist(size, Path(tmp)) for size in (10, 10_000)}
+        by_size: dict[tuple[int, str], dict[int, float]] = {}
+        for batch_size in (100, 1000):
+            data = workload.batch(batch_size).SerializeToString()
+            repeat = max(1, 20_000 // batch_size)
+            for kind, identifier in IDENTIFIERS.items():
+                for size, policy in policies.items():
+                    engine = Engine(policy)
+                    floor_s, guard_s = measure(data, engine, identifier, rounds, repeat)
+                    by_size.setdefault((batch_size, kind), {})[size] = batch_size / guard_s
+                    print(
+                        f"| {batch_size} | {kind} | {size:,} | {len(data) // batch_size} | "
+                        f"{batch_size / floor_s:,.0f} | {batch_size / guard_s:,.0f} | {floor_s / guard_s:.0%} |"
+                    )
+    print()
+    print("| batch | kind | guard ev/s, 10,000 entries / 10 entries |")
+    print("|---:|---|---:|")
+    for (batch_size, kind), rates in by_size.items():
+        print(f"| {batch_size} | {kind} | {rates[10_000] / rates[10]:.1%} |")
+    return 0
+
+
+def _backend() -> str:
+    from google.protobuf.internal import api_implementation
+
+    return api_implementation.Type()
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
