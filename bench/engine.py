@@ -23,11 +23,11 @@ from pathlib import Path
 import google.protobuf
 import grpc
 import yaml
-from telemetrygateway.v1 import telemetrygateway_pb2 as pb
 
 from bench import workload
 from policy import Engine, default_policy_path, load_policy
 from policy.model import Policy
+from telemetrygateway.v1 import telemetrygateway_pb2 as pb
 
 IDENTIFIERS = {
     "licensed_instance": pb.Identifier(

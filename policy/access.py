@@ -7,10 +7,10 @@ which kinds must present one, so the engine checks that it is there and well for
 from __future__ import annotations
 
 import grpc
-from telemetrygateway.v1 import telemetrygateway_pb2 as pb
 
 from policy.decision import Denial
 from policy.model import Policy
+from telemetrygateway.v1 import telemetrygateway_pb2 as pb
 
 # The field that must be non-empty for each identifier kind (the gateway's checks).
 _REQUIRED_ID_FIELD = {

@@ -18,11 +18,11 @@ import grpc
 from cachetools import LRUCache
 from google.protobuf import struct_pb2
 from google.protobuf.message import Message
-from telemetrygateway.v1 import telemetrygateway_pb2 as pb
 
 from policy import access, fieldpaths, validity, views
 from policy.decision import Decision, Denial, EventRecord, Removal
 from policy.model import AllowlistEntry, KindRules, Policy
+from telemetrygateway.v1 import telemetrygateway_pb2 as pb
 
 M = TypeVar("M", bound=Message)
 R = TypeVar("R", bound=Message | bytes)
@@ -236,7 +236,9 @@ class Engine:
         return Outcome(request, decision)
 
     @staticmethod
-    def _drop_fields(items: Iterable[Message], names: tuple[str, ...], rule: str, path: str, decision: Decision) -> None:
+    def _drop_fields(
+        items: Iterable[Message], names: tuple[str, ...], rule: str, path: str, decision: Decision
+    ) -> None:
         removed: dict[str, int] = {}
         for item in items:
             for name in names:

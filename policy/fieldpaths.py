@@ -11,6 +11,7 @@ from collections.abc import Callable
 
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import Message
+
 from telemetrygateway.v1 import telemetrygateway_pb2 as pb
 
 # The gateway rejects an event without these: dropping them is a policy mistake.

@@ -125,7 +125,8 @@ def _explain(error: jsonschema.ValidationError) -> str:
         allowed = sorted(schema.get("properties", {}))
         return f"{error.message}; allowed keys: {', '.join(allowed)}"
     if error.validator == "enum":
-        return f"{error.instance!r} is not allowed; use one of: {', '.join(str(v) for v in _listed(error.validator_value))}"
+        allowed = [str(v) for v in _listed(error.validator_value)]
+        return f"{error.instance!r} is not allowed; use one of: {', '.join(allowed)}"
     if error.validator == "const":
         return f"{error.instance!r} is not allowed; must be {error.validator_value!r}"
     return str(error.message)

@@ -18,6 +18,7 @@ from functools import cache
 
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory, struct_pb2, timestamp_pb2
 from google.protobuf.message import Message
+
 from telemetrygateway.v1 import telemetrygateway_pb2 as pb
 
 # (message, field) pairs a view may retype as bytes.
