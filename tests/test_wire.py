@@ -21,10 +21,10 @@ import pytest
 from google.protobuf import descriptor_pb2
 from google.protobuf.message import Message
 from google.protobuf.unknown_fields import UnknownFieldSet
-from telemetrygateway.v1 import telemetrygateway_pb2 as pb
-from telemetrygateway.v1 import telemetrygateway_pb2_grpc as pb_grpc
 
 from policy.kinds import RPCS, method_path
+from telemetrygateway.v1 import telemetrygateway_pb2 as pb
+from telemetrygateway.v1 import telemetrygateway_pb2_grpc as pb_grpc
 
 # --- a tiny protobuf encoder/decoder ------------------------------------------------------
 
