@@ -14,6 +14,7 @@ import argparse
 import filecmp
 import shutil
 import sys
+import sysconfig
 import tempfile
 from pathlib import Path
 
@@ -32,8 +33,10 @@ def generate(out_dir: Path) -> None:
     from grpc_tools import protoc  # dev dependency: imported only when generating
 
     include = Path(protoc.__file__).resolve().parent / "_proto"
+    plugins = [f"--plugin=protoc-gen-{name}={_script(f'protoc-gen-{name}')}" for name in ("mypy", "mypy_grpc")]
     args = [
         "grpc_tools.protoc",
+        *plugins,
         f"-I{PROTO_ROOT}",
         f"-I{include}",
         f"--python_out={out_dir}",
@@ -44,6 +47,17 @@ def generate(out_dir: Path) -> None:
     ]
     if protoc.main(args) != 0:
         raise SystemExit(f"protoc failed on {PROTO_FILE}")
+
+
+def _script(name: str) -> str:
+    """A console script of this interpreter's environment (mypy-protobuf's plugins), found without PATH."""
+    found = Path(sysconfig.get_path("scripts")) / name
+    if found.exists():
+        return str(found)
+    on_path = shutil.which(name)
+    if on_path is None:
+        raise SystemExit(f"{name} not found: pip install -e '.[dev]' installs mypy-protobuf")
+    return on_path
 
 
 def main(argv: list[str] | None = None) -> int:

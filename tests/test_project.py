@@ -1,0 +1,67 @@
+"""The project's own promises: the README's commands are the ones CI runs, and its example runs."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+README = (ROOT / "README.md").read_text()
+
+
+def _sh_blocks() -> list[str]:
+    return re.findall(r"```sh\n(.*?)\n```", README, flags=re.S)
+
+
+def test_ci_runs_exactly_the_readme_test_command() -> None:
+    ci_lines = [
+        line
+        for line in (ROOT / ".ci/run").read_text().splitlines()
+        if line and not line.startswith(("#", "set ", "cd "))
+    ]
+    assert len(ci_lines) == 1
+    assert ci_lines[0] in _sh_blocks(), "the README's test command and .ci/run differ"
+
+
+def test_readme_main_command_runs_the_demo() -> None:
+    assert any(block.endswith("telemetry-guard demo") for block in _sh_blocks())
+
+
+def test_readme_engine_example_runs(tmp_path: Path) -> None:
+    block = re.search(r"## Using the engine\n\n```python\n(.*?)\n```", README, flags=re.S)
+    assert block is not None
+    script = tmp_path / "example.py"
+    script.write_text(block.group(1))
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "kinds.licensed_instance.marketing_tracking" in done.stdout
+    assert "secret" not in done.stdout and "example.com/private" not in done.stdout
+
+
+def test_generated_stubs_are_fresh() -> None:
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "proto/generate.py"), "--check"], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+
+
+def test_stubs_import_from_any_directory(tmp_path: Path) -> None:
+    code = (
+        "from telemetrygateway.v1 import telemetrygateway_pb2, telemetrygateway_pb2_grpc as g;"
+        "print(g.TelemeteryGatewayServiceStub.__name__)"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "TelemeteryGatewayServiceStub"
+
+
+def test_runtime_lower_bounds_match_the_generated_code() -> None:
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    pb2 = (ROOT / "proto/telemetrygateway/v1/telemetrygateway_pb2.py").read_text()
+    grpc_stub = (ROOT / "proto/telemetrygateway/v1/telemetrygateway_pb2_grpc.py").read_text()
+    major, minor, patch = re.search(r"Domain\.PUBLIC,\s*(\d+),\s*(\d+),\s*(\d+)", pb2).groups()  # type: ignore[union-attr]
+    grpc_version = re.search(r"GRPC_GENERATED_VERSION = '([\d.]+)'", grpc_stub).group(1)  # type: ignore[union-attr]
+    assert f'"protobuf>={major}.{minor}.{patch}"' in pyproject
+    assert f'"grpcio>={grpc_version}"' in pyproject
