@@ -90,28 +90,29 @@ def main(argv: list[str] | None = None) -> int:
         f"# engine benchmark: Python {platform.python_version()}, protobuf {google.protobuf.__version__} "
         f"({_backend()}), grpcio {grpc.__version__}, {platform.machine()}"
     )
-    print("| batch | kind | allowlist | bytes/event | floor ev/s | guard ev/s | guard/floor |")
-    print("|---:|---|---:|---:|---:|---:|---:|")
+    print("| batch | workload | kind | allowlist | bytes/event | floor ev/s | guard ev/s | guard/floor |")
+    print("|---:|---|---|---:|---:|---:|---:|---:|")
     with tempfile.TemporaryDirectory() as tmp:
         policies = {size: policy_with_allowlist(size, Path(tmp)) for size in (10, 10_000)}
-        by_size: dict[tuple[int, str], dict[int, float]] = {}
+        by_size: dict[tuple[int, str, str], dict[int, float]] = {}
         for batch_size in (100, 1000):
-            data = workload.batch(batch_size).SerializeToString()
             repeat = max(1, 20_000 // batch_size)
-            for kind, identifier in IDENTIFIERS.items():
-                for size, policy in policies.items():
-                    engine = Engine(policy)
-                    floor_s, guard_s = measure(data, engine, identifier, rounds, repeat)
-                    by_size.setdefault((batch_size, kind), {})[size] = batch_size / guard_s
-                    print(
-                        f"| {batch_size} | {kind} | {size:,} | {len(data) // batch_size} | "
-                        f"{batch_size / floor_s:,.0f} | {batch_size / guard_s:,.0f} | {floor_s / guard_s:.0%} |"
-                    )
+            for scenario in ("raw", "redacted"):
+                data = workload.batch(batch_size, redacted=scenario == "redacted").SerializeToString()
+                for kind, identifier in IDENTIFIERS.items():
+                    for size, policy in policies.items():
+                        engine = Engine(policy)
+                        floor_s, guard_s = measure(data, engine, identifier, rounds, repeat)
+                        by_size.setdefault((batch_size, scenario, kind), {})[size] = batch_size / guard_s
+                        print(
+                            f"| {batch_size} | {scenario} | {kind} | {size:,} | {len(data) // batch_size} | "
+                            f"{batch_size / floor_s:,.0f} | {batch_size / guard_s:,.0f} | {floor_s / guard_s:.0%} |"
+                        )
     print()
-    print("| batch | kind | guard ev/s, 10,000 entries / 10 entries |")
-    print("|---:|---|---:|")
-    for (batch_size, kind), rates in by_size.items():
-        print(f"| {batch_size} | {kind} | {rates[10_000] / rates[10]:.1%} |")
+    print("| batch | workload | kind | guard ev/s, 10,000 entries / 10 entries |")
+    print("|---:|---|---|---:|")
+    for (batch_size, scenario, kind), rates in by_size.items():
+        print(f"| {batch_size} | {scenario} | {kind} | {rates[10_000] / rates[10]:.1%} |")
     return 0
 
 

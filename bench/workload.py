@@ -4,6 +4,11 @@ The shape follows what Sourcegraph instances export (see shared/protocol/GATEWAY
 mostly Cody and search events, numeric metadata on every event, private_metadata on
 some (allowlisted types and others, with a few non-string values), feature flags,
 interaction ids, and marketing tracking on the events of web clients.
+
+Two scenarios: `raw` (an exporter that redacts nothing: the guard removes a lot) and
+`redacted` (what a Sourcegraph instance sends after its own in-instance redaction: no
+marketing tracking, private_metadata only with keys its allowlist names; the guard
+verifies and removes nothing).
 """
 
 from __future__ import annotations
@@ -13,7 +18,8 @@ import uuid
 
 from telemetrygateway.v1 import telemetrygateway_pb2 as pb
 
-# (feature, action, weight, private_metadata keys the callsite sends)
+# (feature, action, weight, private_metadata keys the callsite sends); the keys that
+# Sourcegraph's allowlist lets through are listed in REDACTED_KEYS.
 EVENT_TYPES: tuple[tuple[str, str, int, tuple[str, ...]], ...] = (
     ("cody.completion", "suggested", 30, ("languageId", "otherCompletionProviders", "triggerKind")),
     ("cody.completion", "accepted", 10, ("languageId", "otherCompletionProviders")),
@@ -29,14 +35,24 @@ EVENT_TYPES: tuple[tuple[str, str, int, tuple[str, ...]], ...] = (
     ("notebook", "created", 2, ()),
     ("batchChange", "applied", 2, ("changesetCount",)),
 )
+REDACTED_KEYS = {
+    "cody.completion": {"languageId", "otherCompletionProviders"},
+    "cody.chatResponse": {"chatModel"},
+    "cody.chat-question": {"chatModel"},
+    "cody.command.edit": {"model"},
+    "cody.hoverCommands": {"languageId"},
+    "blob.codeintel": {"languageId"},
+}
 _WEIGHTS = [w for _, _, w, _ in EVENT_TYPES]
 _CLIENTS = (("VSCODE_CODY_EXTENSION", "1.48.0"), ("JETBRAINS_CODY", "7.2.1"), ("WEB", "6.4.0"))
 _FLAGS = tuple(f"feature-flag-{i}" for i in range(24))
 
 
-def event(rng: random.Random) -> pb.Event:
+def event(rng: random.Random, redacted: bool = False) -> pb.Event:
     """One event of the mix: every field the seed defines can appear, with realistic frequency."""
     feature, action, _, private_keys = rng.choices(EVENT_TYPES, weights=_WEIGHTS)[0]
+    if redacted:
+        private_keys = tuple(k for k in private_keys if k in REDACTED_KEYS.get(feature, ()))
     ev = pb.Event(id=str(uuid.UUID(int=rng.getrandbits(128), version=4)), feature=feature, action=action)
     ev.timestamp.FromSeconds(1_760_000_000 + rng.randrange(10_000_000))
     ev.source.server.version = "6.4.2871"
@@ -67,7 +83,7 @@ def event(rng: random.Random) -> pb.Event:
     if rng.random() < 0.6:
         ev.interaction.trace_id = f"{rng.getrandbits(128):032x}"
         ev.interaction.interaction_id = str(uuid.UUID(int=rng.getrandbits(128), version=4))
-    if client == "WEB":
+    if client == "WEB" and not redacted:
         mt = ev.marketing_tracking
         mt.url = f"https://sourcegraph.example.com/search?q=repo%3Aacme%2Fapi+{rng.randrange(1000)}"
         mt.referrer = "https://www.google.com/"
@@ -77,12 +93,12 @@ def event(rng: random.Random) -> pb.Event:
     return ev
 
 
-def events(count: int, seed: int = 7) -> list[pb.Event]:
+def events(count: int, seed: int = 7, redacted: bool = False) -> list[pb.Event]:
     rng = random.Random(seed)
-    return [event(rng) for _ in range(count)]
+    return [event(rng, redacted) for _ in range(count)]
 
 
-def batch(count: int, seed: int = 7) -> pb.RecordEventsRequest:
+def batch(count: int, seed: int = 7, redacted: bool = False) -> pb.RecordEventsRequest:
     request = pb.RecordEventsRequest()
-    request.events.events.extend(events(count, seed))
+    request.events.events.extend(events(count, seed, redacted))
     return request

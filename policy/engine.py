@@ -347,32 +347,37 @@ class Engine:
 
     @staticmethod
     def _private(plan: _KindPlan, entry: AllowlistEntry | None, params: Any, detailed: bool) -> list[Removal]:
-        """private_metadata (bytes in the view) by mode: drop it, or keep allowlisted string values."""
+        """private_metadata (bytes in the view) by mode: drop it, or keep allowlisted string values.
+
+        Key names in the record are sorted, so that records do not depend on map order.
+        """
+        path = "parameters.private_metadata"
+        raw = params.private_metadata
         if entry is None or plan.private_mode == "drop":
-            names = tuple(struct_pb2.Struct.FromString(params.private_metadata).fields) if detailed else ()
+            names = tuple(sorted(struct_pb2.Struct.FromString(raw).fields)) if detailed else ()
             params.ClearField("private_metadata")
-            return [Removal(plan.private_rule, "parameters.private_metadata", names)]
-        struct = struct_pb2.Struct.FromString(params.private_metadata)
+            return [Removal(plan.private_rule, path, names)]
+        removals = []
+        struct = struct_pb2.Struct.FromString(raw)
         fields = struct.fields
         allowed = entry.keys
-        removals = []
         if not allowed.issuperset(fields):
-            gone = tuple(name for name in fields if name not in allowed)
+            gone = tuple(sorted(name for name in fields if name not in allowed))
             for name in gone:
                 del fields[name]
-            removals.append(Removal(plan.private_rule, "parameters.private_metadata", gone))
-        wrong = tuple(name for name in fields if fields[name].WhichOneof("kind") != "string_value")
+            removals.append(Removal(plan.private_rule, path, gone))
+        wrong = tuple(sorted(name for name in fields if fields[name].WhichOneof("kind") != "string_value"))
         if wrong:
             if plan.replace_non_string:
                 for name in wrong:
                     value = fields[name]
                     value.Clear()  # nothing of the old value survives, unknown fields included
                     value.string_value = plan.replacement
-                removals.append(Removal(plan.non_string_rule, "parameters.private_metadata", wrong, "replaced"))
+                removals.append(Removal(plan.non_string_rule, path, wrong, "replaced"))
             else:
                 for name in wrong:
                     del fields[name]
-                removals.append(Removal(plan.non_string_rule, "parameters.private_metadata", wrong))
+                removals.append(Removal(plan.non_string_rule, path, wrong))
         if plan.discard_unknown:
             struct.DiscardUnknownFields()
         params.private_metadata = struct.SerializeToString()
