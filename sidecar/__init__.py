@@ -1,0 +1,1 @@
+"""telemetry-guard serve: the sidecar in front of the Telemetry Gateway."""
