@@ -1,0 +1,258 @@
+"""What the four interceptors share: the engine, a verifier, the audit log, and one call's state.
+
+The interceptors (sync and aio, server and client) only adapt gRPC's shapes to these
+steps; every decision is taken here and in stream.py, the same way on both sides:
+
+1. decode: bytes are parsed, messages copied on the client (the exporter's objects are
+   never changed in place); anything else is refused;
+2. admit: identifier present and complete, kind allowed for the RPC, bearer token present
+   when the kind needs credentials (the engine's check_access);
+3. verify: the verifier judges the token (sync, or in an executor for aio);
+4. filter: the engine removes what the policy says, in place on the decoded copy;
+5. audit: one record per request message, refusals included.
+
+Any exception other than a GuardError while doing so becomes INTERNAL naming the RPC.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from google.protobuf.message import DecodeError, Message
+
+from interceptors.audit import AuditLog
+from interceptors.credentials import BearerPresent, CredentialVerifier
+from interceptors.errors import GuardError, evaluating, wire_error
+from policy import RPCS, Decision, Engine, Policy, default_policy
+from policy.access import bearer_token
+from policy.engine import PUBLISH_USER_METADATA, RECORD_EVENT, RECORD_EVENTS
+from policy.kinds import method_path
+from telemetrygateway.v1 import telemetrygateway_pb2 as pb
+
+Encode = Callable[[Message], Any]
+
+REQUEST_TYPES: dict[str, type[Message]] = {
+    RECORD_EVENTS: pb.RecordEventsRequest,
+    RECORD_EVENT: pb.RecordEventRequest,
+    PUBLISH_USER_METADATA: pb.PublishInstanceUserMetadataRequest,
+}
+_RPC_BY_METHOD = {method_path(rpc): rpc for rpc in RPCS}
+
+
+def rpc_for_method(method: str | bytes) -> str | None:
+    """The RPC a gRPC method path names, or None for a method of another service."""
+    if isinstance(method, bytes):
+        method = method.decode("utf-8", "replace")
+    return _RPC_BY_METHOD.get(method)
+
+
+def server_encoder(rpc: str, deserializer: Callable[[bytes], Any] | None) -> Encode:
+    """How a servicer takes a filtered request: as its handler's deserializer would give it.
+
+    The wrapped handler receives raw bytes (so that a request that does not parse is refused
+    by the guard, not answered INTERNAL by grpc) and hands the servicer what it expects:
+    the message itself for the generated deserializer, bytes for a raw-bytes handler (a
+    forwarding proxy), or the result of any other deserializer.
+    """
+    if deserializer is None:
+        return _serialize
+    if deserializer == REQUEST_TYPES[rpc].FromString:
+        return _identity
+    return lambda message: deserializer(message.SerializeToString())
+
+
+def _serialize(message: Message) -> bytes:
+    return message.SerializeToString()
+
+
+def _identity(message: Message) -> Message:
+    return message
+
+
+def removed_event_response(serializer: Callable[[Any], bytes] | None) -> Any:
+    """The RecordEvent answer for an event the policy removed whole (nothing to send): success."""
+    return b"" if serializer is None else pb.RecordEventResponse()
+
+
+def authorization_from(metadata: Iterable[Any] | None) -> str | None:
+    """The first `authorization` value of call metadata ((key, value) pairs), if any."""
+    for item in metadata or ():
+        key, value = item[0], item[1]
+        if isinstance(key, str) and key.lower() == "authorization" and isinstance(value, str):
+            return value
+    return None
+
+
+class Guard:
+    """A loaded policy applied by one or more interceptors. side: "server" or "client" (audit)."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        *,
+        verifier: CredentialVerifier | None = None,
+        audit: AuditLog | None = None,
+        side: str = "server",
+        copy_requests: bool = False,
+    ) -> None:
+        self.engine = engine
+        self.verifier = verifier or BearerPresent()
+        self.audit = audit or AuditLog()
+        self.side = side
+        self.copy_requests = copy_requests
+
+    @classmethod
+    def build(
+        cls,
+        policy_or_engine: Policy | Engine | Guard | None,
+        *,
+        verifier: CredentialVerifier | None = None,
+        audit: AuditLog | None = None,
+        side: str,
+    ) -> Guard:
+        """A guard for one side. None: the default policy. A Guard given is reused as it is."""
+        if isinstance(policy_or_engine, Guard):
+            return policy_or_engine
+        if policy_or_engine is None:
+            policy_or_engine = default_policy()
+        engine = policy_or_engine if isinstance(policy_or_engine, Engine) else Engine(policy_or_engine)
+        return cls(engine, verifier=verifier, audit=audit, side=side, copy_requests=side == "client")
+
+    @property
+    def detailed(self) -> bool:
+        """Name removed keys in decisions only when the audit log will write them (DEBUG)."""
+        return self.audit.logger.isEnabledFor(logging.DEBUG)
+
+    def decode(self, rpc: str, item: Any) -> Message:
+        """A request message to filter: parsed from bytes, or (client side) a copy of the caller's."""
+        cls = REQUEST_TYPES[rpc]
+        if isinstance(item, bytes | bytearray | memoryview):
+            try:
+                return cls.FromString(bytes(item))
+            except DecodeError:
+                raise wire_error(rpc) from None
+        if not isinstance(item, cls):
+            raise wire_error(rpc)
+        if not self.copy_requests:
+            return item
+        copy = cls()
+        copy.CopyFrom(item)
+        return copy
+
+
+class CallGuard:
+    """One call's state: who is calling (once admitted), the token to verify, the refusal if any."""
+
+    def __init__(self, guard: Guard, rpc: str, authorization: str | None) -> None:
+        self.guard = guard
+        self.rpc = rpc
+        self.authorization = authorization
+        self.identifier: pb.Identifier | None = None
+        self.request_id = ""
+        self.kind: str | None = None
+        self.error: GuardError | None = None
+        self._token: str | None = None  # to verify before anything is passed on
+        self._verified = False
+
+    def _admit(self, identifier: pb.Identifier | None) -> None:
+        """Identifier, kind and token presence; remembers who is calling (audited even if refused)."""
+        if identifier is not None:
+            self.identifier = pb.Identifier()
+            self.identifier.CopyFrom(identifier)
+        found = self.guard.engine.check_access(self.rpc, identifier, self.authorization)
+        if not isinstance(found, str):
+            raise GuardError.from_denial(found)
+        self.kind = found
+        if found in self.guard.engine.policy.credentials_required:
+            self._token = bearer_token(self.authorization)
+        else:
+            self._verified = True
+
+    def refuse(self, error: GuardError, *, message: int | None = None) -> GuardError:
+        """Remember and audit a refusal (the first one wins); returns it for raising."""
+        if self.error is None:
+            self.error = error
+            self.guard.audit.record(
+                side=self.guard.side, rpc=self.rpc, identifier=self.identifier, refusal=error,
+                request_id=self.request_id, message=message,
+            )
+        return self.error
+
+    def audit(self, decision: Decision, message: int | None = None) -> None:
+        self.guard.audit.record(
+            side=self.guard.side, rpc=self.rpc, identifier=self.identifier, decision=decision,
+            request_id=self.request_id, message=message,
+        )
+
+    def _scope(self) -> str:
+        return self.guard.engine.policy.credentials_scope
+
+    def verify(self) -> None:
+        """Let the verifier judge the token, if this kind must present one. Blocking."""
+        if self._verified:
+            return
+        try:
+            with evaluating(self.rpc):
+                self.guard.verifier.verify(self._token or "", self._scope(), self.rpc)
+        except GuardError as exc:
+            raise self.refuse(exc) from None
+        self._verified = True
+
+    async def verify_async(self) -> None:
+        if self._verified:
+            return
+        try:
+            with evaluating(self.rpc):
+                await self.guard.verifier.verify_async(self._token or "", self._scope(), self.rpc)
+        except GuardError as exc:
+            raise self.refuse(exc) from None
+        self._verified = True
+
+    def pass_on(self, encode: Encode, message: Message) -> Any:
+        """A filtered message in the form its consumer takes; only once the token is verified."""
+        try:
+            with evaluating(self.rpc):
+                self._require_verified()
+                return encode(message)
+        except GuardError as exc:
+            raise self.refuse(exc) from None
+
+    def _require_verified(self) -> None:
+        """Call inside evaluating(): an interceptor that skipped verify() passes nothing on."""
+        if not self._verified:
+            raise RuntimeError("credentials were not verified")
+
+
+class UnaryGuard(CallGuard):
+    """RecordEvent: the identifier travels in the request itself."""
+
+    def admit(self, item: Any) -> pb.RecordEventRequest:
+        """Decode and admit the request (verify next, then filter)."""
+        try:
+            with evaluating(self.rpc):
+                request = self.guard.decode(self.rpc, item)
+                if not isinstance(request, pb.RecordEventRequest):
+                    raise TypeError(type(request).__name__)
+                self.request_id = request.metadata.request_id
+                identifier = request.metadata.identifier if request.HasField("metadata") else None
+                self._admit(identifier)
+                return request
+        except GuardError as exc:
+            raise self.refuse(exc) from None
+
+    def filter(self, request: pb.RecordEventRequest) -> pb.RecordEventRequest | None:
+        """What may be passed on; None when the policy removed the event whole."""
+        try:
+            with evaluating(self.rpc):
+                self._require_verified()
+                outcome = self.guard.engine.record_event(request, detailed=self.guard.detailed)
+                if outcome.denial is not None:
+                    raise GuardError.from_denial(outcome.denial)
+                self.audit(outcome.decision)
+                if outcome.request is None or not outcome.request.HasField("event"):
+                    return None
+                return outcome.request
+        except GuardError as exc:
+            raise self.refuse(exc) from None

@@ -1,0 +1,153 @@
+"""The stream protocol of RecordEvents and PublishInstanceUserMetadata, for all four interceptors.
+
+As the gateway enforces it (GATEWAY.md): the first message carries `metadata` (request_id and
+identifier); every later one carries a payload. Metadata twice, or a payload before the
+metadata: INVALID_ARGUMENT. A message with no payload set is skipped (never passed on). The
+identifier of the metadata message governs the whole stream: it is admitted once (kind
+allowed, token present and verified) and every payload is filtered under its kind.
+
+How an interceptor uses it:
+
+    stream = StreamGuard(guard, rpc, authorization)
+    first = stream.first(requests)       # reads up to the metadata message; raises GuardError
+    stream.verify()                      # or: await stream.verify_async()
+    for item in stream.rest(first, requests, encode):   # what may be passed on
+        ...
+    response = stream.merge(response)    # RecordEvents: removed-whole ids acknowledged
+
+A violation later in the stream is remembered in `stream.error` (and audited) before the
+GuardError is raised from the request iterator; whoever consumes that iterator may swallow it
+or turn it into UNKNOWN, so the interceptor's handler aborts with `stream.error` itself.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable, Iterator
+from typing import Any
+
+from google.protobuf.message import Message
+
+from interceptors.acks import AckLedger
+from interceptors.errors import GuardError, evaluating, protocol_error
+from interceptors.guard import CallGuard, Encode, Guard
+from policy import Outcome
+from policy.engine import RECORD_EVENTS
+from telemetrygateway.v1 import telemetrygateway_pb2 as pb
+
+
+class StreamGuard(CallGuard):
+    """One RecordEvents or PublishInstanceUserMetadata stream, on either side."""
+
+    def __init__(self, guard: Guard, rpc: str, authorization: str | None) -> None:
+        super().__init__(guard, rpc, authorization)
+        self.acks = AckLedger() if rpc == RECORD_EVENTS else None
+        self._received = 0
+
+    # -- one message --------------------------------------------------------------------
+
+    def accept(self, item: Any) -> Message | None:
+        """The next request as received: the filtered message to pass on, or None to skip it."""
+        index = self._received
+        self._received += 1
+        try:
+            with evaluating(self.rpc):
+                request = self.guard.decode(self.rpc, item)
+                if not isinstance(request, pb.RecordEventsRequest | pb.PublishInstanceUserMetadataRequest):
+                    raise TypeError(type(request).__name__)
+                payload = request.WhichOneof("payload")
+                if payload is None:
+                    return None
+                if payload == "metadata":
+                    if self.kind is not None:
+                        raise protocol_error(self.rpc, "received metadata more than once")
+                    metadata = request.metadata
+                    self.request_id = metadata.request_id
+                    self._admit(metadata.identifier if metadata.HasField("identifier") else None)
+                else:
+                    if self.kind is None:
+                        raise protocol_error(self.rpc, f"got {payload} when metadata not yet received")
+                    self._require_verified()
+                outcome = self._filter(request, payload)
+                if outcome.denial is not None:
+                    raise GuardError.from_denial(outcome.denial)
+                if self.acks is not None and payload == "events" and isinstance(request, pb.RecordEventsRequest):
+                    self.acks.forwarded(request.events.events, outcome.decision.dropped_event_ids)
+                self.audit(outcome.decision, index)
+                return request
+        except GuardError as exc:
+            raise self.refuse(exc, message=index) from None
+
+    def _filter(
+        self, request: pb.RecordEventsRequest | pb.PublishInstanceUserMetadataRequest, payload: str
+    ) -> Outcome[Any]:
+        identifier = None if payload == "metadata" else self.identifier  # metadata: its own
+        if isinstance(request, pb.RecordEventsRequest):
+            return self.guard.engine.record_events(request, identifier, detailed=self.guard.detailed)
+        return self.guard.engine.publish_instance_user_metadata(request, identifier)
+
+    # -- the stream ---------------------------------------------------------------------
+
+    def _no_metadata(self) -> GuardError:
+        return self.refuse(protocol_error(self.rpc, "stream ended before its metadata message"))
+
+    def first(self, items: Iterator[Any]) -> Message:
+        """Read up to the metadata message (empty messages skipped); raises GuardError."""
+        for item in items:
+            message = self.accept(item)
+            if message is not None:
+                return message
+        raise self._no_metadata()
+
+    async def first_async(self, items: AsyncIterator[Any]) -> Message:
+        async for item in items:
+            message = self.accept(item)
+            if message is not None:
+                return message
+        raise self._no_metadata()
+
+    def rest(
+        self, first: Message, items: Iterator[Any], encode: Encode, on_refusal: Callable[[], None] | None = None
+    ) -> Iterator[Any]:
+        """The first message, then every later one filtered, each encoded for the consumer.
+
+        On a refusal: raise the GuardError into the consumer, or, with on_refusal, call it and
+        end (the client side cancels its call rather than half-close it).
+        """
+        yield self.pass_on(encode, first)
+        for item in items:
+            try:
+                message = self.accept(item)
+            except GuardError:
+                if on_refusal is None:
+                    raise
+                on_refusal()
+                return
+            if message is not None:
+                yield self.pass_on(encode, message)
+
+    async def rest_async(
+        self, first: Message, items: AsyncIterator[Any], encode: Encode, on_refusal: Callable[[], None] | None = None
+    ) -> AsyncIterator[Any]:
+        yield self.pass_on(encode, first)
+        async for item in items:
+            try:
+                message = self.accept(item)
+            except GuardError:
+                if on_refusal is None:
+                    raise
+                on_refusal()
+                return
+            if message is not None:
+                yield self.pass_on(encode, message)
+
+    # -- responses ----------------------------------------------------------------------
+
+    def merge(self, response: Any) -> Any:
+        """RecordEvents: the response with the removed-whole ids of its payload acknowledged."""
+        if self.acks is None:
+            return response
+        try:
+            with evaluating(self.rpc):
+                return self.acks.merge(response)
+        except GuardError as exc:
+            raise self.refuse(exc) from None
