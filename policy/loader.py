@@ -51,7 +51,7 @@ BUILTIN_PREFIX = "builtin:"
 
 
 @cache
-def _schema(name: str) -> dict[str, Any]:
+def schema(name: str) -> dict[str, Any]:
     text = resources.files("policy").joinpath("schema", name).read_text("utf-8")
     schema: dict[str, Any] = json.loads(text)
     return schema
@@ -110,7 +110,7 @@ def load_policy(path: str | Path) -> Policy:
 
 
 def _schema_problems(doc: Located, schema_name: str) -> list[Problem]:
-    validator = jsonschema.Draft202012Validator(_schema(schema_name))
+    validator = jsonschema.Draft202012Validator(schema(schema_name))
     problems = []
     for error in validator.iter_errors(doc.data):
         path = tuple(error.absolute_path)

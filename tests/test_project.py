@@ -65,3 +65,11 @@ def test_runtime_lower_bounds_match_the_generated_code() -> None:
     grpc_version = re.search(r"GRPC_GENERATED_VERSION = '([\d.]+)'", grpc_stub).group(1)  # type: ignore[union-attr]
     assert f'"protobuf>={major}.{minor}.{patch}"' in pyproject
     assert f'"grpcio>={grpc_version}"' in pyproject
+
+
+def test_policy_reference_page_is_generated_from_the_schemas() -> None:
+    from policy import reference
+
+    page = (ROOT / "docs/policy-reference.md").read_text()
+    assert page == reference.render(), "run: python -m policy.reference > docs/policy-reference.md"
+    assert "`defaults.private_metadata.mode`" in page and "`entries[].reason`" in page
