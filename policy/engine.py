@@ -10,6 +10,7 @@ cache, so the cost per event does not grow with the allowlist.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
@@ -101,12 +102,13 @@ class _KindPlan:
 
 
 class Engine:
-    """Applies one loaded policy. Thread-safe for reads; the resolution cache is per engine."""
+    """Applies one loaded policy. Safe to share between threads and tasks; one resolution cache per engine."""
 
     def __init__(self, policy: Policy, cache_size: int = 8192) -> None:
         self.policy = policy
         self._plans = {kind: _KindPlan(rules) for kind, rules in policy.kinds.items()}
         self._types: LRUCache[tuple[str, str, str], EventType] = LRUCache(maxsize=cache_size)
+        self._types_lock = threading.Lock()
         keep = policy.user_metadata
         self._user_drop = tuple(f for f in _USER_FIELDS if f not in keep.user_fields)
         self._org_drop = tuple(f for f in _ORG_FIELDS if f not in keep.organization_fields)
@@ -258,12 +260,18 @@ class Engine:
             decision.unknown_fields = "kept"
 
     def event_type(self, kind: str, feature: str, action: str) -> EventType:
-        """The cached per-type resolution (also used by `explain`)."""
+        """The cached per-type resolution (also used by `explain`).
+
+        cachetools caches are not thread-safe (an LRU lookup reorders): a lock guards the
+        cache. It is taken once per event type per request, not per event.
+        """
         key = (kind, feature, action)
-        found = self._types.get(key)
+        with self._types_lock:
+            found = self._types.get(key)
         if found is None:
             found = self._resolve(kind, feature, action)
-            self._types[key] = found
+            with self._types_lock:
+                self._types[key] = found
         return found
 
     def _resolve(self, kind: str, feature: str, action: str) -> EventType:
