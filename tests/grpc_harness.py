@@ -417,7 +417,7 @@ async def call_aio(
                         break
                     responses.append(response)
             await call.done_writing()
-            async for response in call:
+            while (response := await call.read()) is not grpc.aio.EOF:
                 responses.append(response)
         else:
             responses.append(await stub.PublishInstanceUserMetadata(iter(requests), timeout=TIMEOUT, metadata=md))
