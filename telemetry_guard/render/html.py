@@ -1,0 +1,77 @@
+"""The audit report as one self-contained HTML file: inline style, no script, nothing fetched."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from html import escape
+
+from policy.surface import Surface
+from telemetry_guard.render.report import Block, Text, surface_blocks
+
+_STYLE = """
+body { font: 15px/1.45 system-ui, -apple-system, "Segoe UI", sans-serif; margin: 2rem auto; max-width: 78rem;
+       padding: 0 1rem; color: #1d1d1f; }
+h1 { font-size: 1.6rem; border-bottom: 2px solid #333; padding-bottom: .3rem; }
+h2 { font-size: 1.25rem; margin-top: 2rem; } h3 { font-size: 1.05rem; }
+table { border-collapse: collapse; width: 100%; margin: .5rem 0 1rem; font-size: 14px; }
+th, td { border: 1px solid #ccc; padding: .3rem .5rem; text-align: left; vertical-align: top; }
+th { background: #f1f1f4; } tr:nth-child(even) td { background: #fafafa; }
+code { font: 13px ui-monospace, SFMono-Regular, Menlo, monospace; background: #f1f1f4; padding: 0 .2rem;
+       border-radius: 3px; overflow-wrap: anywhere; }
+.removed { color: #8a1c1c; font-weight: 600; } .leaves { color: #1c5e20; }
+.partial { color: #7a4b00; font-style: italic; } strong { font-weight: 600; }
+footer { margin-top: 2rem; color: #666; font-size: 13px; }
+@media print { body { margin: 0; max-width: none; } }
+"""
+
+
+def inline(t: Text) -> str:
+    out = []
+    for value, style in t.parts:
+        safe = escape(value)
+        if style == "code":
+            out.append(f"<code>{safe}</code>")
+        elif style == "strong":
+            out.append(f"<strong>{safe}</strong>")
+        elif style:
+            out.append(f'<span class="{style}">{safe}</span>')
+        else:
+            out.append(safe)
+    return "".join(out)
+
+
+def render_blocks(title: str, blocks: Sequence[Block], footer: str) -> str:
+    parts = [
+        "<!DOCTYPE html>",
+        '<html lang="en">',
+        "<head>",
+        '<meta charset="utf-8">',
+        '<meta name="viewport" content="width=device-width, initial-scale=1">',
+        f"<title>{escape(title)}</title>",
+        f"<style>{_STYLE}</style>",
+        "</head>",
+        "<body>",
+    ]
+    for block in blocks:
+        level = min(max(block.level, 1), 6)
+        parts.append(f"<section><h{level}>{escape(block.title)}</h{level}>")
+        parts += [f"<p>{inline(line)}</p>" for line in block.lines]
+        if block.bullets:
+            parts.append("<ul>" + "".join(f"<li>{inline(b)}</li>" for b in block.bullets) + "</ul>")
+        if block.table is not None:
+            head = "".join(f"<th>{escape(h)}</th>" for h in block.table.headers)
+            body = "".join(
+                "<tr>" + "".join(f"<td>{inline(cell)}</td>" for cell in row) + "</tr>" for row in block.table.rows
+            )
+            parts.append(f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>")
+        parts.append("</section>")
+    parts += [f"<footer>{escape(footer)}</footer>", "</body>", "</html>"]
+    return "\n".join(parts) + "\n"
+
+
+def surface_html(surface: Surface) -> str:
+    return render_blocks(
+        f"Export surface of {surface.name}",
+        surface_blocks(surface),
+        f"telemetry-guard audit; policy sha256 {surface.sha256}",
+    )
