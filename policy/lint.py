@@ -44,72 +44,175 @@ class Rule:
 
 
 _RULES: Final = (
-    Rule("unreadable", "error", "A file named on the command line cannot be read.",
-         "Check the path and its permissions; policies and allowlists are UTF-8 YAML.", False),
-    Rule("yaml", "error", "The file is not YAML that a policy file may contain.",
-         "Policy files are one plain YAML mapping: no anchors, aliases, merge keys, custom tags or "
-         "duplicate keys. Quote timestamps and other values YAML would convert.", False),
-    Rule("load-error", "error", "The loader refuses the policy or one of its allowlists.",
-         "Fix the key named; the policy cannot be used until it loads.", False),
-    Rule("missing-allowlist", "error", "An allowlist the policy names does not exist.",
-         "Allowlist paths are relative to the policy file; builtin:NAME names a file shipped in allowlists/.",
-         False),
-    Rule("duplicate-entry", "error", "The same allowlist entry (feature, action, keys) is written twice.",
-         "Keep one of them; the loader refuses a policy whose allowlists repeat an event type.", False),
-    Rule("conflicting-entry", "error", "Two allowlist entries for one event type allow different keys.",
-         "Merge them into one entry with one reason; the loader refuses the policy until then.", False),
-    Rule("marketing-tracking-single-tenant", "error",
-         "marketing_tracking is kept for a single-tenant kind (licensed_instance, unlicensed_instance).",
-         "The protocol says marketing tracking is NEVER exported from single-tenant instances. "
-         "Set marketing_tracking: drop for those kinds (under kinds.KIND, or in defaults).", False),
-    Rule("private-metadata-keep-single-tenant", "error",
-         "private_metadata mode keep for a single-tenant kind exports every key of every event.",
-         "Single-tenant instances export private_metadata only by allowlist: use "
-         "private_metadata: {mode: allowlist} (or drop) for licensed_instance and unlicensed_instance.", False),
-    Rule("unknown-fields-kept", "error",
-         "unknown_fields: keep forwards field numbers no rule has examined.",
-         "Use unknown_fields: discard, or list unknown-fields-kept under acknowledged: after review."),
-    Rule("record-event-instance", "error",
-         "RecordEvent is open to an instance kind; the gateway accepts it only from managed services "
-         "and workspaces.",
-         "Remove licensed_instance and unlicensed_instance from access.RecordEvent; instances use RecordEvents."),
-    Rule("credentials-not-required", "error",
-         "managed_service or workspace callers need no bearer token.",
-         "The gateway requires SAMS credentials from managed services and workspaces: list both under "
-         "credentials.required_for (the default when the key is absent)."),
-    Rule("sensitive-key", "warning",
-         "An allowlisted private_metadata key name suggests personal or sensitive data.",
-         "Check the call sites: if the value can hold an email, a name, a path, a URL, a query, a "
-         "repository, an address or a secret, remove the key; otherwise say why in the entry's reason."),
-    Rule("shadowed-entry", "warning",
-         "An exact allowlist entry is covered by the * entry of its feature, which allows a superset of its keys.",
-         "Remove the exact entry if it adds nothing; if it is meant to narrow that action, say so in its reason."),
-    Rule("unreferenced-allowlist", "warning",
-         "An allowlist file no policy references.",
-         "Reference it from a policy's allowlists: list, or delete it so no one reviews a file that has no effect."),
-    Rule("user-metadata-personal", "warning",
-         "PublishInstanceUserMetadata exports a personal field (username, primary_email).",
-         "Export these only for customers who asked for the analytics features that need them."),
-    Rule("entry-without-approval", "note",
-         "An allowlist entry does not say who approved it.",
-         "Add approved_by: every addition needs review by the data team."),
-    Rule("unknown-acknowledgement", "warning",
-         "acknowledged: names a rule id that lint does not have, or one that cannot be acknowledged.",
-         "Use the rule ids lint prints; load errors and the two single-tenant rules cannot be acknowledged."),
-    Rule("unused-acknowledgement", "note",
-         "acknowledged: names a rule that finds nothing in this policy.",
-         "Remove it, so that a future finding of that rule is not silenced unseen."),
+    Rule(
+        "unreadable",
+        "error",
+        "A file named on the command line cannot be read.",
+        "Check the path and its permissions; policies and allowlists are UTF-8 YAML.",
+        False,
+    ),
+    Rule(
+        "yaml",
+        "error",
+        "The file is not YAML that a policy file may contain.",
+        "Policy files are one plain YAML mapping: no anchors, aliases, merge keys, custom tags or "
+        "duplicate keys. Quote timestamps and other values YAML would convert.",
+        False,
+    ),
+    Rule(
+        "load-error",
+        "error",
+        "The loader refuses the policy or one of its allowlists.",
+        "Fix the key named; the policy cannot be used until it loads.",
+        False,
+    ),
+    Rule(
+        "missing-allowlist",
+        "error",
+        "An allowlist the policy names does not exist.",
+        "Allowlist paths are relative to the policy file; builtin:NAME names a file shipped in allowlists/.",
+        False,
+    ),
+    Rule(
+        "duplicate-entry",
+        "error",
+        "The same allowlist entry (feature, action, keys) is written twice.",
+        "Keep one of them; the loader refuses a policy whose allowlists repeat an event type.",
+        False,
+    ),
+    Rule(
+        "conflicting-entry",
+        "error",
+        "Two allowlist entries for one event type allow different keys.",
+        "Merge them into one entry with one reason; the loader refuses the policy until then.",
+        False,
+    ),
+    Rule(
+        "marketing-tracking-single-tenant",
+        "error",
+        "marketing_tracking is kept for a single-tenant kind (licensed_instance, unlicensed_instance).",
+        "The protocol says marketing tracking is NEVER exported from single-tenant instances. "
+        "Set marketing_tracking: drop for those kinds (under kinds.KIND, or in defaults).",
+        False,
+    ),
+    Rule(
+        "private-metadata-keep-single-tenant",
+        "error",
+        "private_metadata mode keep for a single-tenant kind exports every key of every event.",
+        "Single-tenant instances export private_metadata only by allowlist: use "
+        "private_metadata: {mode: allowlist} (or drop) for licensed_instance and unlicensed_instance.",
+        False,
+    ),
+    Rule(
+        "unknown-fields-kept",
+        "error",
+        "unknown_fields: keep forwards field numbers no rule has examined.",
+        "Use unknown_fields: discard, or list unknown-fields-kept under acknowledged: after review.",
+    ),
+    Rule(
+        "record-event-instance",
+        "error",
+        "RecordEvent is open to an instance kind; the gateway accepts it only from managed services and workspaces.",
+        "Remove licensed_instance and unlicensed_instance from access.RecordEvent; instances use RecordEvents.",
+    ),
+    Rule(
+        "credentials-not-required",
+        "error",
+        "managed_service or workspace callers need no bearer token.",
+        "The gateway requires SAMS credentials from managed services and workspaces: list both under "
+        "credentials.required_for (the default when the key is absent).",
+    ),
+    Rule(
+        "sensitive-key",
+        "warning",
+        "An allowlisted private_metadata key name suggests personal or sensitive data.",
+        "Check the call sites: if the value can hold an email, a name, a path, a URL, a query, a "
+        "repository, an address or a secret, remove the key; otherwise say why in the entry's reason.",
+    ),
+    Rule(
+        "shadowed-entry",
+        "warning",
+        "An exact allowlist entry is covered by the * entry of its feature, which allows a superset of its keys.",
+        "Remove the exact entry if it adds nothing; if it is meant to narrow that action, say so in its reason.",
+    ),
+    Rule(
+        "unreferenced-allowlist",
+        "warning",
+        "An allowlist file no policy references.",
+        "Reference it from a policy's allowlists: list, or delete it so no one reviews a file that has no effect.",
+    ),
+    Rule(
+        "user-metadata-personal",
+        "warning",
+        "PublishInstanceUserMetadata exports a personal field (username, primary_email).",
+        "Export these only for customers who asked for the analytics features that need them.",
+    ),
+    Rule(
+        "entry-without-approval",
+        "note",
+        "An allowlist entry does not say who approved it.",
+        "Add approved_by: every addition needs review by the data team.",
+    ),
+    Rule(
+        "unknown-acknowledgement",
+        "warning",
+        "acknowledged: names a rule id that lint does not have, or one that cannot be acknowledged.",
+        "Use the rule ids lint prints; load errors and the two single-tenant rules cannot be acknowledged.",
+    ),
+    Rule(
+        "unused-acknowledgement",
+        "note",
+        "acknowledged: names a rule that finds nothing in this policy.",
+        "Remove it, so that a future finding of that rule is not silenced unseen.",
+    ),
 )
 RULES: Final[Mapping[str, Rule]] = {rule.id: rule for rule in _RULES}
 
 # Words that, as part of a key name, suggest personal or sensitive data.
-SENSITIVE_WORDS: Final = frozenset({
-    "email", "mail", "name", "username", "login", "user", "users", "author",
-    "path", "file", "filename", "dir", "directory", "url", "uri", "href", "link",
-    "query", "search", "repo", "repos", "repository", "ip", "host", "hostname", "address", "addr",
-    "token", "secret", "password", "passwd", "credential", "credentials", "auth", "cookie", "session",
-    "phone", "prompt", "content", "message",
-})
+SENSITIVE_WORDS: Final = frozenset(
+    {
+        "email",
+        "mail",
+        "name",
+        "username",
+        "login",
+        "user",
+        "users",
+        "author",
+        "path",
+        "file",
+        "filename",
+        "dir",
+        "directory",
+        "url",
+        "uri",
+        "href",
+        "link",
+        "query",
+        "search",
+        "repo",
+        "repos",
+        "repository",
+        "ip",
+        "host",
+        "hostname",
+        "address",
+        "addr",
+        "token",
+        "secret",
+        "password",
+        "passwd",
+        "credential",
+        "credentials",
+        "auth",
+        "cookie",
+        "session",
+        "phone",
+        "prompt",
+        "content",
+        "message",
+    }
+)
 
 _WORD = re.compile(r"[A-Z]+(?![a-z])|[A-Z]?[a-z]+|[0-9]+")
 
@@ -203,7 +306,7 @@ def describe(path: Path_, schema_name: str = "policy.schema.json") -> str:
 def _deref(root: Mapping[str, Any], node: Mapping[str, Any]) -> Mapping[str, Any]:
     ref = node.get("$ref")
     if isinstance(ref, str) and ref.startswith("#/$defs/"):
-        target: Mapping[str, Any] = root["$defs"][ref[len("#/$defs/"):]]
+        target: Mapping[str, Any] = root["$defs"][ref[len("#/$defs/") :]]
         return target
     return node
 
@@ -333,26 +436,35 @@ def _lint_entries(entries: Sequence[_Entry], check_duplicates: bool) -> list[Fin
             first[(entry.feature, entry.action)] = entry
         elif check_duplicates:
             what = "duplicate" if set(earlier.keys) == set(entry.keys) else "conflicting"
-            findings.append(_entry_finding(
-                entry, f"{what}-entry",
-                f"entries[{entry.index}]: {what} allowlist entry for feature {entry.feature!r} "
-                f"action {entry.action!r}: already at {earlier.origin}",
-            ))
+            findings.append(
+                _entry_finding(
+                    entry,
+                    f"{what}-entry",
+                    f"entries[{entry.index}]: {what} allowlist entry for feature {entry.feature!r} "
+                    f"action {entry.action!r}: already at {earlier.origin}",
+                )
+            )
     for entry in entries:
         for k, key in enumerate(entry.keys):
             words = sensitive_words(key)
             if words:
-                findings.append(_entry_finding(
-                    entry, "sensitive-key",
-                    f"key {key!r} of {entry.feature}/{entry.action} may carry personal or sensitive data "
-                    f"(suggested by: {', '.join(dict.fromkeys(words))})",
-                    ("entries", entry.index, "keys", k),
-                ))
+                findings.append(
+                    _entry_finding(
+                        entry,
+                        "sensitive-key",
+                        f"key {key!r} of {entry.feature}/{entry.action} may carry personal or sensitive data "
+                        f"(suggested by: {', '.join(dict.fromkeys(words))})",
+                        ("entries", entry.index, "keys", k),
+                    )
+                )
         if not entry.approved:
-            findings.append(_entry_finding(
-                entry, "entry-without-approval",
-                f"entry for {entry.feature}/{entry.action} has no approved_by",
-            ))
+            findings.append(
+                _entry_finding(
+                    entry,
+                    "entry-without-approval",
+                    f"entry for {entry.feature}/{entry.action} has no approved_by",
+                )
+            )
     for (feature, action), entry in first.items():
         star = first.get((feature, "*"))
         if action == "*" or star is None or not set(entry.keys) <= set(star.keys):
@@ -362,10 +474,13 @@ def _lint_entries(entries: Sequence[_Entry], check_duplicates: bool) -> list[Fin
         else:
             narrowed = ", ".join(sorted(entry.keys)) or "no key"
             how = f"allows more; exact entries win, so this entry narrows action {action!r} to: {narrowed}"
-        findings.append(_entry_finding(
-            entry, "shadowed-entry",
-            f"entry for {feature}/{action} is covered by the entry {feature}/* at {star.origin}, which {how}",
-        ))
+        findings.append(
+            _entry_finding(
+                entry,
+                "shadowed-entry",
+                f"entry for {feature}/{action} is covered by the entry {feature}/* at {star.origin}, which {how}",
+            )
+        )
     return findings
 
 
@@ -383,7 +498,7 @@ def _allowlist_doc(path: Path) -> Located | None:
 def _resolve_ref(ref: str, policy_path: Path) -> Path:
     """Where an allowlists: item points (as the loader resolves it)."""
     if ref.startswith(loader.BUILTIN_PREFIX):
-        return loader.builtin_allowlist_path(ref[len(loader.BUILTIN_PREFIX):])
+        return loader.builtin_allowlist_path(ref[len(loader.BUILTIN_PREFIX) :])
     return (policy_path.parent / ref).resolve()
 
 
@@ -392,8 +507,15 @@ def _resolve_ref(ref: str, policy_path: Path) -> Path:
 
 def _at(doc: Located, path: Path_, rule: str, message: str, hint_path: Path_ | None = None) -> Finding:
     line, column = doc.where(path)
-    return Finding(doc.file, line, column, rule, RULES[rule].severity, message,
-                   _hint(rule, path if hint_path is None else hint_path))
+    return Finding(
+        doc.file,
+        line,
+        column,
+        rule,
+        RULES[rule].severity,
+        message,
+        _hint(rule, path if hint_path is None else hint_path),
+    )
 
 
 def _rule_path(rule: str) -> Path_ | None:
@@ -420,9 +542,14 @@ def _lint_kinds(doc: Located, kinds: Mapping[str, KindRules]) -> list[Finding]:
         return _rule_path(r.marketing_tracking.rule) if r.marketing_tracking.value == "keep" else None
 
     for path, names in _by_place(single, marketing).items():
-        findings.append(_at(doc, path, "marketing-tracking-single-tenant",
-                            f"marketing_tracking: keep applies to {', '.join(names)} (single-tenant) "
-                            f"through {dotted(path)}"))
+        findings.append(
+            _at(
+                doc,
+                path,
+                "marketing-tracking-single-tenant",
+                f"marketing_tracking: keep applies to {', '.join(names)} (single-tenant) through {dotted(path)}",
+            )
+        )
 
     def private(r: KindRules) -> Path_ | None:
         pm = r.private_metadata
@@ -430,17 +557,29 @@ def _lint_kinds(doc: Located, kinds: Mapping[str, KindRules]) -> list[Finding]:
         return None if found is None else (*found, "mode")
 
     for path, names in _by_place(single, private).items():
-        findings.append(_at(doc, path, "private-metadata-keep-single-tenant",
-                            f"private_metadata mode keep applies to {', '.join(names)} (single-tenant) "
-                            f"through {dotted(path[:-1])}: every key of every event leaves"))
+        findings.append(
+            _at(
+                doc,
+                path,
+                "private-metadata-keep-single-tenant",
+                f"private_metadata mode keep applies to {', '.join(names)} (single-tenant) "
+                f"through {dotted(path[:-1])}: every key of every event leaves",
+            )
+        )
 
     def unknown(r: KindRules) -> Path_ | None:
         return _rule_path(r.unknown_fields.rule) if r.unknown_fields.value == "keep" else None
 
     for path, names in _by_place([kinds[k] for k in KINDS], unknown).items():
-        findings.append(_at(doc, path, "unknown-fields-kept",
-                            f"unknown_fields: keep applies to {', '.join(names)} through {dotted(path)}: "
-                            "fields this proto does not know pass unexamined"))
+        findings.append(
+            _at(
+                doc,
+                path,
+                "unknown-fields-kept",
+                f"unknown_fields: keep applies to {', '.join(names)} through {dotted(path)}: "
+                "fields this proto does not know pass unexamined",
+            )
+        )
     return findings
 
 
@@ -449,21 +588,39 @@ def _lint_access(doc: Located) -> list[Finding]:
     data = doc.data
     for i, kind in enumerate(data.get("access", {}).get("RecordEvent", [])):
         if kind in SINGLE_TENANT_KINDS:
-            findings.append(_at(doc, ("access", "RecordEvent", i), "record-event-instance",
-                                f"access.RecordEvent opens the unary RPC to {kind}"))
+            findings.append(
+                _at(
+                    doc,
+                    ("access", "RecordEvent", i),
+                    "record-event-instance",
+                    f"access.RecordEvent opens the unary RPC to {kind}",
+                )
+            )
     credentials = data.get("credentials", {})
     if "required_for" in credentials:
         missing = [k for k in ("managed_service", "workspace") if k not in credentials["required_for"]]
         if missing:
-            findings.append(_at(doc, ("credentials", "required_for"), "credentials-not-required",
-                                f"credentials.required_for leaves out {', '.join(missing)}: "
-                                "they may publish without a bearer token"))
+            findings.append(
+                _at(
+                    doc,
+                    ("credentials", "required_for"),
+                    "credentials-not-required",
+                    f"credentials.required_for leaves out {', '.join(missing)}: "
+                    "they may publish without a bearer token",
+                )
+            )
     user_meta = data.get("user_metadata", {})
     if user_meta.get("enabled"):
         for i, name in enumerate(user_meta.get("user_fields", [])):
             if name in ("username", "primary_email"):
-                findings.append(_at(doc, ("user_metadata", "user_fields", i), "user-metadata-personal",
-                                    f"user_metadata.user_fields exports {name}"))
+                findings.append(
+                    _at(
+                        doc,
+                        ("user_metadata", "user_fields", i),
+                        "user-metadata-personal",
+                        f"user_metadata.user_fields exports {name}",
+                    )
+                )
     return findings
 
 
@@ -488,8 +645,14 @@ def _acknowledge(doc: Located, findings: list[Finding]) -> list[Finding]:
             out.append(finding)
     for rule_id, i in acknowledged.items():
         if rule_id not in used:
-            out.append(_at(doc, ("acknowledged", i), "unused-acknowledgement",
-                           f"{rule_id!r} is acknowledged but finds nothing in this policy"))
+            out.append(
+                _at(
+                    doc,
+                    ("acknowledged", i),
+                    "unused-acknowledgement",
+                    f"{rule_id!r} is acknowledged but finds nothing in this policy",
+                )
+            )
     return out
 
 
@@ -566,11 +729,17 @@ def lint_files(paths: Sequence[str | Path]) -> LintReport:
                     candidates[file.resolve()] = file
         for resolved, shown in sorted(candidates.items()):
             if resolved not in referenced:
-                findings.append(Finding(
-                    str(shown), 1, 1, "unreferenced-allowlist", RULES["unreferenced-allowlist"].severity,
-                    "no policy linted here references this allowlist file",
-                    RULES["unreferenced-allowlist"].help,
-                ))
+                findings.append(
+                    Finding(
+                        str(shown),
+                        1,
+                        1,
+                        "unreferenced-allowlist",
+                        RULES["unreferenced-allowlist"].severity,
+                        "no policy linted here references this allowlist file",
+                        RULES["unreferenced-allowlist"].help,
+                    )
+                )
     return LintReport(_dedupe(findings), tuple(str(p) for p in paths))
 
 

@@ -204,8 +204,11 @@ def _field_rules(rules: KindRules) -> tuple[FieldRule, ...]:
             else:
                 # Merged values leave as parameters.metadata, unless that is dropped too.
                 metadata_drop = dropped("parameters.metadata")
-                out.append(FieldRule(path, "removed", metadata_drop) if metadata_drop
-                           else FieldRule(path, "merged", legacy.rule))
+                out.append(
+                    FieldRule(path, "removed", metadata_drop)
+                    if metadata_drop
+                    else FieldRule(path, "merged", legacy.rule)
+                )
         else:
             out.append(FieldRule(path, "leaves", ""))
     return tuple(out)
@@ -260,8 +263,15 @@ def _private(policy: Policy, rules: KindRules) -> PrivateMetadataSurface:
     types: tuple[AllowedKeys, ...] = ()
     if pm.mode == "allowlist":
         types = tuple(
-            AllowedKeys(e.feature, e.action, tuple(sorted(e.keys)), str(e.origin), e.reason, e.approved_by,
-                        rules.events.rejects(e.feature))
+            AllowedKeys(
+                e.feature,
+                e.action,
+                tuple(sorted(e.keys)),
+                str(e.origin),
+                e.reason,
+                e.approved_by,
+                rules.events.rejects(e.feature),
+            )
             for e in sorted(policy.allowlist.entries.values(), key=lambda e: (e.feature, e.action != "*", e.action))
         )
     return PrivateMetadataSurface(pm.mode, pm.rule, pm.non_string, pm.replacement, types)
@@ -272,24 +282,26 @@ def surface(policy: Policy) -> Surface:
     kinds = []
     for kind in KINDS:
         rules = policy.kinds[kind]
-        kinds.append(KindSurface(
-            kind=kind,
-            single_tenant=kind in SINGLE_TENANT_KINDS,
-            access=_access(policy, kind),
-            credentials_required=kind in policy.credentials_required,
-            fields=_field_rules(rules),
-            private_metadata=_private(policy, rules),
-            events=rules.events,
-            settings=tuple(
-                NamedSetting(name, str(setting.value), setting.rule)
-                for name, setting in (
-                    ("marketing_tracking", rules.marketing_tracking),
-                    ("unknown_fields", rules.unknown_fields),
-                    ("invalid_events", rules.invalid_events),
-                    ("legacy_metadata", rules.legacy_metadata),
-                )
-            ),
-        ))
+        kinds.append(
+            KindSurface(
+                kind=kind,
+                single_tenant=kind in SINGLE_TENANT_KINDS,
+                access=_access(policy, kind),
+                credentials_required=kind in policy.credentials_required,
+                fields=_field_rules(rules),
+                private_metadata=_private(policy, rules),
+                events=rules.events,
+                settings=tuple(
+                    NamedSetting(name, str(setting.value), setting.rule)
+                    for name, setting in (
+                        ("marketing_tracking", rules.marketing_tracking),
+                        ("unknown_fields", rules.unknown_fields),
+                        ("invalid_events", rules.invalid_events),
+                        ("legacy_metadata", rules.legacy_metadata),
+                    )
+                ),
+            )
+        )
     um = policy.user_metadata
     return Surface(
         name=policy.name,
@@ -348,9 +360,7 @@ def _bool_change(
     return [Change(direction, kind, area, subject, words[0] if old else words[1], words[0] if new else words[1])]
 
 
-def _ordered_change(
-    kind: str, area: str, subject: str, old: str, new: str, *, wider: Sequence[str]
-) -> list[Change]:
+def _ordered_change(kind: str, area: str, subject: str, old: str, new: str, *, wider: Sequence[str]) -> list[Change]:
     """A setting whose values are ordered from narrow to wide (wider lists them in that order)."""
     if old == new:
         return []
@@ -375,8 +385,16 @@ def _field_changes(kind: str, old: KindSurface, new: KindSurface) -> list[Change
         rank_old, rank_new = _OPENNESS[prior.status], _OPENNESS[after.status]
         direction: Direction = "widening" if rank_new > rank_old else "narrowing" if rank_new < rank_old else "changed"
         subject = group.path if group.leaves == 1 else f"{group.path} ({group.leaves} fields)"
-        out.append(Change(direction, kind, "fields", subject,
-                          _status_text(prior.status, prior.rule), _status_text(after.status, after.rule)))
+        out.append(
+            Change(
+                direction,
+                kind,
+                "fields",
+                subject,
+                _status_text(prior.status, prior.rule),
+                _status_text(after.status, after.rule),
+            )
+        )
     return out
 
 
@@ -427,8 +445,16 @@ def _private_changes(kind: str, old: PrivateMetadataSurface, new: PrivateMetadat
     out: list[Change] = []
     if (old.mode == "keep") != (new.mode == "keep"):
         direction: Direction = "widening" if new.mode == "keep" else "narrowing"
-        return [Change(direction, kind, "private_metadata", "every event type",
-                       f"mode {old.mode} ({old.rule})", f"mode {new.mode} ({new.rule})")]
+        return [
+            Change(
+                direction,
+                kind,
+                "private_metadata",
+                "every event type",
+                f"mode {old.mode} ({old.rule})",
+                f"mode {new.mode} ({new.rule})",
+            )
+        ]
     if old.mode == "keep":
         return out
     actions: dict[str, set[str]] = {}
@@ -441,17 +467,40 @@ def _private_changes(kind: str, old: PrivateMetadataSurface, new: PrivateMetadat
                 continue
             subject = f"{feature}/{'* (any other action)' if action == _GENERIC else action}"
             if now - was:
-                out.append(Change("widening", kind, "private_metadata", subject, _key_text(was),
-                                  f"{_key_text(now)} (adds {', '.join(sorted(now - was))})"))
+                out.append(
+                    Change(
+                        "widening",
+                        kind,
+                        "private_metadata",
+                        subject,
+                        _key_text(was),
+                        f"{_key_text(now)} (adds {', '.join(sorted(now - was))})",
+                    )
+                )
             if was - now:
-                out.append(Change("narrowing", kind, "private_metadata", subject, _key_text(was),
-                                  f"{_key_text(now)} (removes {', '.join(sorted(was - now))})"))
+                out.append(
+                    Change(
+                        "narrowing",
+                        kind,
+                        "private_metadata",
+                        subject,
+                        _key_text(was),
+                        f"{_key_text(now)} (removes {', '.join(sorted(was - now))})",
+                    )
+                )
     if old.mode == new.mode == "allowlist":
-        out += _ordered_change(kind, "private_metadata", "non-string values of allowed keys",
-                               old.non_string, new.non_string, wider=("drop", "replace"))
+        out += _ordered_change(
+            kind,
+            "private_metadata",
+            "non-string values of allowed keys",
+            old.non_string,
+            new.non_string,
+            wider=("drop", "replace"),
+        )
         if old.non_string == new.non_string == "replace" and old.replacement != new.replacement:
-            out.append(Change("changed", kind, "private_metadata", "replacement string", old.replacement,
-                              new.replacement))
+            out.append(
+                Change("changed", kind, "private_metadata", "replacement string", old.replacement, new.replacement)
+            )
     return out
 
 
@@ -460,17 +509,33 @@ def _kind_changes(old: KindSurface, new: KindSurface) -> list[Change]:
     out: list[Change] = []
     for was, now in zip(old.access, new.access, strict=True):
         if was.allowed != now.allowed:
-            out.append(Change("widening" if now.allowed else "narrowing", kind, "access", now.rpc,
-                              _access_text(was), _access_text(now)))
-    out += _bool_change(kind, "credentials", "bearer token", old.credentials_required, new.credentials_required,
-                        wider_when=False, words=("required", "not required"))
+            out.append(
+                Change(
+                    "widening" if now.allowed else "narrowing",
+                    kind,
+                    "access",
+                    now.rpc,
+                    _access_text(was),
+                    _access_text(now),
+                )
+            )
+    out += _bool_change(
+        kind,
+        "credentials",
+        "bearer token",
+        old.credentials_required,
+        new.credentials_required,
+        wider_when=False,
+        words=("required", "not required"),
+    )
     out += _field_changes(kind, old, new)
     out += _private_changes(kind, old.private_metadata, new.private_metadata)
     out += _event_changes(kind, old, new)
     wider = {"unknown_fields": ("discard", "keep"), "invalid_events": ("drop", "forward")}
     for name in ("unknown_fields", "invalid_events", "legacy_metadata"):
-        out += _ordered_change(kind, name, name, old.setting(name).value, new.setting(name).value,
-                               wider=wider.get(name, ()))
+        out += _ordered_change(
+            kind, name, name, old.setting(name).value, new.setting(name).value, wider=wider.get(name, ())
+        )
     return out
 
 
@@ -481,8 +546,15 @@ def _access_text(access: RpcAccess) -> str:
 def _choice_changes(area: str, old: Sequence[FieldChoice], new: Sequence[FieldChoice]) -> list[Change]:
     out: list[Change] = []
     for was, now in zip(old, new, strict=True):
-        out += _bool_change("", "user_metadata", f"{area}.{now.name}", was.leaves, now.leaves,
-                            wider_when=True, words=("leaves", "removed"))
+        out += _bool_change(
+            "",
+            "user_metadata",
+            f"{area}.{now.name}",
+            was.leaves,
+            now.leaves,
+            wider_when=True,
+            words=("leaves", "removed"),
+        )
     return out
 
 
@@ -492,8 +564,9 @@ def diff(old: Surface, new: Surface) -> SurfaceDiff:
     for kind in KINDS:
         changes += _kind_changes(old.kind(kind), new.kind(kind))
     changes += _choice_changes("user_fields", old.user_metadata.user_fields, new.user_metadata.user_fields)
-    changes += _choice_changes("organization_fields", old.user_metadata.organization_fields,
-                               new.user_metadata.organization_fields)
+    changes += _choice_changes(
+        "organization_fields", old.user_metadata.organization_fields, new.user_metadata.organization_fields
+    )
     if old.credentials_scope != new.credentials_scope:
         changes.append(Change("changed", "", "credentials", "scope", old.credentials_scope, new.credentials_scope))
     order = {"widening": 0, "narrowing": 1, "changed": 2}
@@ -535,10 +608,14 @@ def explain(policy: Policy, kind: str, feature: str, action: str, engine: Engine
     for rpc in kind_surface.access:
         if rpc.rpc not in EVENT_RPCS:
             continue
-        creds = "a bearer token is required (credentials.required_for)" if rpc.credentials_required else (
-            "no credentials are required")
-        steps.append(Step(f"access {rpc.rpc}", "allowed" if rpc.allowed else "refused", rpc.rule,
-                          creds if rpc.allowed else ""))
+        creds = (
+            "a bearer token is required (credentials.required_for)"
+            if rpc.credentials_required
+            else ("no credentials are required")
+        )
+        steps.append(
+            Step(f"access {rpc.rpc}", "allowed" if rpc.allowed else "refused", rpc.rule, creds if rpc.allowed else "")
+        )
     include = ", ".join(rules.events.include) or "(none)"
     patterns = f"include: {include}; exclude: {', '.join(rules.events.exclude) or '(none)'}"
     if etype.dropped_by:
@@ -550,8 +627,11 @@ def explain(policy: Policy, kind: str, feature: str, action: str, engine: Engine
         outcome = "the whole event is removed" if invalid.value == "drop" else "forwarded; the gateway will reject it"
         steps.append(Step("validity", outcome, invalid.rule, etype.invalid))
     else:
-        detail = ("an event without id or timestamp is removed" if invalid.value == "drop"
-                  else "an event without id or timestamp is forwarded for the gateway to judge")
+        detail = (
+            "an event without id or timestamp is removed"
+            if invalid.value == "drop"
+            else "an event without id or timestamp is forwarded for the gateway to judge"
+        )
         steps.append(Step("validity", "feature and action are valid names", invalid.rule, detail))
     marketing = rules.marketing_tracking
     steps.append(Step("marketing_tracking", "removed" if marketing.value == "drop" else "leaves", marketing.rule))
@@ -559,11 +639,13 @@ def explain(policy: Policy, kind: str, feature: str, action: str, engine: Engine
     for path in rules.drop_fields.value:
         steps.append(Step(f"drop_fields {path}", "removed", rules.drop_fields.rule))
     legacy = rules.legacy_metadata
-    steps.append(Step("legacy_metadata", "merged into parameters.metadata" if legacy.value == "merge" else "leaves",
-                      legacy.rule))
+    steps.append(
+        Step("legacy_metadata", "merged into parameters.metadata" if legacy.value == "merge" else "leaves", legacy.rule)
+    )
     unknown = rules.unknown_fields
-    steps.append(Step("unknown fields", "discarded" if unknown.value == "discard" else "leave unexamined",
-                      unknown.rule))
+    steps.append(
+        Step("unknown fields", "discarded" if unknown.value == "discard" else "leave unexamined", unknown.rule)
+    )
     untouched = [f.path for f in collapse(kind_surface.fields) if f.status == "leaves" and not f.rule]
     steps.append(Step("other fields", "leave as sent", "", ", ".join(untouched)))
     leaves = kind_surface.sends_events and etype.dropped_by is None and not (etype.invalid and invalid.value == "drop")
@@ -579,10 +661,15 @@ def _private_step(rules: KindRules, entry: AllowlistEntry | None) -> Step:
     if entry is None:
         return Step("private_metadata", "removed: no allowlist entry for this event type", pm.rule)
     which = "exact entry" if entry.action != "*" else "entry for any action of the feature"
-    non_string = ("a non-string value is replaced by the replacement string" if pm.non_string == "replace"
-                  else "a non-string value is removed")
-    detail = (f"{which} {entry.feature}/{entry.action} at {entry.origin}; reason: {entry.reason}"
-              + (f"; approved by: {entry.approved_by}" if entry.approved_by else "; approved by: (not stated)")
-              + f"; other keys are removed; {non_string}")
+    non_string = (
+        "a non-string value is replaced by the replacement string"
+        if pm.non_string == "replace"
+        else "a non-string value is removed"
+    )
+    detail = (
+        f"{which} {entry.feature}/{entry.action} at {entry.origin}; reason: {entry.reason}"
+        + (f"; approved by: {entry.approved_by}" if entry.approved_by else "; approved by: (not stated)")
+        + f"; other keys are removed; {non_string}"
+    )
     keys = ", ".join(sorted(entry.keys)) or "no key"
     return Step("private_metadata", f"only these keys leave: {keys}", pm.rule, detail)
