@@ -63,6 +63,11 @@ def server_encoder(rpc: str, deserializer: Callable[[bytes], Any] | None) -> Enc
     return lambda message: deserializer(message.SerializeToString())
 
 
+def client_encoder(call: CallGuard) -> Encode:
+    """How a channel takes a filtered request: as the caller gave them (bytes for a raw-bytes method)."""
+    return _serialize if call.raw else _identity
+
+
 def _serialize(message: Message) -> bytes:
     return message.SerializeToString()
 
@@ -151,6 +156,7 @@ class CallGuard:
         self.authorization = authorization
         self.identifier: pb.Identifier | None = None
         self.request_id = ""
+        self.raw = False  # the caller's requests are bytes (a raw-bytes method)
         self.kind: str | None = None
         self.error: GuardError | None = None
         self._token: str | None = None  # to verify before anything is passed on
@@ -232,6 +238,7 @@ class UnaryGuard(CallGuard):
         """Decode and admit the request (verify next, then filter)."""
         try:
             with evaluating(self.rpc):
+                self.raw = isinstance(item, bytes | bytearray | memoryview)
                 request = self.guard.decode(self.rpc, item)
                 if not isinstance(request, pb.RecordEventRequest):
                     raise TypeError(type(request).__name__)

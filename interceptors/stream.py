@@ -51,6 +51,7 @@ class StreamGuard(CallGuard):
         self._received += 1
         try:
             with evaluating(self.rpc):
+                self.raw = isinstance(item, bytes | bytearray | memoryview)
                 request = self.guard.decode(self.rpc, item)
                 if not isinstance(request, pb.RecordEventsRequest | pb.PublishInstanceUserMetadataRequest):
                     raise TypeError(type(request).__name__)
