@@ -132,7 +132,11 @@ CASES_SCHEMA: Final[dict[str, Any]] = {
                                     },
                                 ],
                             },
-                            "removed": {"type": "array", "items": _REMOVAL},
+                            "removed": {
+                                "type": "array",
+                                "items": _REMOVAL,
+                                "description": "Removals that must be in the decision record; [] = nothing removed.",
+                            },
                             "dropped_events": {"type": "array", "items": {"type": "string"}, "uniqueItems": True},
                         },
                     },
@@ -182,6 +186,7 @@ class Case:
     denial: tuple[str, str | None] | None = None  # (code, rule)
     expects_denial: bool = False
     removed: tuple[RemovalSpec, ...] = ()
+    expects_no_removal: bool = False  # removed: [] - nothing may be removed
     dropped_events: tuple[str, ...] | None = None
 
     def message(self) -> Message:
@@ -297,6 +302,7 @@ def _case(doc: Located, i: int, item: Mapping[str, Any], problems: list[Problem]
             RemovalSpec(r["path"], r.get("rule"), tuple(r.get("keys", ())), r.get("event"), r.get("action"))
             for r in expect.get("removed", ())
         ),
+        expects_no_removal=expect.get("removed") == [],
         dropped_events=tuple(expect["dropped_events"]) if "dropped_events" in expect else None,
     )
 
@@ -383,6 +389,9 @@ def run_case(engine: Engine, case: Case, *, show_keys: bool = False) -> CaseResu
             diff = output_diff(expected, leaves, show_keys=show_keys)
 
     flat = list(_flat_removals(decision))
+    if case.removed == () and case.expects_no_removal and flat:
+        seen = "; ".join(_removal_text(r, show_keys) for r in flat)
+        failures.append(f"expected nothing removed (removed: []); removed: {seen}")
     for spec in case.removed:
         if not any(_matches(spec, r) for r in flat):
             seen = "; ".join(_removal_text(r, show_keys) for r in flat) or "nothing"
@@ -453,7 +462,8 @@ def _removal_text(r: _Flat, show_keys: bool) -> str:
     where = f"event {r.event_index} " if r.event_index is not None else ""
     keys = ""
     if r.keys:
-        keys = f" keys {', '.join(dict.fromkeys(r.keys))}" if show_keys else f" ({len(r.keys)} keys)"
+        n = len(r.keys)
+        keys = f" keys {', '.join(dict.fromkeys(r.keys))}" if show_keys else f" ({n} key{'s' if n != 1 else ''})"
     return f"{where}{r.path} by {r.rule} ({r.action}){keys}"
 
 

@@ -411,7 +411,7 @@ class _Entry:
 
     @property
     def origin(self) -> str:
-        return f"{self.doc.file}:{self.place[0]}"
+        return f"{display_path(self.doc.file)}:{self.place[0]}"
 
 
 def _entries(doc: Located) -> list[_Entry]:

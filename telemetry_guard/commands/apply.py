@@ -179,3 +179,4 @@ def _apply_all(
             "decision": outcome.decision.to_dict(with_keys=args.show_keys),
         }
         sink.write(json.dumps(record, ensure_ascii=False, separators=(",", ":")) + "\n")
+        sink.flush()  # a pipeline sees each result as soon as its line is read
