@@ -64,7 +64,8 @@ class BearerPresent(CredentialVerifier):
     def verify(self, token: str, scope: str, rpc: str) -> None:
         if not token:
             raise GuardError(
-                grpc.StatusCode.UNAUTHENTICATED, RULE_REQUIRED,
+                grpc.StatusCode.UNAUTHENTICATED,
+                RULE_REQUIRED,
                 f"{rpc}: 'authorization: Bearer <token>' is required (rule {RULE_REQUIRED})",
             )
 
@@ -177,7 +178,8 @@ class TokenIntrospection(CredentialVerifier):
     @staticmethod
     def _unavailable(rpc: str, why: str) -> GuardError:
         return GuardError(
-            grpc.StatusCode.UNAVAILABLE, RULE_INTROSPECTION,
+            grpc.StatusCode.UNAVAILABLE,
+            RULE_INTROSPECTION,
             f"{rpc}: token introspection {why}; the call is refused (rule {RULE_INTROSPECTION})",
         )
 

@@ -56,7 +56,8 @@ def protocol_error(rpc: str, what: str) -> GuardError:
 
 def wire_error(rpc: str) -> GuardError:
     return GuardError(
-        grpc.StatusCode.INVALID_ARGUMENT, RULE_WIRE,
+        grpc.StatusCode.INVALID_ARGUMENT,
+        RULE_WIRE,
         f"{rpc}: request is not a valid {rpc} request message (rule {RULE_WIRE})",
     )
 
@@ -65,7 +66,8 @@ def internal_error(rpc: str, exc: BaseException) -> GuardError:
     """The policy could not be evaluated. Only the exception's type is kept: its text may quote data."""
     _LOG.error("%s: policy evaluation failed with %s; the call is refused", rpc, type(exc).__name__)
     return GuardError(
-        grpc.StatusCode.INTERNAL, RULE_EVALUATION,
+        grpc.StatusCode.INTERNAL,
+        RULE_EVALUATION,
         f"{rpc}: the policy could not be evaluated ({type(exc).__name__}); the call is refused "
         f"(rule {RULE_EVALUATION})",
     )
@@ -115,4 +117,3 @@ class GuardRpcError(grpc.RpcError, grpc.Call):
 
     def add_callback(self, callback: Callable[[], Any]) -> bool:
         return False
-

@@ -181,15 +181,23 @@ class CallGuard:
         if self.error is None:
             self.error = error
             self.guard.audit.record(
-                side=self.guard.side, rpc=self.rpc, identifier=self.identifier, refusal=error,
-                request_id=self.request_id, message=message,
+                side=self.guard.side,
+                rpc=self.rpc,
+                identifier=self.identifier,
+                refusal=error,
+                request_id=self.request_id,
+                message=message,
             )
         return self.error
 
     def audit(self, decision: Decision, message: int | None = None) -> None:
         self.guard.audit.record(
-            side=self.guard.side, rpc=self.rpc, identifier=self.identifier, decision=decision,
-            request_id=self.request_id, message=message,
+            side=self.guard.side,
+            rpc=self.rpc,
+            identifier=self.identifier,
+            decision=decision,
+            request_id=self.request_id,
+            message=message,
         )
 
     def _scope(self) -> str:
