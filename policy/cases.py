@@ -229,7 +229,7 @@ def load_cases(path: str | Path) -> tuple[Case, ...]:
     except PolicyError as exc:
         raise CaseFileError(exc.problems) from None
     validator = jsonschema.Draft202012Validator(CASES_SCHEMA)
-    problems = [doc.problem(tuple(e.absolute_path), _schema_message(e)) for e in validator.iter_errors(doc.data)]
+    problems = [doc.problem(_error_path(e), _schema_message(e)) for e in validator.iter_errors(doc.data)]
     if problems:
         raise CaseFileError(problems)
     cases: list[Case] = []
@@ -249,6 +249,17 @@ def load_cases(path: str | Path) -> tuple[Case, ...]:
     return tuple(cases)
 
 
+def _error_path(error: jsonschema.ValidationError) -> Path_:
+    """Where to point: at the first unexpected key itself for additionalProperties, else the value."""
+    path: Path_ = tuple(error.absolute_path)
+    if error.validator == "additionalProperties" and isinstance(error.instance, dict):
+        allowed = error.schema.get("properties", {}) if isinstance(error.schema, dict) else {}
+        extra = [key for key in error.instance if key not in allowed]
+        if extra:
+            return (*path, extra[0])
+    return path
+
+
 def _schema_message(error: jsonschema.ValidationError) -> str:
     if error.validator == "additionalProperties" and isinstance(error.schema, dict):
         return f"{error.message}; allowed keys: {', '.join(sorted(error.schema.get('properties', {})))}"
@@ -261,7 +272,8 @@ def _parse(doc: Located, where: Path_, data: Mapping[str, Any], message: Message
     try:
         json_format.ParseDict(dict(data), message)
     except json_format.ParseError as exc:
-        problems.append(doc.problem(where, f"not a {message.DESCRIPTOR.name} in protobuf JSON: {exc}"))
+        reason = str(exc).splitlines()[0]
+        problems.append(doc.problem(where, f"not a {message.DESCRIPTOR.name} in protobuf JSON: {reason}"))
         return False
     return True
 
@@ -541,7 +553,7 @@ def parse_error_text(exc: Exception, type_name: str) -> str:
         return f"not JSON ({text.removeprefix('Failed to load JSON: ').rstrip('.')})"
     missing = _NO_FIELD.search(text)
     places = _FIELD_AT.findall(text)
-    where = f" at {places[-1]}" if places else ""
+    where = f" at {places[-1].rstrip('.')}" if places else ""
     if missing:
         return f"not a {type_name}: no field named {missing.group(1)!r}{where}"
     fields = re.findall(r"Failed to parse (\w+) field", text)

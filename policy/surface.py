@@ -11,6 +11,7 @@ walks the rules one event type meets. All three return data; rendering is separa
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import cache
@@ -63,7 +64,7 @@ class AllowedKeys:
     """An allowlist entry as a kind sees it."""
 
     feature: str
-    action: str  # "*" = any other action of the feature
+    action: str  # "*" = any action of the feature without an exact entry
     keys: tuple[str, ...]
     origin: str
     reason: str
@@ -405,8 +406,12 @@ def _status_text(status: FieldStatus, rule: str) -> str:
 _GENERIC: Final = "\uffff"  # stands for "any other name": no pattern or entry can contain it
 
 
-def _show(name: str) -> str:
-    return name.replace(_GENERIC, "*") if name.endswith(_GENERIC) else name
+def _feature_text(feature: str) -> str:
+    if feature == _GENERIC:
+        return "any other feature"
+    if feature.endswith(_GENERIC):
+        return f"features {feature[:-1]}* (other than those named)"
+    return f"feature {feature}"
 
 
 def _filter_witnesses(filters: Iterable[FeatureFilter]) -> list[str]:
@@ -432,8 +437,9 @@ def _event_changes(kind: str, old: KindSurface, new: KindSurface) -> list[Change
     for feature in _filter_witnesses([old.events, new.events]):
         was = old.events.rejects(feature) is None
         now = new.events.rejects(feature) is None
-        subject = f"features {_show(feature)}" if feature.endswith(_GENERIC) else f"feature {feature}"
-        out += _bool_change(kind, "events", subject, was, now, wider_when=True, words=("exported", "filtered out"))
+        out += _bool_change(
+            kind, "events", _feature_text(feature), was, now, wider_when=True, words=("exported", "filtered out")
+        )
     return out
 
 
@@ -465,7 +471,8 @@ def _private_changes(kind: str, old: PrivateMetadataSurface, new: PrivateMetadat
             was, now = old.keys_for(feature, action), new.keys_for(feature, action)
             if was is None or now is None:  # neither mode is keep here
                 continue
-            subject = f"{feature}/{'* (any other action)' if action == _GENERIC else action}"
+            other = "any other action" if len(names) > 1 else "any action"
+            subject = f"{feature}/{f'* ({other})' if action == _GENERIC else action}"
             if now - was:
                 out.append(
                     Change(
@@ -531,12 +538,21 @@ def _kind_changes(old: KindSurface, new: KindSurface) -> list[Change]:
     out += _field_changes(kind, old, new)
     out += _private_changes(kind, old.private_metadata, new.private_metadata)
     out += _event_changes(kind, old, new)
-    wider = {"unknown_fields": ("discard", "keep"), "invalid_events": ("drop", "forward")}
-    for name in ("unknown_fields", "invalid_events", "legacy_metadata"):
-        out += _ordered_change(
-            kind, name, name, old.setting(name).value, new.setting(name).value, wider=wider.get(name, ())
-        )
+    for name, subject, wider in _ORDERED_SETTINGS:
+        before, after = old.setting(name), new.setting(name)
+        for change in _ordered_change(kind, name, subject, before.value, after.value, wider=wider):
+            out.append(
+                dataclasses.replace(change, old=f"{before.value} ({before.rule})", new=f"{after.value} ({after.rule})")
+            )
     return out
+
+
+# Settings compared by value: (name, what it governs, values from narrow to wide; () = neither).
+_ORDERED_SETTINGS: Final = (
+    ("unknown_fields", "field numbers this proto does not know", ("discard", "keep")),
+    ("invalid_events", "events the gateway would reject", ("drop", "forward")),
+    ("legacy_metadata", "parameters.legacy_metadata", ()),
+)
 
 
 def _access_text(access: RpcAccess) -> str:

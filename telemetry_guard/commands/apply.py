@@ -36,9 +36,9 @@ Exit status: 0, or 2 when a line is not a request message (reported on stderr by
 line number, without its values) or the policy cannot be loaded."""
 
 EXAMPLES = (
-    "telemetry-guard apply policy.yaml --kind licensed_instance requests.jsonl",
+    "telemetry-guard apply policy.yaml --kind licensed_instance --input requests.jsonl",
     "exporter-dump | telemetry-guard apply builtin:default --kind workspace --rpc RecordEvents > leaves.jsonl",
-    "telemetry-guard apply policy.yaml --kind managed_service --rpc RecordEvent one.jsonl --show-keys",
+    "telemetry-guard apply policy.yaml --kind managed_service --rpc RecordEvent -i one.jsonl --show-keys",
 )
 
 MAX_LINE_BYTES = 64 * 1024 * 1024
@@ -56,7 +56,9 @@ _PLACEHOLDER = {
 def register(sub: Any) -> None:
     parser = add_parser(sub, "apply", HELP, DESCRIPTION, EXAMPLES)
     parser.add_argument("policy", metavar="POLICY", help=POLICY_HELP)
-    parser.add_argument("input", nargs="?", default="-", metavar="INPUT", help="JSON-lines file (default: stdin)")
+    parser.add_argument(
+        "-i", "--input", default="-", metavar="FILE", help="JSON-lines file of request messages (default: stdin)"
+    )
     parser.add_argument("--kind", required=True, choices=KINDS, help="identifier kind of the caller")
     parser.add_argument("--rpc", choices=RPCS, default="RecordEvents", help="the RPC (default: RecordEvents)")
     parser.add_argument("--show-keys", action="store_true", help="name removed private_metadata keys")
@@ -103,7 +105,7 @@ class _Stats:
 
     def summary(self) -> str:
         return (
-            f"{self.messages} messages, {self.denied} refused, {self.bad} unreadable lines, "
+            f"{self.messages} messages, {self.denied} refused, {self.bad} lines rejected, "
             f"events {self.events_in} in / {self.events_out} out, {time.monotonic() - self.started:.1f} s"
         )
 
