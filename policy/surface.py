@@ -21,6 +21,7 @@ from google.protobuf.descriptor import Descriptor, FieldDescriptor
 
 from policy.engine import Engine
 from policy.kinds import KINDS, RPCS, SINGLE_TENANT_KINDS
+from policy.lint import display_path
 from policy.model import AllowlistEntry, FeatureFilter, KindRules, Policy
 from telemetrygateway.v1 import telemetrygateway_pb2 as pb
 
@@ -683,7 +684,8 @@ def _private_step(rules: KindRules, entry: AllowlistEntry | None) -> Step:
         else "a non-string value is removed"
     )
     detail = (
-        f"{which} {entry.feature}/{entry.action} at {entry.origin}; reason: {entry.reason}"
+        f"{which} {entry.feature}/{entry.action} at {display_path(entry.origin.file)}:{entry.origin.line}; "
+        f"reason: {entry.reason.rstrip('.')}"
         + (f"; approved by: {entry.approved_by}" if entry.approved_by else "; approved by: (not stated)")
         + f"; other keys are removed; {non_string}"
     )
