@@ -16,6 +16,7 @@ that responses of both the yield and the write style go out the same way, in ord
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, Any, TypeAlias
@@ -150,7 +151,7 @@ def _streaming(guard: Guard, rpc: str, handler: Handler, authorization: str | No
         response = None
         try:
             response = await _run_stream(stream, behavior, stream.rest_async(first, raw, encode), context)
-        except Exception:
+        except (Exception, asyncio.CancelledError):  # a proxy's upstream call, cancelled by the refusal
             if stream.error is None:
                 raise
         if stream.error is not None:

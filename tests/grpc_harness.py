@@ -14,7 +14,9 @@ Every RPC has a deadline (TIMEOUT) and every wait is bounded, so nothing can han
 from __future__ import annotations
 
 import asyncio
+import functools
 import queue
+import tempfile
 import threading
 from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
 from concurrent import futures
@@ -366,7 +368,7 @@ class Result:
 
     @property
     def acked(self) -> list[list[str]]:
-        return [list(r.succeeded_events) for r in self.responses]
+        return [list(r.succeeded_events) for r in self.responses if isinstance(r, pb.RecordEventsResponse)]
 
 
 def _lockstep(requests: Sequence[Any], answered: queue.Queue[Any]) -> Iterator[Any]:
@@ -401,28 +403,325 @@ async def call_aio(
     channel: grpc.aio.Channel, rpc: str, requests: Sequence[Any], metadata: Sequence[tuple[str, str]] = ()
 ) -> Result:
     stub = pb_grpc.TelemeteryGatewayServiceStub(channel)
-    responses: list[Any] = []
     md = grpc.aio.Metadata(*metadata)
     try:
         if rpc == "RecordEvent":
-            responses.append(await stub.RecordEvent(requests[0], timeout=TIMEOUT, metadata=md))
-        elif rpc == "RecordEvents":
-            # The write() API in lockstep, as an exporter would use it.
-            call = stub.RecordEvents(timeout=TIMEOUT, metadata=md)
-            for request in requests:
-                await call.write(request)
-                if request.WhichOneof("payload") == "events":
-                    response = await call.read()
-                    if response is grpc.aio.EOF:
-                        break
-                    responses.append(response)
-            await call.done_writing()
-            while (response := await call.read()) is not grpc.aio.EOF:
-                responses.append(response)
-        else:
-            responses.append(await stub.PublishInstanceUserMetadata(iter(requests), timeout=TIMEOUT, metadata=md))
+            return _ok([await stub.RecordEvent(requests[0], timeout=TIMEOUT, metadata=md)])
+        if rpc == "PublishInstanceUserMetadata":
+            return _ok([await stub.PublishInstanceUserMetadata(iter(requests), timeout=TIMEOUT, metadata=md)])
+    except grpc.aio.AioRpcError as exc:
+        return Result(exc.code(), exc.details() or "", [])
+    # RecordEvents in lockstep, as an exporter sends it: each payload after the previous answer.
+    # (The write() API is not used here: grpc.aio reports a write() that races with the end of
+    # the call as INTERNAL "Internal error from Core", whatever status the server sent.)
+    answered: asyncio.Queue[Any] = asyncio.Queue()
+
+    async def lockstep() -> AsyncIterator[Any]:
+        for request in requests:
+            yield request
+            if request.WhichOneof("payload") == "events":
+                await asyncio.wait_for(answered.get(), TIMEOUT)
+
+    call = stub.RecordEvents(lockstep(), timeout=TIMEOUT, metadata=md)
+    responses: list[Any] = []
+    try:
+        async for response in call:
+            responses.append(response)
+            answered.put_nowait(response)
     except grpc.aio.AioRpcError as exc:
         return Result(exc.code(), exc.details() or "", responses)
-    except asyncio.InvalidStateError:  # a write after the call ended: its status says why
-        return Result(await call.code(), await call.details() or "", responses)
+    return _ok(responses)
+
+
+def _ok(responses: list[Any]) -> Result:
     return Result(grpc.StatusCode.OK, "", responses)
+
+
+# -- the guard on either side of a real call --------------------------------------------
+
+
+@functools.cache
+def load_test_policy() -> Policy:
+    with tempfile.TemporaryDirectory() as tmp:
+        return test_policy(Path(tmp))
+
+
+@dataclass
+class Call:
+    rpc: str
+    requests: Sequence[Any]
+    metadata: Sequence[tuple[str, str]] = ()
+
+
+def sync_calls(target: str, calls: Sequence[Call]) -> list[Result]:
+    with grpc.insecure_channel(target) as channel:
+        return [call_sync(channel, c.rpc, c.requests, c.metadata) for c in calls]
+
+
+def exercise(
+    stack: str,
+    side: str,
+    calls: Sequence[Call],
+    *,
+    policy: Any = None,
+    verifier: Any = None,
+    fail_ids: Sequence[str] = ("fail-me",),
+    client: str | None = None,
+) -> tuple[list[Result], Recorder]:
+    """Each call on one server of `stack`, with the guard on the server or on the client channel.
+
+    client: the stack of the client ("sync" or "aio"). By default the server's, except for an
+    aio server that refuses: a grpc.aio client writing while the server ends the call may
+    report INTERNAL "Internal error from Core" instead of the server's status (grpc/grpc#36066),
+    so the aio server is called by a sync client (in a thread) unless asked otherwise.
+    """
+    from interceptors import (
+        AsyncGuardServerInterceptor,
+        GuardServerInterceptor,
+        aio_client_interceptors,
+        wrap_channel,
+    )
+
+    policy = load_test_policy() if policy is None else policy
+    client = client or ("sync" if side == "server" else stack)
+    if stack == "sync":
+        server_side = [GuardServerInterceptor(policy, verifier=verifier)] if side == "server" else []
+        with serve_sync(server_side, fail_ids=fail_ids) as served, grpc.insecure_channel(served.target) as channel:
+            guarded = wrap_channel(channel, policy, verifier=verifier) if side == "client" else channel
+            return [call_sync(guarded, c.rpc, c.requests, c.metadata) for c in calls], served.recorder
+
+    async def run() -> tuple[list[Result], Recorder]:
+        aio_side = [AsyncGuardServerInterceptor(policy, verifier=verifier)] if side == "server" else []
+        client_side = aio_client_interceptors(policy, verifier=verifier) if side == "client" else None
+        async with (
+            serve_aio(aio_side, fail_ids=fail_ids) as served,
+            grpc.aio.insecure_channel(served.target, interceptors=client_side) as channel,
+        ):
+            if client == "sync":
+                return await asyncio.to_thread(sync_calls, served.target, calls), served.recorder
+            return [await call_aio(channel, c.rpc, c.requests, c.metadata) for c in calls], served.recorder
+
+    return asyncio.run(run())
+
+
+# -- the table: for each RPC and identifier kind, what the servicer gets and the client sees --
+
+OK = grpc.StatusCode.OK
+INVALID = grpc.StatusCode.INVALID_ARGUMENT
+DENIED = grpc.StatusCode.PERMISSION_DENIED
+UNAUTHENTICATED = grpc.StatusCode.UNAUTHENTICATED
+
+
+def kept_event(event_id: str) -> pb.Event:
+    """sensitive_event after the test policy: marketing and non-allowlisted keys gone."""
+    return event(event_id, private={"languageId": "go"})
+
+
+def kept_users() -> pb.PublishInstanceUserMetadataRequest:
+    users = [pb.InstanceUserMetadata(id=7, assigned_rbac_roles=["admin"])]
+    return pb.PublishInstanceUserMetadataRequest(
+        user_metadata=pb.PublishInstanceUserMetadataRequest.UserMetadataPayload(users=users)
+    )
+
+
+@dataclass
+class Case:
+    """One call and everything expected of it, whichever side the guard is on.
+
+    received: the messages the servicer must get (None: the servicer is never called).
+    partial: a refusal later in the stream; a client-side guard cancels its call, so the
+    server may have seen only a prefix of `received` by then.
+    """
+
+    name: str
+    call: Call
+    code: grpc.StatusCode
+    details: Sequence[str] = ()
+    received: Sequence[Any] | None = None
+    acked: Sequence[Sequence[str]] = ()
+    partial: bool = False
+
+
+def _auth(kind: str) -> Sequence[tuple[str, str]]:
+    return BEARER if kind in ("managed_service", "workspace") else ()
+
+
+def _record_events_ok(kind: str) -> Case:
+    requests = [
+        pb.RecordEventsRequest(),  # no payload: skipped
+        metadata_request(kind),
+        events_request(sensitive_event("a"), dropped_event("b"), event("fail-me")),
+        events_request(dropped_event("d")),  # all removed: forwarded empty, still answered
+    ]
+    received = [metadata_request(kind), events_request(kept_event("a"), event("fail-me")), events_request()]
+    return Case(
+        f"RecordEvents-{kind}",
+        Call("RecordEvents", requests, _auth(kind)),
+        OK,
+        received=received,
+        acked=[["a", "b"], ["d"]],
+    )
+
+
+def _record_event_ok(kind: str) -> Case:
+    return Case(
+        f"RecordEvent-{kind}",
+        Call("RecordEvent", [record_event_request(kind, sensitive_event("u1"))], BEARER),
+        OK,
+        received=[record_event_request(kind, kept_event("u1"))],
+    )
+
+
+def _publish_ok(kind: str) -> Case:
+    return Case(
+        f"Publish-{kind}",
+        Call("PublishInstanceUserMetadata", [publish_metadata_request(kind), users_request()]),
+        OK,
+        received=[publish_metadata_request(kind), kept_users()],
+    )
+
+
+def _refused(name: str, call: Call, code: grpc.StatusCode, *details: str) -> Case:
+    return Case(name, call, code, details=(call.rpc, *details))
+
+
+CASES: list[Case] = [
+    *(_record_events_ok(kind) for kind in KINDS),
+    *(_record_event_ok(kind) for kind in ("managed_service", "workspace")),
+    *(_publish_ok(kind) for kind in ("licensed_instance", "unlicensed_instance")),
+    # identifier kind not allowed for the RPC
+    *(
+        _refused(
+            f"RecordEvent-{kind}-denied",
+            Call("RecordEvent", [record_event_request(kind, event("u2"))]),
+            DENIED,
+            "access.RecordEvent",
+        )
+        for kind in ("licensed_instance", "unlicensed_instance")
+    ),
+    *(
+        _refused(
+            f"Publish-{kind}-denied",
+            Call("PublishInstanceUserMetadata", [publish_metadata_request(kind), users_request()], BEARER),
+            DENIED,
+            "access.PublishInstanceUserMetadata",
+        )
+        for kind in ("managed_service", "workspace")
+    ),
+    # no identifier / an incomplete one
+    _refused(
+        "RecordEvents-no-identifier",
+        Call("RecordEvents", [metadata_request("none"), events_request(event("n1"))]),
+        INVALID,
+        "identifier",
+    ),
+    _refused(
+        "RecordEvents-incomplete-identifier",
+        Call("RecordEvents", [metadata_request("licensed_instance", complete=False), events_request(event("n2"))]),
+        INVALID,
+        "license_key",
+    ),
+    _refused("RecordEvent-no-identifier", Call("RecordEvent", [record_event_request("none", event("n3"))]), INVALID),
+    _refused(
+        "Publish-no-identifier",
+        Call("PublishInstanceUserMetadata", [publish_metadata_request("none"), users_request()]),
+        INVALID,
+        "identifier",
+    ),
+    _refused(
+        "RecordEvent-no-event",
+        Call("RecordEvent", [record_event_request("managed_service", None)], BEARER),
+        INVALID,
+        "event is required",
+    ),
+    # credentials required but absent (or not a bearer token)
+    _refused(
+        "RecordEvents-no-token",
+        Call("RecordEvents", [metadata_request("managed_service"), events_request(event("t1"))]),
+        UNAUTHENTICATED,
+        "credentials.required_for",
+    ),
+    _refused(
+        "RecordEvent-basic-auth",
+        Call(
+            "RecordEvent",
+            [record_event_request("workspace", event("t2"))],
+            (("authorization", "Basic dXNlcjpwYXNz"),),
+        ),
+        UNAUTHENTICATED,
+        "credentials.required_for",
+    ),
+    # the stream protocol
+    _refused(
+        "RecordEvents-events-first",
+        Call("RecordEvents", [events_request(event("p1")), metadata_request("licensed_instance")]),
+        INVALID,
+        "metadata not yet received",
+    ),
+    _refused("RecordEvents-empty-stream", Call("RecordEvents", []), INVALID, "metadata"),
+    _refused(
+        "Publish-users-first",
+        Call("PublishInstanceUserMetadata", [users_request(), publish_metadata_request("licensed_instance")]),
+        INVALID,
+        "metadata not yet received",
+    ),
+    Case(
+        "RecordEvents-metadata-twice",
+        Call(
+            "RecordEvents",
+            [
+                metadata_request("unlicensed_instance"),
+                events_request(event("m1")),
+                metadata_request("unlicensed_instance", "req-2"),
+                events_request(event("m2")),
+            ],
+        ),
+        INVALID,
+        details=("RecordEvents", "metadata more than once"),
+        received=[metadata_request("unlicensed_instance"), events_request(event("m1"))],
+        acked=[["m1"]],
+        partial=True,
+    ),
+    Case(
+        "Publish-metadata-twice",
+        Call(
+            "PublishInstanceUserMetadata",
+            [
+                publish_metadata_request("licensed_instance"),
+                users_request(),
+                publish_metadata_request("licensed_instance"),
+            ],
+        ),
+        INVALID,
+        details=("PublishInstanceUserMetadata", "metadata more than once"),
+        received=[publish_metadata_request("licensed_instance"), kept_users()],
+        partial=True,
+    ),
+    # an event removed whole: answered with success, nothing reaches the servicer
+    Case(
+        "RecordEvent-removed-whole",
+        Call("RecordEvent", [record_event_request("managed_service", dropped_event("w1"))], BEARER),
+        OK,
+    ),
+]
+
+
+def check_case(case: Case, side: str, result: Result, recorder: Recorder) -> None:
+    """What the client got back and what the servicer received, as the case says."""
+    assert result.code == case.code, (case.name, result)
+    for part in case.details:
+        assert part in result.details, (case.name, part, result.details)
+    assert result.acked[: len(case.acked)] == [list(a) for a in case.acked], (case.name, result.acked)
+    if case.code == OK and case.call.rpc == "RecordEvents":
+        assert len(result.responses) == len(case.acked), "one response per payload"
+    own = [c for c in recorder.calls if c.rpc == case.call.rpc]
+    if case.received is None:
+        assert own == [], f"{case.name}: the servicer was called"
+        return
+    if case.partial and side == "client":  # cancelled by the client: the server may have seen less
+        assert len(own) <= 1, case.name
+        got = own[0].messages if own else []
+        assert got == list(case.received)[: len(got)], case.name
+        return
+    assert len(own) == 1, case.name
+    assert own[0].messages == list(case.received), case.name
