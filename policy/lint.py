@@ -140,6 +140,7 @@ _RULES: Final = (
         "warning",
         "An allowlist file no policy references.",
         "Reference it from a policy's allowlists: list, or delete it so no one reviews a file that has no effect.",
+        False,  # not a finding of one policy, so no policy's acknowledged: list can cover it
     ),
     Rule(
         "user-metadata-personal",
@@ -158,12 +159,14 @@ _RULES: Final = (
         "warning",
         "acknowledged: names a rule id that lint does not have, or one that cannot be acknowledged.",
         "Use the rule ids lint prints; load errors and the two single-tenant rules cannot be acknowledged.",
+        False,
     ),
     Rule(
         "unused-acknowledgement",
         "note",
         "acknowledged: names a rule that finds nothing in this policy.",
         "Remove it, so that a future finding of that rule is not silenced unseen.",
+        False,
     ),
 )
 RULES: Final[Mapping[str, Rule]] = {rule.id: rule for rule in _RULES}

@@ -197,3 +197,12 @@ def test_cli_list_rules_and_no_files() -> None:
     assert [line.split()[0] for line in listed.stdout.splitlines()] == list(RULES)
     empty = cli("lint")
     assert empty.returncode == 2 and "name at least one policy or allowlist file" in empty.stderr
+
+
+def test_the_compliance_guide_lists_every_rule_with_its_severity() -> None:
+    guide = (ROOT / "docs" / "compliance.md").read_text(encoding="utf-8")
+    for rule in RULES.values():
+        ack = "yes" if rule.acknowledgeable else "no"
+        assert re.search(rf"^\| `{re.escape(rule.id)}` \| {rule.severity} \| .+ \| {ack} \|$", guide, re.MULTILINE), (
+            rule.id
+        )
