@@ -1,0 +1,358 @@
+"""Forwarding the three RPCs upstream, with the policy applied on the way.
+
+The sidecar's handlers take and give raw bytes (no deserializer): a request is parsed by the
+guard, never by grpc, so a request that does not parse is refused by the guard
+(INVALID_ARGUMENT naming the rule) instead of being answered INTERNAL by grpc. Enforcement
+reuses interceptors/: StreamGuard (the stream protocol: metadata first and only once; the
+identifier admitted once; refusals audited), UnaryGuard, the credential verifier, the audit log
+and the acknowledgement ledger. One thing is done here instead: an events payload after the
+metadata goes through Engine.record_events_bytes (one parse into the kind's view class) rather
+than StreamGuard.accept (parse, copy, filter, parse back, serialize), which costs twice as much
+per payload on the proxy's hot path. Everything else about the message is as StreamGuard does it.
+
+One client RecordEvents stream = one upstream stream:
+
+    client --requests--> [pump task: filter, write upstream]      --> upstream
+    client <--responses-- [handler: read upstream, merge acks]   <-- upstream
+
+Backpressure: each direction moves one message at a time (each write is awaited before the
+next read), and at most `window` events payloads may be unanswered upstream before the pump
+stops reading from the client; HTTP/2 flow control then holds the client. Nothing is buffered
+without bound.
+
+Acknowledgements: an upstream response goes back unchanged, except that the ids of the events
+the policy removed whole from the payload it answers are added (interceptors/acks.py). An id
+the upstream did not acknowledge is never added.
+
+Errors, in order of precedence: a refusal by the guard (its status, the call upstream
+cancelled: nothing more is forwarded); an upstream error (its code and details, unchanged;
+an unreachable upstream is UNAVAILABLE); anything else: INTERNAL, naming only the type.
+Deadlines, cancellation and the `authorization` metadata pass through.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Collection
+from typing import TYPE_CHECKING, Any, TypeAlias
+
+import grpc
+import grpc.aio
+from google.protobuf.message import DecodeError, Message
+
+from interceptors.errors import GuardError, evaluating, internal_error, wire_error
+from interceptors.guard import Guard, UnaryGuard, authorization_from, removed_event_response
+from interceptors.stream import StreamGuard
+from policy.engine import PUBLISH_USER_METADATA, RECORD_EVENT, RECORD_EVENTS
+from policy.kinds import SERVICE, method_path
+from sidecar import wire
+from sidecar.logs import fields
+from sidecar.metrics import NO_KIND, Metrics
+from telemetrygateway.v1 import telemetrygateway_pb2 as pb
+
+if TYPE_CHECKING:
+    Context: TypeAlias = grpc.aio.ServicerContext[Any, Any]
+    Metadata: TypeAlias = tuple[tuple[str, str | bytes], ...]
+
+LOG = logging.getLogger("telemetry_guard.sidecar.forward")
+
+DEFAULT_FORWARD_METADATA = ("authorization",)
+DEFAULT_WINDOW = 64  # events payloads per stream sent upstream and not yet answered
+
+
+def _serialize(message: Message) -> bytes:
+    return message.SerializeToString()
+
+
+def _retrieve(task: asyncio.Task[Any]) -> None:
+    """Done callback: a pump's outcome is read through its call, never left unretrieved."""
+    if not task.cancelled():
+        task.exception()
+
+
+class _Payloads:
+    """Events payloads sent upstream and not yet answered: the window, and their send times."""
+
+    def __init__(self, window: int) -> None:
+        self._slots = asyncio.Semaphore(window)
+        self._sent: deque[float] = deque()
+
+    async def sending(self) -> None:
+        await self._slots.acquire()
+        self._sent.append(time.perf_counter())
+
+    def answered(self) -> float | None:
+        """Seconds since the oldest unanswered payload was sent (None: no payload was waiting)."""
+        if not self._sent:
+            return None
+        self._slots.release()
+        return time.perf_counter() - self._sent.popleft()
+
+
+class Forwarder:
+    """The sidecar's TelemeteryGatewayService: enforce, then forward to `channel`.
+
+    guards: returns the guard in force (called once per call: a call keeps the policy it
+    started with). forward_metadata: invocation metadata keys passed upstream.
+    """
+
+    def __init__(
+        self,
+        channel: grpc.aio.Channel,
+        guards: Callable[[], Guard],
+        metrics: Metrics,
+        *,
+        forward_metadata: Collection[str] = DEFAULT_FORWARD_METADATA,
+        window: int = DEFAULT_WINDOW,
+    ) -> None:
+        if window < 1:
+            raise ValueError("window must be at least 1")
+        self._guards = guards
+        self.metrics = metrics
+        self._forward = frozenset(key.lower() for key in forward_metadata)
+        self._window = window
+        # Raw bytes both ways: no serializers.
+        self._record_events: grpc.aio.StreamStreamMultiCallable[bytes, bytes] = channel.stream_stream(
+            method_path(RECORD_EVENTS)
+        )
+        self._record_event: grpc.aio.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary(
+            method_path(RECORD_EVENT)
+        )
+        self._publish: grpc.aio.StreamUnaryMultiCallable[bytes, bytes] = channel.stream_unary(
+            method_path(PUBLISH_USER_METADATA)
+        )
+
+    def handler(self) -> grpc.GenericRpcHandler:
+        return grpc.method_handlers_generic_handler(
+            SERVICE,
+            {
+                RECORD_EVENTS: grpc.stream_stream_rpc_method_handler(self.record_events),
+                RECORD_EVENT: grpc.unary_unary_rpc_method_handler(self.record_event),
+                PUBLISH_USER_METADATA: grpc.stream_unary_rpc_method_handler(self.publish_instance_user_metadata),
+            },
+        )
+
+    # -- call plumbing ------------------------------------------------------------------
+
+    def _outgoing(self, metadata: Any) -> Metadata:
+        return tuple((item[0], item[1]) for item in metadata or () if item[0].lower() in self._forward)
+
+    @staticmethod
+    def _timeout(context: Context) -> float | None:
+        remaining: float | None = context.time_remaining()
+        return remaining
+
+    def _upstream_failed(self, rpc: str, error: grpc.aio.AioRpcError) -> None:
+        code = error.code()
+        self.metrics.child(self.metrics.upstream_errors, rpc, code.name if code else "UNKNOWN").inc()
+        LOG.warning("upstream call failed", extra=fields(rpc=rpc, code=code.name if code else "UNKNOWN"))
+
+    def _sent(self, rpc: str, kind: str | None) -> None:
+        self.metrics.child(self.metrics.requests_out, rpc, kind or NO_KIND).inc()
+
+    # -- RecordEvents -------------------------------------------------------------------
+
+    def _filter_events(self, stream: StreamGuard, raw: bytes, index: int) -> bytes | None:
+        """The bytes to send upstream for one message of the stream (None: skip it); raises GuardError."""
+        if stream.kind is None or wire.payload(raw) != wire.EVENTS:
+            message = stream.accept(raw)  # metadata again, empty, irregular: the protocol's rules
+            return None if message is None else stream.pass_on(_serialize, message)
+        guard = stream.guard
+        try:
+            with evaluating(stream.rpc):
+                try:
+                    outcome = guard.engine.record_events_bytes(raw, stream.identifier, detailed=guard.detailed)
+                except DecodeError:
+                    raise wire_error(stream.rpc) from None
+                if outcome.denial is not None:
+                    raise GuardError.from_denial(outcome.denial)
+                decision = outcome.decision
+                dropped = decision.dropped_event_ids
+                kept: Any = ()
+                if dropped:  # an id both removed and forwarded must not be acknowledged by us
+                    kept = pb.RecordEventsRequest.FromString(outcome.request or b"").events.events
+                if stream.acks is not None:
+                    stream.acks.forwarded(kept, dropped)
+                stream.audit(decision, index)
+                return outcome.request
+        except GuardError as exc:
+            raise stream.refuse(exc, message=index) from None
+
+    async def record_events(self, requests: AsyncIterator[bytes], context: Context) -> AsyncIterator[bytes]:
+        metadata = context.invocation_metadata()
+        stream = StreamGuard(self._guards(), RECORD_EVENTS, authorization_from(metadata))
+        active = self.metrics.child(self.metrics.streams, RECORD_EVENTS)
+        active.inc()
+        try:
+            try:
+                first = await stream.first_async(requests)
+                await stream.verify_async()
+            except GuardError as exc:
+                await context.abort(exc.code, exc.message)
+            call = self._record_events(metadata=self._outgoing(metadata), timeout=self._timeout(context))
+            payloads = _Payloads(self._window)
+            pump = asyncio.create_task(self._pump_events(stream, first, requests, call, payloads))
+            pump.add_done_callback(_retrieve)
+            failure: grpc.aio.AioRpcError | None = None
+            try:
+                while True:
+                    try:
+                        response = await call.read()
+                    except grpc.aio.AioRpcError as exc:
+                        failure = exc
+                        break
+                    if response is grpc.aio.EOF:
+                        break
+                    waited = payloads.answered()
+                    if waited is not None:
+                        self.metrics.child(self.metrics.upstream_latency, RECORD_EVENTS).observe(waited)
+                    yield stream.merge(response)
+            finally:  # upstream ended (or we are cancelled): nothing more can be forwarded
+                if not pump.done():
+                    pump.cancel()
+                if not call.done():
+                    call.cancel()
+            await self._finish(stream, call, pump, failure, context)
+        finally:
+            active.dec()
+
+    async def _pump_events(
+        self, stream: StreamGuard, first: Message, requests: AsyncIterator[bytes], call: Any, payloads: _Payloads
+    ) -> None:
+        """Client -> upstream, one message at a time."""
+        kind = stream.kind
+        try:
+            await call.write(stream.pass_on(_serialize, first))
+            self._sent(RECORD_EVENTS, kind)
+            index = 1
+            async for raw in requests:
+                out = self._filter_events(stream, raw, index)
+                index += 1
+                if out is None:
+                    continue
+                await payloads.sending()
+                await call.write(out)
+                self._sent(RECORD_EVENTS, kind)
+            await call.done_writing()
+        except GuardError:  # refused and audited (stream.error): nothing more goes upstream
+            call.cancel()
+        except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
+            pass  # the upstream call ended: its status is read by the handler
+        except Exception:
+            call.cancel()  # the handler reports it as INTERNAL
+            raise
+
+    async def _finish(
+        self, stream: StreamGuard, call: Any, pump: asyncio.Task[None], failure: Any, context: Context
+    ) -> None:
+        """End the client's call with the status that explains how the stream ended."""
+        if stream.error is not None:
+            await context.abort(stream.error.code, stream.error.message)
+        if pump.done() and not pump.cancelled() and pump.exception() is not None:
+            error = internal_error(stream.rpc, pump.exception() or RuntimeError())
+            await context.abort(error.code, error.message)
+        if failure is None:
+            code = await call.code()
+            if code != grpc.StatusCode.OK:
+                failure = grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(), await call.details())
+        if failure is not None:
+            self._upstream_failed(stream.rpc, failure)
+            await context.abort(failure.code(), failure.details() or "")
+
+    # -- PublishInstanceUserMetadata ----------------------------------------------------
+
+    async def publish_instance_user_metadata(self, requests: AsyncIterator[bytes], context: Context) -> bytes:
+        metadata = context.invocation_metadata()
+        stream = StreamGuard(self._guards(), PUBLISH_USER_METADATA, authorization_from(metadata))
+        active = self.metrics.child(self.metrics.streams, PUBLISH_USER_METADATA)
+        active.inc()
+        try:
+            try:
+                first = await stream.first_async(requests)
+                await stream.verify_async()
+            except GuardError as exc:
+                await context.abort(exc.code, exc.message)
+            started = time.perf_counter()
+            call = self._publish(metadata=self._outgoing(metadata), timeout=self._timeout(context))
+            pump = asyncio.create_task(self._pump_messages(stream, first, requests, call))
+            pump.add_done_callback(_retrieve)
+            failure: grpc.aio.AioRpcError | None = None
+            response = b""
+            try:
+                response = await call
+            except grpc.aio.AioRpcError as exc:
+                failure = exc
+            finally:
+                if not pump.done():
+                    pump.cancel()
+                if not call.done():
+                    call.cancel()
+            await self._finish(stream, call, pump, failure, context)
+            self.metrics.child(self.metrics.upstream_latency, PUBLISH_USER_METADATA).observe(
+                time.perf_counter() - started
+            )
+            return bytes(response)
+        finally:
+            active.dec()
+
+    async def _pump_messages(
+        self, stream: StreamGuard, first: Message, requests: AsyncIterator[bytes], call: Any
+    ) -> None:
+        kind = stream.kind
+        try:
+            await call.write(stream.pass_on(_serialize, first))
+            self._sent(stream.rpc, kind)
+            async for raw in requests:
+                message = stream.accept(raw)
+                if message is None:
+                    continue
+                await call.write(stream.pass_on(_serialize, message))
+                self._sent(stream.rpc, kind)
+            await call.done_writing()
+        except GuardError:
+            call.cancel()
+        except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
+            pass
+        except Exception:
+            call.cancel()
+            raise
+
+    # -- RecordEvent --------------------------------------------------------------------
+
+    async def record_event(self, raw: bytes, context: Context) -> bytes:
+        metadata = context.invocation_metadata()
+        guarded = UnaryGuard(self._guards(), RECORD_EVENT, authorization_from(metadata))
+        active = self.metrics.child(self.metrics.streams, RECORD_EVENT)
+        active.inc()
+        try:
+            try:
+                request = guarded.admit(raw)
+                await guarded.verify_async()
+                kept = guarded.filter(request)
+                passed = None if kept is None else guarded.pass_on(_serialize, kept)
+            except GuardError as exc:
+                await context.abort(exc.code, exc.message)
+            if passed is None:  # removed whole by the policy: acknowledged, nothing sent
+                return bytes(removed_event_response(None))
+            started = time.perf_counter()
+            call = self._record_event(passed, metadata=self._outgoing(metadata), timeout=self._timeout(context))
+            self._sent(RECORD_EVENT, guarded.kind)
+            failure: grpc.aio.AioRpcError | None = None
+            response = b""
+            try:
+                response = await call
+            except grpc.aio.AioRpcError as exc:
+                failure = exc
+            finally:
+                if not call.done():
+                    call.cancel()
+            if failure is not None:
+                self._upstream_failed(RECORD_EVENT, failure)
+                await context.abort(failure.code(), failure.details() or "")
+            self.metrics.child(self.metrics.upstream_latency, RECORD_EVENT).observe(time.perf_counter() - started)
+            return bytes(response)
+        finally:
+            active.dec()

@@ -1,0 +1,193 @@
+"""Prometheus metrics of the sidecar (prometheus-client), served on --metrics-listen.
+
+Labels take values from closed sets only: the RPC, the identifier kind (a member name of the
+Identifier oneof, or "none"), a gRPC status code name, a rule name (a key of the policy file,
+such as kinds.licensed_instance.private_metadata), a reload trigger, and the policy's sha256.
+Never a value from a message: a removed value cannot become a label.
+
+Most counters are fed by the audit log (MetricsAudit, a subclass of interceptors' AuditLog):
+it sees every request message's decision and every refusal, the same records the audit
+trail writes. The forwarder adds what only it knows: messages sent upstream, upstream
+latency and upstream errors.
+
+With --workers N the workers write their values to PROMETHEUS_MULTIPROC_DIR and the parent
+process serves the sum (prometheus_client's multiprocess mode; see workers.py). An Info
+metric does not work in that mode, so the policy's sha256 is a gauge in the info style:
+telemetry_guard_policy_info{sha256, name} 1 for the policy in force, 0 for a replaced one.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import grpc
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.exposition import generate_latest
+
+from interceptors.audit import AuditLog
+from interceptors.errors import GuardError
+from policy import Decision, Policy
+from telemetrygateway.v1 import telemetrygateway_pb2 as pb
+
+NO_KIND = "none"
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
+# Upstream round trips: a unary call, or one events payload to the response that answers it.
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+def multiprocess() -> bool:
+    return bool(os.environ.get(MULTIPROC_ENV))
+
+
+class Metrics:
+    """Every metric of one sidecar process, in its own registry."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests_in = Counter(
+            "telemetry_guard_requests_received", "Request messages received from clients.", ["rpc", "kind"], registry=r
+        )
+        self.requests_out = Counter(
+            "telemetry_guard_requests_forwarded", "Request messages sent upstream.", ["rpc", "kind"], registry=r
+        )
+        self.events_in = Counter(
+            "telemetry_guard_events_received", "Events received from clients.", ["rpc", "kind"], registry=r
+        )
+        self.events_out = Counter(
+            "telemetry_guard_events_forwarded",
+            "Events passed on upstream after the policy.",
+            ["rpc", "kind"],
+            registry=r,
+        )
+        self.removals = Counter(
+            "telemetry_guard_removals",
+            "Things removed, per rule (whole events count 1, private_metadata keys 1 each).",
+            ["rpc", "kind", "rule"],
+            registry=r,
+        )
+        self.denials = Counter(
+            "telemetry_guard_denials",
+            "Calls refused by the guard, per status code and rule.",
+            ["rpc", "code", "rule"],
+            registry=r,
+        )
+        self.upstream_latency = Histogram(
+            "telemetry_guard_upstream_latency_seconds",
+            "Upstream round trip: a unary call, or an events payload until the response that answers it.",
+            ["rpc"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.upstream_errors = Counter(
+            "telemetry_guard_upstream_errors",
+            "Upstream calls that ended with an error status.",
+            ["rpc", "code"],
+            registry=r,
+        )
+        self.streams = Gauge(
+            "telemetry_guard_streams_active",
+            "Client calls in progress.",
+            ["rpc"],
+            registry=r,
+            multiprocess_mode="livesum",
+        )
+        self.reloads = Counter(
+            "telemetry_guard_policy_reloads",
+            "Policies loaded and put in force, per trigger.",
+            ["trigger"],
+            registry=r,
+        )
+        self.reload_failures = Counter(
+            "telemetry_guard_policy_reload_failures",
+            "Reloads refused (the policy did not load or validate); the old policy stayed in force.",
+            ["trigger"],
+            registry=r,
+        )
+        self.policy_info = Gauge(
+            "telemetry_guard_policy_info",
+            "The policy in force (1) by sha256 of its files; 0 for a policy it replaced.",
+            ["sha256", "name"],
+            registry=r,
+            multiprocess_mode="livemax",
+        )
+        self._policy: tuple[str, str] | None = None
+        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
+
+    def child(self, metric: Any, *labels: str) -> Any:
+        """metric.labels(*labels), cached: label lookup is on the per-message path."""
+        key = (id(metric), labels)
+        found = self._children.get(key)
+        if found is None:
+            found = self._children[key] = metric.labels(*labels)
+        return found
+
+    def policy_in_force(self, policy: Policy) -> None:
+        labels = (policy.sha256, policy.name)
+        if self._policy == labels:
+            return
+        if self._policy is not None:
+            self.policy_info.labels(*self._policy).set(0)
+        self.policy_info.labels(*labels).set(1)
+        self._policy = labels
+
+    def expose(self) -> bytes:
+        """The text exposition of this process's registry (tests, the demo)."""
+        return generate_latest(self.registry)
+
+    def serve(self, host: str, port: int) -> int:
+        """Serve /metrics on host:port (a thread); the bound port."""
+        server, _thread = start_http_server(port, addr=host, registry=self.registry)
+        bound: int = server.server_port
+        return bound
+
+
+class MetricsAudit(AuditLog):
+    """The audit log, counting what it records: requests, events, removals per rule, denials."""
+
+    def __init__(self, metrics: Metrics, logger: Any = None) -> None:
+        super().__init__(logger)
+        self.metrics = metrics
+
+    def record(
+        self,
+        *,
+        side: str,
+        rpc: str,
+        identifier: pb.Identifier | None,
+        decision: Decision | None = None,
+        refusal: GuardError | None = None,
+        request_id: str = "",
+        message: int | None = None,
+    ) -> None:
+        m = self.metrics
+        kind = (decision.kind if decision is not None else None) or (
+            identifier.WhichOneof("identifier") if identifier is not None else None
+        )
+        kind = kind or NO_KIND
+        m.child(m.requests_in, rpc, kind).inc()
+        if decision is not None:
+            if decision.events_in:
+                m.child(m.events_in, rpc, kind).inc(decision.events_in)
+            if decision.events_out:
+                m.child(m.events_out, rpc, kind).inc(decision.events_out)
+            if decision.events or decision.removals:
+                for rule, count in decision.counts().items():
+                    m.child(m.removals, rpc, kind, rule).inc(count)
+        if refusal is not None:
+            m.child(m.denials, rpc, refusal.code.name, refusal.rule).inc()
+        super().record(
+            side=side,
+            rpc=rpc,
+            identifier=identifier,
+            decision=decision,
+            refusal=refusal,
+            request_id=request_id,
+            message=message,
+        )
+
+
+def status_name(code: grpc.StatusCode | None) -> str:
+    return code.name if code is not None else "UNKNOWN"

@@ -1,0 +1,245 @@
+"""The sidecar process: a grpc.aio server that enforces the policy and forwards what passes.
+
+    sidecar = Sidecar(Config(listen="127.0.0.1:0", upstream="gateway:10080"))
+    port = await sidecar.start()
+    ...
+    await sidecar.stop()
+
+On its port: TelemeteryGatewayService (the forwarder), the gRPC health service
+(grpc.health.v1.Health: "" and the telemetry service, SERVING until shutdown begins) and
+server reflection. Requests larger than max_message_bytes (the gateway's limit: gRPC's
+default of 4 MiB) are refused by grpc with RESOURCE_EXHAUSTED. `run()` adds the process
+part: SIGHUP reloads the policy; SIGTERM and SIGINT shut down gracefully (health NOT_SERVING,
+no new calls, calls in flight get `grace` seconds, then are cancelled).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import grpc.aio
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from interceptors.credentials import BearerPresent, CredentialVerifier, TokenIntrospection
+from interceptors.guard import Guard
+from policy import Engine
+from policy.kinds import SERVICE
+from sidecar import gateway
+from sidecar.forward import DEFAULT_FORWARD_METADATA, DEFAULT_WINDOW, Forwarder
+from sidecar.logs import fields
+from sidecar.metrics import Metrics, MetricsAudit, multiprocess
+from sidecar.reload import PolicyReloader
+
+LOG = logging.getLogger("telemetry_guard.sidecar")
+
+GATEWAY_MAX_MESSAGE_BYTES = 4 * 1024 * 1024  # the gateway's limit: gRPC's default receive size
+INTROSPECTION_SECRET_ENV = "TELEMETRY_GUARD_INTROSPECTION_CLIENT_SECRET"
+
+
+@dataclass
+class Config:
+    """What `telemetry-guard serve` is told (see its --help for each field)."""
+
+    listen: str = "127.0.0.1:10085"
+    upstream: str | None = None
+    policy: str | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    upstream_tls: bool = False
+    upstream_ca: str | None = None
+    upstream_server_name: str | None = None
+    gateway_output: str = "-"
+    metrics_listen: str | None = None
+    workers: int = 1
+    grace: float = 10.0
+    reload_interval: float = 2.0
+    max_message_bytes: int = GATEWAY_MAX_MESSAGE_BYTES
+    forward_metadata: tuple[str, ...] = DEFAULT_FORWARD_METADATA
+    introspection_url: str | None = None
+    introspection_client_id: str | None = None
+    log_level: str = "info"
+    window: int = DEFAULT_WINDOW
+
+
+def split_host_port(address: str) -> tuple[str, int]:
+    """'host:port' or '[v6]:port' -> (host, port); raises ValueError."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit() or int(port) > 65535:
+        raise ValueError(f"{address!r} is not HOST:PORT")
+    return host.strip("[]"), int(port)
+
+
+def join_host_port(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _read(path: str) -> bytes:
+    return Path(path).read_bytes()
+
+
+def verifier(config: Config) -> CredentialVerifier:
+    if config.introspection_url is None:
+        return BearerPresent()
+    return TokenIntrospection(
+        config.introspection_url,
+        client_id=config.introspection_client_id,
+        client_secret=os.environ.get(INTROSPECTION_SECRET_ENV) if config.introspection_client_id else None,
+    )
+
+
+def upstream_channel(config: Config, target: str) -> grpc.aio.Channel:
+    """The channel to the gateway. No size limits of its own: the upstream judges what it accepts."""
+    options: list[tuple[str, str | int]] = [
+        ("grpc.max_send_message_length", -1),
+        ("grpc.max_receive_message_length", -1),
+    ]
+    if not (config.upstream_tls or config.upstream_ca):
+        return grpc.aio.insecure_channel(target, options=options)
+    roots = _read(config.upstream_ca) if config.upstream_ca else None  # None: the system's roots
+    if config.upstream_server_name:
+        options.append(("grpc.ssl_target_name_override", config.upstream_server_name))
+    return grpc.aio.secure_channel(target, grpc.ssl_channel_credentials(root_certificates=roots), options=options)
+
+
+class Sidecar:
+    """One serving process. sink: where the embedded gateway writes (no upstream); None: JSON lines."""
+
+    def __init__(
+        self,
+        config: Config,
+        *,
+        metrics: Metrics | None = None,
+        sink: gateway.Sink | None = None,
+        reuse_port: bool = False,
+    ) -> None:
+        self.config = config
+        self.metrics = metrics or Metrics()
+        self._sink = sink
+        self._reuse_port = reuse_port
+        audit = MetricsAudit(self.metrics)
+        verify = verifier(config)
+
+        def make_guard(engine: Engine) -> Guard:
+            return Guard(engine, verifier=verify, audit=audit, side="server")
+
+        self.reloader = PolicyReloader(config.policy, make_guard, self.metrics)  # raises PolicyError
+        self.port = 0
+        self.gateway_port: int | None = None
+        self._server: grpc.aio.Server | None = None
+        self._gateway: grpc.aio.Server | None = None
+        self._lines: gateway.JsonLines | None = None
+        self._channel: grpc.aio.Channel | None = None
+        self._health: health.aio.HealthServicer | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+
+    async def start(self) -> int:
+        """Bind, start serving; the bound port. Raises RuntimeError when the address cannot be bound."""
+        config = self.config
+        if config.upstream is not None:
+            target = config.upstream
+        else:
+            sink = self._sink
+            if sink is None:
+                self._lines = gateway.JsonLines(config.gateway_output)
+                sink = self._lines
+            self._gateway, self.gateway_port = await gateway.start(sink, -1)
+            target = join_host_port("127.0.0.1", self.gateway_port)
+        self._channel = upstream_channel(config, target) if config.upstream else grpc.aio.insecure_channel(target)
+
+        server = grpc.aio.server(
+            options=[
+                ("grpc.max_receive_message_length", config.max_message_bytes),
+                ("grpc.so_reuseport", 1 if self._reuse_port else 0),
+            ]
+        )
+        forwarder = Forwarder(
+            self._channel,
+            lambda: self.reloader.current,
+            self.metrics,
+            forward_metadata=config.forward_metadata,
+            window=config.window,
+        )
+        server.add_generic_rpc_handlers((forwarder.handler(),))
+        self._health = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        await self._health.set(SERVICE, health_pb2.HealthCheckResponse.SERVING)
+        reflection.enable_server_reflection((SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+        if config.tls_cert and config.tls_key:
+            credentials = grpc.ssl_server_credentials([(_read(config.tls_key), _read(config.tls_cert))])
+            self.port = server.add_secure_port(config.listen, credentials)
+        else:
+            self.port = server.add_insecure_port(config.listen)
+        await server.start()
+        self._server = server
+        if config.metrics_listen and not multiprocess():
+            host, port = split_host_port(config.metrics_listen)
+            self.metrics.serve(host, port)
+        if config.reload_interval > 0:
+            self._tasks.append(asyncio.create_task(self.reloader.watch(config.reload_interval)))
+        host, _ = split_host_port(config.listen)
+        LOG.info(
+            "serving",
+            extra=fields(
+                listen=join_host_port(host, self.port),
+                port=self.port,
+                pid=os.getpid(),
+                tls=bool(config.tls_cert),
+                upstream=config.upstream or f"embedded gateway ({config.gateway_output})",
+                policy=self.reloader.policy.name,
+                sha256=self.reloader.policy.sha256,
+            ),
+        )
+        return self.port
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Graceful: health NOT_SERVING, no new calls, calls in flight get `grace` seconds, then cancelled."""
+        if self._health is not None:
+            await self._health.enter_graceful_shutdown()
+        if self._server is not None:
+            LOG.info("shutting down", extra=fields(grace_seconds=grace))
+            await self._server.stop(grace)
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._tasks.clear()
+        if self._channel is not None:
+            await self._channel.close()
+        if self._gateway is not None:
+            await self._gateway.stop(None)
+        if self._lines is not None:
+            self._lines.close()
+        LOG.info("stopped")
+
+    async def run(self) -> int:
+        """Serve until SIGTERM or SIGINT; SIGHUP reloads the policy. The exit code."""
+        loop = asyncio.get_running_loop()
+        done = asyncio.Event()
+        reloads: set[asyncio.Task[bool]] = set()
+
+        def hangup() -> None:
+            task = loop.create_task(self.reloader.reload("signal"))
+            reloads.add(task)
+            task.add_done_callback(reloads.discard)
+
+        try:
+            await self.start()
+        except RuntimeError as exc:  # grpc: "Failed to bind to address ..."
+            LOG.error("cannot listen", extra=fields(listen=self.config.listen, error=str(exc)))
+            await self.stop(0)
+            return 2
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, done.set)
+        loop.add_signal_handler(signal.SIGHUP, hangup)
+        await done.wait()
+        await self.stop(self.config.grace)
+        return 0

@@ -1,0 +1,62 @@
+"""Which payload a serialized RecordEventsRequest carries, read from its top-level tags only.
+
+The sidecar filters events payloads on their bytes (Engine.record_events_bytes, one parse into
+the kind's view class); every other message goes through the stream protocol checks of
+interceptors.stream.StreamGuard, which parses it whole. Telling the two apart must not cost a
+parse: this walks the top-level fields (usually one tag and one length) and answers as the
+protobuf parser would decide the `payload` oneof: the last member present wins.
+Anything irregular answers IRREGULAR, and the full parser of StreamGuard judges it.
+"""
+
+from __future__ import annotations
+
+NONE = 0  # no payload: the message is skipped, as the gateway skips it
+METADATA = 1  # RecordEventsRequest.metadata
+EVENTS = 2  # RecordEventsRequest.events
+IRREGULAR = -1  # not a well-formed sequence of fields, or a oneof member with the wrong wire type
+
+
+def _varint(data: bytes, pos: int) -> tuple[int, int]:
+    result = 0
+    shift = 0
+    while True:
+        byte = data[pos]  # IndexError past the end: handled by the caller
+        pos += 1
+        result |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            return result, pos
+        shift += 7
+        if shift > 63:
+            raise ValueError("varint too long")
+
+
+def payload(data: bytes) -> int:
+    """NONE, METADATA, EVENTS or IRREGULAR for the bytes of a RecordEventsRequest."""
+    pos = 0
+    end = len(data)
+    found = NONE
+    try:
+        while pos < end:
+            tag, pos = _varint(data, pos)
+            number = tag >> 3
+            wire_type = tag & 7
+            if wire_type == 2:
+                length, pos = _varint(data, pos)
+                pos += length
+            elif wire_type == 0:
+                _, pos = _varint(data, pos)
+            elif wire_type == 1:
+                pos += 8
+            elif wire_type == 5:
+                pos += 4
+            else:  # groups and invalid wire types
+                return IRREGULAR
+            if number == 0 or pos > end:
+                return IRREGULAR
+            if number in (METADATA, EVENTS):
+                if wire_type != 2:
+                    return IRREGULAR
+                found = number
+    except (IndexError, ValueError):
+        return IRREGULAR
+    return found

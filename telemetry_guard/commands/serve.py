@@ -1,0 +1,206 @@
+"""telemetry-guard serve: the sidecar in front of the Telemetry Gateway."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from typing import Any
+
+HELP = "run the sidecar: enforce the policy on telemetrygateway.v1 calls and forward what passes upstream"
+
+EPILOG = """\
+examples:
+  telemetry-guard serve --listen 0.0.0.0:10085 --upstream gateway.internal:10080 --policy policy.yaml
+  telemetry-guard serve --listen 127.0.0.1:10085 --gateway-output events.jsonl   # embedded gateway
+  telemetry-guard serve --listen 0.0.0.0:10085 --upstream gateway:443 --upstream-ca ca.pem \\
+      --tls-cert tls.crt --tls-key tls.key --metrics-listen 0.0.0.0:9090 --workers 2
+
+signals: SIGHUP reloads the policy (so does a change of its files); SIGTERM stops gracefully.
+logs: JSON lines on stderr (the audit trail included). --log-level debug also logs the names
+of removed private_metadata keys; never their values.
+"""
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
+
+
+def _seconds(text: str) -> float:
+    value = float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must not be negative, not {value}")
+    return value
+
+
+def register(sub: Any) -> None:
+    from sidecar.logs import LEVELS  # the sidecar is imported lazily: see run()
+
+    parser = sub.add_parser(
+        "serve",
+        help=HELP,
+        description=HELP + ".",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=EPILOG,
+    )
+    where = parser.add_argument_group("addresses")
+    where.add_argument(
+        "--listen",
+        default="127.0.0.1:10085",
+        metavar="HOST:PORT",
+        help="where exporters connect (default: %(default)s; port 0: any free port, logged)",
+    )
+    where.add_argument(
+        "--upstream",
+        metavar="HOST:PORT",
+        help="the Telemetry Gateway; without it an embedded gateway records what passes",
+    )
+    where.add_argument(
+        "--gateway-output",
+        default="-",
+        metavar="FILE",
+        help="embedded gateway: JSON lines of what it received, appended to FILE (default: stdout)",
+    )
+    where.add_argument("--metrics-listen", metavar="HOST:PORT", help="serve Prometheus metrics at /metrics")
+    policy = parser.add_argument_group("policy")
+    policy.add_argument("--policy", metavar="FILE", help="policy file (default: the built-in default policy)")
+    policy.add_argument(
+        "--reload-interval",
+        type=_seconds,
+        default=2.0,
+        metavar="SECONDS",
+        help="how often the policy's files are checked for changes; 0: only on SIGHUP (default: %(default)s)",
+    )
+    policy.add_argument(
+        "--introspection-url",
+        metavar="URL",
+        help="verify bearer tokens by OAuth 2.0 token introspection (RFC 7662) at URL "
+        "(default: a token must be present; the gateway verifies it)",
+    )
+    policy.add_argument(
+        "--introspection-client-id",
+        metavar="ID",
+        help="client id for the introspection endpoint; the secret is read from "
+        "$TELEMETRY_GUARD_INTROSPECTION_CLIENT_SECRET",
+    )
+    tls = parser.add_argument_group("TLS")
+    tls.add_argument("--tls-cert", metavar="FILE", help="server certificate chain (PEM); with --tls-key")
+    tls.add_argument("--tls-key", metavar="FILE", help="server private key (PEM)")
+    tls.add_argument("--upstream-tls", action="store_true", help="TLS to the upstream, verified by the system roots")
+    tls.add_argument("--upstream-ca", metavar="FILE", help="TLS to the upstream, verified by this CA bundle (PEM)")
+    tls.add_argument(
+        "--upstream-server-name",
+        metavar="NAME",
+        help="the name the upstream's certificate must carry, if not the --upstream host",
+    )
+    run_group = parser.add_argument_group("process")
+    run_group.add_argument(
+        "--workers",
+        type=_positive_int,
+        default=1,
+        metavar="N",
+        help="serving processes sharing the port (SO_REUSEPORT; default: %(default)s)",
+    )
+    run_group.add_argument(
+        "--grace",
+        type=_seconds,
+        default=10.0,
+        metavar="SECONDS",
+        help="on SIGTERM, how long calls in flight may take to finish (default: %(default)s)",
+    )
+    run_group.add_argument(
+        "--max-message-bytes",
+        type=_positive_int,
+        default=4 * 1024 * 1024,
+        metavar="BYTES",
+        help="largest request message accepted, as the gateway (default: %(default)s; larger: RESOURCE_EXHAUSTED)",
+    )
+    run_group.add_argument(
+        "--forward-metadata",
+        action="append",
+        metavar="KEY",
+        help="call metadata passed upstream (repeat; default: authorization)",
+    )
+    run_group.add_argument("--log-level", choices=LEVELS, default="info", help="default: %(default)s")
+    parser.set_defaults(func=run)
+
+
+def _config(args: argparse.Namespace) -> Any:
+    from sidecar.server import Config, split_host_port
+
+    for name in ("listen", "upstream", "metrics_listen"):
+        value = getattr(args, name)
+        if value is not None:
+            split_host_port(value)  # ValueError: reported as a usage error
+    if bool(args.tls_cert) != bool(args.tls_key):
+        raise ValueError("--tls-cert and --tls-key go together")
+    for name in ("tls_cert", "tls_key", "upstream_ca", "policy"):
+        path = getattr(args, name)
+        if path is not None:
+            with open(path, "rb"):
+                pass  # OSError: reported as a usage error
+    if args.upstream is None and (args.upstream_tls or args.upstream_ca or args.upstream_server_name):
+        raise ValueError("--upstream-tls, --upstream-ca and --upstream-server-name need --upstream")
+    return Config(
+        listen=args.listen,
+        upstream=args.upstream,
+        policy=args.policy,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+        upstream_tls=args.upstream_tls,
+        upstream_ca=args.upstream_ca,
+        upstream_server_name=args.upstream_server_name,
+        gateway_output=args.gateway_output,
+        metrics_listen=args.metrics_listen,
+        workers=args.workers,
+        grace=args.grace,
+        reload_interval=args.reload_interval,
+        max_message_bytes=args.max_message_bytes,
+        forward_metadata=tuple(args.forward_metadata or ("authorization",)),
+        introspection_url=args.introspection_url,
+        introspection_client_id=args.introspection_client_id,
+        log_level=args.log_level,
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    # Imports here, not at the top: the CLI imports every command to build its parser, and
+    # --workers must switch prometheus_client to multiprocess mode before any metric exists.
+    from sidecar import logs
+
+    try:
+        config = _config(args)
+    except (ValueError, OSError) as exc:
+        print(f"telemetry-guard serve: {exc}", file=sys.stderr)
+        return 2
+    logs.configure(config.log_level)
+    if config.workers == 1:
+        return _serve(config, reuse_port=False)
+    from sidecar import workers
+    from sidecar.reload import load_validated
+    from sidecar.server import split_host_port
+
+    load_validated(config.policy)  # fail before forking: PolicyError is reported by the CLI
+    host, port = split_host_port(config.listen)
+    metrics = split_host_port(config.metrics_listen) if config.metrics_listen else None
+    return workers.supervise(config.workers, host, port, lambda bound: _worker(config, host, bound), metrics)
+
+
+def _worker(config: Any, host: str, port: int) -> int:
+    from dataclasses import replace
+
+    from sidecar.server import join_host_port
+
+    return _serve(replace(config, listen=join_host_port(host, port)), reuse_port=True)
+
+
+def _serve(config: Any, *, reuse_port: bool) -> int:
+    from sidecar.server import Sidecar
+
+    async def main() -> int:
+        return await Sidecar(config, reuse_port=reuse_port).run()
+
+    return asyncio.run(main())
