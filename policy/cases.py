@@ -37,6 +37,7 @@ import jsonschema
 from google.protobuf import json_format
 from google.protobuf.message import Message
 
+from policy import loader
 from policy.decision import Decision
 from policy.engine import Engine, Outcome
 from policy.errors import PolicyError, Problem
@@ -261,11 +262,9 @@ def _error_path(error: jsonschema.ValidationError) -> Path_:
 
 
 def _schema_message(error: jsonschema.ValidationError) -> str:
-    if error.validator == "additionalProperties" and isinstance(error.schema, dict):
-        return f"{error.message}; allowed keys: {', '.join(sorted(error.schema.get('properties', {})))}"
     if error.validator == "oneOf" and list(error.absolute_path)[-1:] == ["denial"]:
         return f"denial must be a status code ({', '.join(STATUS_CODES)}), {{code, rule}}, or null"
-    return str(error.message)
+    return loader._explain(error)
 
 
 def _parse(doc: Located, where: Path_, data: Mapping[str, Any], message: Message, problems: list[Problem]) -> bool:

@@ -13,12 +13,9 @@ path each setting remembers (Setting.rule).
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from functools import cache
-from importlib import resources
 from pathlib import Path
 from typing import Any, Final, Literal
 
@@ -268,14 +265,6 @@ class LintReport:
 # -- schema documentation (hints reuse the schema's descriptions) ----------------------------
 
 
-@cache
-def schema(name: str) -> Mapping[str, Any]:
-    """policy.schema.json or allowlist.schema.json, as shipped with the loader."""
-    text = resources.files("policy").joinpath("schema", name).read_text("utf-8")
-    data: dict[str, Any] = json.loads(text)
-    return data
-
-
 def split_key(key: str) -> Path_:
     """'kinds.workspace.drop_fields[0]' -> ('kinds', 'workspace', 'drop_fields', 0)."""
     out: list[str | int] = []
@@ -286,7 +275,7 @@ def split_key(key: str) -> Path_:
 
 def describe(path: Path_, schema_name: str = "policy.schema.json") -> str:
     """The schema's description of the key at path, or of its nearest described ancestor."""
-    root = schema(schema_name)
+    root = loader.schema(schema_name)
     node: Mapping[str, Any] | None = root
     found = str(root.get("description", ""))
     for part in path:
