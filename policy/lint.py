@@ -169,50 +169,14 @@ _RULES: Final = (
 RULES: Final[Mapping[str, Rule]] = {rule.id: rule for rule in _RULES}
 
 # Words that, as part of a key name, suggest personal or sensitive data.
-SENSITIVE_WORDS: Final = frozenset(
-    {
-        "email",
-        "mail",
-        "name",
-        "username",
-        "login",
-        "user",
-        "users",
-        "author",
-        "path",
-        "file",
-        "filename",
-        "dir",
-        "directory",
-        "url",
-        "uri",
-        "href",
-        "link",
-        "query",
-        "search",
-        "repo",
-        "repos",
-        "repository",
-        "ip",
-        "host",
-        "hostname",
-        "address",
-        "addr",
-        "token",
-        "secret",
-        "password",
-        "passwd",
-        "credential",
-        "credentials",
-        "auth",
-        "cookie",
-        "session",
-        "phone",
-        "prompt",
-        "content",
-        "message",
-    }
-)
+# fmt: off
+SENSITIVE_WORDS: Final = frozenset({
+    "email", "mail", "name", "username", "login", "user", "users", "author",
+    "path", "file", "filename", "dir", "directory", "url", "uri", "href", "query", "repo", "repos", "repository",
+    "ip", "host", "hostname", "address", "addr", "token", "secret", "password", "passwd", "credential",
+    "credentials", "auth", "cookie", "session", "phone", "prompt", "content",
+})
+# fmt: on
 
 _WORD = re.compile(r"[A-Z]+(?![a-z])|[A-Z]?[a-z]+|[0-9]+")
 
