@@ -181,8 +181,8 @@ class Case:
     rpc: str
     identifier: pb.Identifier | None
     authorization: str | None
-    request: Mapping[str, Any]  # protobuf JSON, parsed afresh for every run (the engine filters in place)
-    output: Mapping[str, Any] | None = None
+    request: Message  # never passed to the engine itself (it filters in place): see message()
+    output: Mapping[str, Any] | None = None  # as to_json() writes it, so it compares with what leaves
     expects_output: bool = False
     denial: tuple[str, str | None] | None = None  # (code, rule)
     expects_denial: bool = False
@@ -191,9 +191,8 @@ class Case:
     dropped_events: tuple[str, ...] | None = None
 
     def message(self) -> Message:
-        out = REQUEST_TYPES[self.rpc]()
-        json_format.ParseDict(dict(self.request), out)
-        return out
+        """A fresh copy of the request message."""
+        return _copy(self.request)
 
 
 @dataclass(frozen=True)
@@ -280,15 +279,18 @@ def _parse(doc: Located, where: Path_, data: Mapping[str, Any], message: Message
 def _case(doc: Located, i: int, item: Mapping[str, Any], problems: list[Problem]) -> Case | None:
     here: Path_ = ("cases", i)
     rpc = item.get("rpc", "RecordEvents")
-    ok = _parse(doc, (*here, "request"), item["request"], REQUEST_TYPES[rpc](), problems)
+    request = REQUEST_TYPES[rpc]()
+    ok = _parse(doc, (*here, "request"), item["request"], request, problems)
     identifier: pb.Identifier | None = None
     if "identifier" in item:
         identifier = pb.Identifier()
         ok = _parse(doc, (*here, "identifier"), item["identifier"], identifier, problems) and ok
     expect = item["expect"]
-    output = expect.get("output")
-    if output is not None:
-        ok = _parse(doc, (*here, "expect", "output"), output, REQUEST_TYPES[rpc](), problems) and ok
+    output: dict[str, Any] | None = None
+    if expect.get("output") is not None:
+        expected = REQUEST_TYPES[rpc]()
+        ok = _parse(doc, (*here, "expect", "output"), expect["output"], expected, problems) and ok
+        output = to_json(expected)
     denial: tuple[str, str | None] | None = None
     raw = expect.get("denial")
     if isinstance(raw, str):
@@ -304,7 +306,7 @@ def _case(doc: Located, i: int, item: Mapping[str, Any], problems: list[Problem]
         rpc=rpc,
         identifier=identifier,
         authorization=item.get("authorization"),
-        request=item["request"],
+        request=request,
         output=output,
         expects_output="output" in expect,
         denial=denial,
@@ -382,11 +384,7 @@ def run_case(engine: Engine, case: Case, *, show_keys: bool = False) -> CaseResu
                 failures.append(f"expected denial {want}, got {denial.code.name} by rule {denial.rule}")
 
     if case.expects_output:
-        expected = None
-        if case.output is not None:
-            message = REQUEST_TYPES[case.rpc]()
-            json_format.ParseDict(dict(case.output), message)
-            expected = to_json(message)
+        expected = case.output
         if expected != leaves:
             if leaves is None:
                 failures.append(
