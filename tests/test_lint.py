@@ -145,7 +145,7 @@ def test_cli_permissive_example_is_rejected_with_the_expected_rules() -> None:
     assert {f["rule"] for f in report["findings"]} == PERMISSIVE_RULES
     assert report["summary"]["errors"] == 5 and report["summary"]["exit_code"] == 1
     marketing = next(f for f in report["findings"] if f["rule"] == "marketing-tracking-single-tenant")
-    assert (marketing["file"], marketing["line"], marketing["column"]) == ("docs/examples/permissive.yaml", 23, 3)
+    assert (marketing["file"], marketing["line"], marketing["column"]) == ("docs/examples/permissive.yaml", 24, 3)
     assert "licensed_instance, unlicensed_instance" in marketing["message"]
 
 
