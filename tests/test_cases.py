@@ -7,6 +7,7 @@ values marked SECRET that the policy removes and no output may print.
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -162,3 +163,15 @@ def test_cli_bad_cases_file_exits_2_with_place() -> None:
     assert "the cases file tests/testdata/compliance/cases/bad_request.yaml cannot be loaded" in done.stderr
     assert "bad_request.yaml:6:5: cases[0].request: not a RecordEventsRequest in protobuf JSON" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_cli_json_report_per_case_without_removed_values() -> None:
+    done = cli("test", "builtin:default", "tests/testdata/compliance/cases/failing.yaml", "--format", "json")
+    assert done.returncode == 1
+    report = json.loads(done.stdout)
+    assert report["format"] == "telemetry-guard.test/1"
+    cases = report["files"][0]["cases"]
+    assert [c["passed"] for c in cases] == [False, False, False, True]
+    assert cases[0]["leaves"]["events"]["events"][0]["parameters"]["private_metadata"] == {"languageId": "go"}
+    assert cases[0]["decision"]["removed_per_rule"]["kinds.licensed_instance.marketing_tracking"] == 1
+    assert "SECRET" not in done.stdout

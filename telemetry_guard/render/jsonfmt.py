@@ -75,6 +75,7 @@ def cases_json(results: Sequence[CaseFileResult], *, show_keys: bool = False) ->
                             "passed": r.passed,
                             "failures": list(r.failures),
                             "diff": list(r.diff),
+                            "leaves": r.leaves,
                             "decision": r.decision.to_dict(with_keys=show_keys),
                             "seconds": round(r.seconds, 6),
                         }

@@ -6,7 +6,7 @@ is made of styled fragments; markdown.py and html.py only decide how a style loo
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
 from policy.lint import display_path
@@ -42,7 +42,6 @@ class Block:
     lines: tuple[Text, ...] = ()
     bullets: tuple[Text, ...] = ()
     table: Table | None = None
-    notes: tuple[Text, ...] = field(default=())
 
 
 _STATUS_STYLE: dict[str, Style] = {
