@@ -17,7 +17,8 @@ Any exception other than a GuardError while doing so becomes INTERNAL naming the
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from google.protobuf.message import DecodeError, Message
@@ -203,35 +204,37 @@ class CallGuard:
     def _scope(self) -> str:
         return self.guard.engine.policy.credentials_scope
 
+    @contextmanager
+    def judging(self, message: int | None = None) -> Iterator[None]:
+        """Fail closed (INTERNAL for any other exception) and remember and audit a refusal."""
+        try:
+            with evaluating(self.rpc):
+                yield
+        except GuardError as exc:
+            raise self.refuse(exc, message=message) from None
+
+    def _decode(self, item: Any) -> Message:
+        self.raw = isinstance(item, bytes | bytearray | memoryview)
+        return self.guard.decode(self.rpc, item)
+
     def verify(self) -> None:
         """Let the verifier judge the token, if this kind must present one. Blocking."""
-        if self._verified:
-            return
-        try:
-            with evaluating(self.rpc):
+        if not self._verified:
+            with self.judging():
                 self.guard.verifier.verify(self._token or "", self._scope(), self.rpc)
-        except GuardError as exc:
-            raise self.refuse(exc) from None
-        self._verified = True
+            self._verified = True
 
     async def verify_async(self) -> None:
-        if self._verified:
-            return
-        try:
-            with evaluating(self.rpc):
+        if not self._verified:
+            with self.judging():
                 await self.guard.verifier.verify_async(self._token or "", self._scope(), self.rpc)
-        except GuardError as exc:
-            raise self.refuse(exc) from None
-        self._verified = True
+            self._verified = True
 
     def pass_on(self, encode: Encode, message: Message) -> Any:
         """A filtered message in the form its consumer takes; only once the token is verified."""
-        try:
-            with evaluating(self.rpc):
-                self._require_verified()
-                return encode(message)
-        except GuardError as exc:
-            raise self.refuse(exc) from None
+        with self.judging():
+            self._require_verified()
+            return encode(message)
 
     def _require_verified(self) -> None:
         """Call inside evaluating(): an interceptor that skipped verify() passes nothing on."""
@@ -244,30 +247,22 @@ class UnaryGuard(CallGuard):
 
     def admit(self, item: Any) -> pb.RecordEventRequest:
         """Decode and admit the request (verify next, then filter)."""
-        try:
-            with evaluating(self.rpc):
-                self.raw = isinstance(item, bytes | bytearray | memoryview)
-                request = self.guard.decode(self.rpc, item)
-                if not isinstance(request, pb.RecordEventRequest):
-                    raise TypeError(type(request).__name__)
-                self.request_id = request.metadata.request_id
-                identifier = request.metadata.identifier if request.HasField("metadata") else None
-                self._admit(identifier)
-                return request
-        except GuardError as exc:
-            raise self.refuse(exc) from None
+        with self.judging():
+            request = self._decode(item)
+            if not isinstance(request, pb.RecordEventRequest):
+                raise TypeError(type(request).__name__)
+            self.request_id = request.metadata.request_id
+            self._admit(request.metadata.identifier if request.HasField("metadata") else None)
+            return request
 
     def filter(self, request: pb.RecordEventRequest) -> pb.RecordEventRequest | None:
         """What may be passed on; None when the policy removed the event whole."""
-        try:
-            with evaluating(self.rpc):
-                self._require_verified()
-                outcome = self.guard.engine.record_event(request, detailed=self.guard.detailed)
-                if outcome.denial is not None:
-                    raise GuardError.from_denial(outcome.denial)
-                self.audit(outcome.decision)
-                if outcome.request is None or not outcome.request.HasField("event"):
-                    return None
-                return outcome.request
-        except GuardError as exc:
-            raise self.refuse(exc) from None
+        with self.judging():
+            self._require_verified()
+            outcome = self.guard.engine.record_event(request, detailed=self.guard.detailed)
+            if outcome.denial is not None:
+                raise GuardError.from_denial(outcome.denial)
+            self.audit(outcome.decision)
+            if outcome.request is None or not outcome.request.HasField("event"):
+                return None
+            return outcome.request

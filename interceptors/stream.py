@@ -28,7 +28,7 @@ from typing import Any
 from google.protobuf.message import Message
 
 from interceptors.acks import AckLedger
-from interceptors.errors import GuardError, evaluating, protocol_error
+from interceptors.errors import GuardError, protocol_error
 from interceptors.guard import CallGuard, Encode, Guard
 from policy import Outcome
 from policy.engine import RECORD_EVENTS
@@ -49,34 +49,30 @@ class StreamGuard(CallGuard):
         """The next request as received: the filtered message to pass on, or None to skip it."""
         index = self._received
         self._received += 1
-        try:
-            with evaluating(self.rpc):
-                self.raw = isinstance(item, bytes | bytearray | memoryview)
-                request = self.guard.decode(self.rpc, item)
-                if not isinstance(request, pb.RecordEventsRequest | pb.PublishInstanceUserMetadataRequest):
-                    raise TypeError(type(request).__name__)
-                payload = request.WhichOneof("payload")
-                if payload is None:
-                    return None
-                if payload == "metadata":
-                    if self.kind is not None:
-                        raise protocol_error(self.rpc, "received metadata more than once")
-                    metadata = request.metadata
-                    self.request_id = metadata.request_id
-                    self._admit(metadata.identifier if metadata.HasField("identifier") else None)
-                else:
-                    if self.kind is None:
-                        raise protocol_error(self.rpc, f"got {payload} when metadata not yet received")
-                    self._require_verified()
-                outcome = self._filter(request, payload)
-                if outcome.denial is not None:
-                    raise GuardError.from_denial(outcome.denial)
-                if self.acks is not None and payload == "events" and isinstance(request, pb.RecordEventsRequest):
-                    self.acks.forwarded(request.events.events, outcome.decision.dropped_event_ids)
-                self.audit(outcome.decision, index)
-                return request
-        except GuardError as exc:
-            raise self.refuse(exc, message=index) from None
+        with self.judging(message=index):
+            request = self._decode(item)
+            if not isinstance(request, pb.RecordEventsRequest | pb.PublishInstanceUserMetadataRequest):
+                raise TypeError(type(request).__name__)
+            payload = request.WhichOneof("payload")
+            if payload is None:
+                return None
+            if payload == "metadata":
+                if self.kind is not None:
+                    raise protocol_error(self.rpc, "received metadata more than once")
+                metadata = request.metadata
+                self.request_id = metadata.request_id
+                self._admit(metadata.identifier if metadata.HasField("identifier") else None)
+            else:
+                if self.kind is None:
+                    raise protocol_error(self.rpc, f"got {payload} when metadata not yet received")
+                self._require_verified()
+            outcome = self._filter(request, payload)
+            if outcome.denial is not None:
+                raise GuardError.from_denial(outcome.denial)
+            if self.acks is not None and payload == "events" and isinstance(request, pb.RecordEventsRequest):
+                self.acks.forwarded(request.events.events, outcome.decision.dropped_event_ids)
+            self.audit(outcome.decision, index)
+            return request
 
     def _filter(
         self, request: pb.RecordEventsRequest | pb.PublishInstanceUserMetadataRequest, payload: str
@@ -147,8 +143,5 @@ class StreamGuard(CallGuard):
         """RecordEvents: the response with the removed-whole ids of its payload acknowledged."""
         if self.acks is None:
             return response
-        try:
-            with evaluating(self.rpc):
-                return self.acks.merge(response)
-        except GuardError as exc:
-            raise self.refuse(exc) from None
+        with self.judging():
+            return self.acks.merge(response)
