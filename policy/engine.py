@@ -319,7 +319,7 @@ class Engine:
             ):
                 dropped_by = plan.invalid_rule
             if dropped_by is not None:
-                records.append(EventRecord(index, event.id, feature, action, [], dropped_by))
+                records.append(EventRecord(index, _clip(event.id), _clip(feature), _clip(action), [], dropped_by))
                 dropped.append(index)
                 continue
             removals: list[Removal] | None = None
@@ -355,12 +355,12 @@ class Engine:
 
     @staticmethod
     def _private(plan: _KindPlan, entry: AllowlistEntry | None, params: Any, detailed: bool) -> list[Removal]:
-        """private_metadata (bytes in the view) by mode: drop it, or keep allowlisted string values.
+        """private_metadata (a RawStruct in the view) by mode: drop it, or keep allowlisted string values.
 
         Key names in the record are sorted, so that records do not depend on map order.
         """
         path = "parameters.private_metadata"
-        raw = params.private_metadata
+        raw = params.private_metadata.SerializeToString()  # a RawStruct serializes as the Struct it stands for
         if entry is None or plan.private_mode == "drop":
             names = tuple(sorted(struct_pb2.Struct.FromString(raw).fields)) if detailed else ()
             params.ClearField("private_metadata")
@@ -388,8 +388,14 @@ class Engine:
                 removals.append(Removal(plan.non_string_rule, path, wrong))
         if plan.discard_unknown:
             struct.DiscardUnknownFields()
-        params.private_metadata = struct.SerializeToString()
+        params.private_metadata.Clear()
+        params.private_metadata.MergeFromString(struct.SerializeToString())
         return removals
+
+
+def _clip(text: str, limit: int = 128) -> str:
+    """Names of a removed event go into records and logs: bound them (an invalid name can be huge)."""
+    return text if len(text) <= limit else f"{text[:limit]}...({len(text)} characters)"
 
 
 def _events_payload(event: bytes) -> bytes:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
+from collections.abc import Iterator
 from functools import cache
 from importlib import resources
 from pathlib import Path
@@ -42,6 +44,8 @@ STRICTEST: dict[str, Any] = {
     "private_metadata": {"mode": "drop"},
     "drop_fields": [],
     "unknown_fields": "discard",
+    # The one non-strict fallback: the event filter selects an export mode (all / cody only /
+    # disabled); what an event carries is still governed by the strict rules above.
     "events": {"include": ["*"], "exclude": []},
     "invalid_events": "drop",
     "legacy_metadata": "merge",
@@ -109,21 +113,40 @@ def load_policy(path: str | Path) -> Policy:
     )
 
 
+def _anchored_pattern(
+    validator: Any, pattern: str, instance: Any, schema: dict[str, Any]
+) -> Iterator[jsonschema.ValidationError]:
+    """JSON Schema's "pattern", with "$" meaning the end of the string: Python's re lets "$" match
+    before a trailing newline, which would admit names the gateway rejects ("cody\n")."""
+    anchored = pattern[:-1] + r"\Z" if pattern.endswith("$") else pattern
+    if validator.is_type(instance, "string") and not re.search(anchored, instance):
+        yield jsonschema.ValidationError(f"{instance!r} does not match {pattern!r}")
+
+
+_Validator = jsonschema.validators.extend(  # type: ignore[no-untyped-call]
+    jsonschema.Draft202012Validator, {"pattern": _anchored_pattern}
+)
+
+
 def _schema_problems(doc: Located, schema_name: str) -> list[Problem]:
-    validator = jsonschema.Draft202012Validator(schema(schema_name))
+    validator = _Validator(schema(schema_name))
     problems = []
     for error in validator.iter_errors(doc.data):
         path = tuple(error.absolute_path)
+        if error.validator == "additionalProperties" and isinstance(error.instance, dict):
+            # Report each unexpected key where it is written, not at its parent.
+            known = error.schema.get("properties", {}) if isinstance(error.schema, dict) else {}
+            allowed = ", ".join(sorted(known))
+            for key in error.instance:
+                if key not in known:
+                    problems.append(doc.problem((*path, key), f"unknown key {key!r}; allowed keys: {allowed}"))
+            continue
         problems.append(doc.problem(path, _explain(error)))
     return problems
 
 
 def _explain(error: jsonschema.ValidationError) -> str:
     """A schema error in reviewer's words, listing the allowed values where there are some."""
-    if error.validator == "additionalProperties":
-        schema = error.schema if isinstance(error.schema, dict) else {}
-        allowed = sorted(schema.get("properties", {}))
-        return f"{error.message}; allowed keys: {', '.join(allowed)}"
     if error.validator == "enum":
         allowed = [str(v) for v in _listed(error.validator_value)]
         return f"{error.instance!r} is not allowed; use one of: {', '.join(allowed)}"

@@ -16,7 +16,7 @@ def name_problem(label: str, value: str) -> str | None:
         return f"{label} is empty"
     if len(value) > MAX_NAME_LENGTH:
         return f"{label} is longer than {MAX_NAME_LENGTH} characters"
-    if not NAME_PATTERN.match(value):
+    if not NAME_PATTERN.fullmatch(value):  # fullmatch: "$" alone would admit a trailing newline
         return f"{label} does not match {NAME_PATTERN.pattern}"
     return None
 

@@ -1,15 +1,16 @@
-"""Per-kind "view" message classes: telemetrygateway.v1 with some fields retyped as bytes.
+"""Per-kind "view" message classes: telemetrygateway.v1 with some fields retyped.
 
-A field declared `bytes` instead of a message has the same wire format (length-
-delimited), so a view parses and serializes exactly the same bytes. The engine uses
-views for what a kind removes or filters anyway: Event.marketing_tracking when it is
-dropped, EventParameters.private_metadata when it is dropped or allowlisted. Such a
-field is then a cheap slice instead of a tree of sub-messages (parse, unknown-field
-discard and serialize all skip it); presence, and so the decision record, are kept.
-
-Nothing inside a bytes-typed field ever leaves unexamined: a dropped field is
-cleared, and an allowlisted private_metadata is parsed as a Struct, filtered, and
-stripped of unknown fields before it is written back.
+A view parses and serializes exactly the same bytes as telemetrygateway.v1, but
+represents what a kind removes or filters anyway more cheaply:
+- Event.marketing_tracking, when dropped, is `bytes`: a slice, not a tree of
+  sub-messages (parse, unknown-field discard and serialize all skip it);
+- EventParameters.private_metadata, when dropped or allowlisted, is a RawStruct:
+  `repeated bytes fields = 1`, the Struct's map entries left unparsed. Being a
+  message, it merges like the Struct it stands for when the field occurs twice on
+  the wire (a bytes field would keep only the last occurrence).
+Presence, and so the decision record, are kept. Nothing inside a retyped field ever
+leaves unexamined: a dropped field is cleared, and an allowlisted private_metadata is
+parsed as a Struct, filtered, and stripped of unknown fields before it is written back.
 """
 
 from __future__ import annotations
@@ -25,11 +26,12 @@ from telemetrygateway.v1 import telemetrygateway_pb2 as pb
 MARKETING = ("Event", "marketing_tracking")
 PRIVATE = ("EventParameters", "private_metadata")
 RETYPABLE = frozenset({MARKETING, PRIVATE})
+RAW_STRUCT = "RawStruct"  # a Struct with its entries unparsed (views only)
 
 
 @cache
 def view_class(as_bytes: frozenset[tuple[str, str]], message: str = "RecordEventsRequest") -> type[Message]:
-    """The class of `message` in a pool where the fields in as_bytes are bytes."""
+    """The class of `message` in a pool where the fields in as_bytes are retyped (see above)."""
     unknown = as_bytes - RETYPABLE
     if unknown:
         raise ValueError(f"fields that views cannot retype: {sorted(unknown)}")
@@ -42,9 +44,18 @@ def view_class(as_bytes: frozenset[tuple[str, str]], message: str = "RecordEvent
         pool.Add(proto)
     proto = descriptor_pb2.FileDescriptorProto()
     pb.DESCRIPTOR.CopyToProto(proto)
+    raw_struct = proto.message_type.add(name=RAW_STRUCT)
+    raw_struct.field.add(
+        name="fields",
+        number=1,
+        type=descriptor_pb2.FieldDescriptorProto.TYPE_BYTES,
+        label=descriptor_pb2.FieldDescriptorProto.LABEL_REPEATED,
+    )
     for message_proto in proto.message_type:
         for field in message_proto.field:
-            if (message_proto.name, field.name) in as_bytes:
+            if (message_proto.name, field.name) == PRIVATE and PRIVATE in as_bytes:
+                field.type_name = f".{proto.package}.{RAW_STRUCT}"
+            elif (message_proto.name, field.name) in as_bytes:
                 field.type = descriptor_pb2.FieldDescriptorProto.TYPE_BYTES
                 field.ClearField("type_name")
     pool.Add(proto)

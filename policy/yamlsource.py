@@ -17,7 +17,7 @@ import yaml
 
 from policy.errors import PolicyError, Problem
 
-MAX_BYTES = 4 * 1024 * 1024
+MAX_BYTES = 2 * 1024 * 1024
 MAX_DEPTH = 64
 
 _STANDARD_TAGS = {
@@ -74,7 +74,9 @@ def read(path: Path, display: str | None = None) -> Located:
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise PolicyError([Problem(name, 0, 0, "", f"not UTF-8 (byte {exc.start})")]) from None
+        line = raw.count(b"\n", 0, exc.start) + 1
+        column = exc.start - (raw.rfind(b"\n", 0, exc.start) + 1) + 1
+        raise PolicyError([Problem(name, line, column, "", f"not UTF-8 (byte {exc.start})")]) from None
     return parse(text, name)
 
 
@@ -83,7 +85,13 @@ def parse(text: str, name: str) -> Located:
     if len(text.encode("utf-8")) > MAX_BYTES:
         raise PolicyError([Problem(name, 0, 0, "", f"document is larger than {MAX_BYTES} bytes")])
     try:
-        nodes = list(yaml.compose_all(text, Loader=yaml.SafeLoader))
+        nodes = list(yaml.compose_all(text, Loader=_StrictLoader))
+    except yaml.reader.ReaderError as exc:  # e.g. a NUL byte: has a position, not a mark
+        line = text.count("\n", 0, exc.position) + 1
+        column = exc.position - (text.rfind("\n", 0, exc.position) + 1) + 1
+        raise PolicyError(
+            [Problem(name, line, column, "", f"invalid YAML: character {_char(exc.character)} is not allowed")]
+        ) from None
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         line, col = (mark.line + 1, mark.column + 1) if mark else (0, 0)
@@ -105,6 +113,22 @@ def parse(text: str, name: str) -> Located:
     return Located(name, data, builder.marks, text)
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """SafeLoader that refuses an alias where it is written (compose would silently share the node)."""
+
+    def compose_node(self, parent: yaml.Node | None, index: object) -> yaml.Node | None:
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()  # type: ignore[no-untyped-call]
+            raise yaml.composer.ComposerError(
+                None, None, "anchors and aliases are not allowed in policy files", event.start_mark
+            )
+        return super().compose_node(parent, index)  # type: ignore[arg-type]
+
+
+def _char(character: object) -> str:
+    return repr(chr(character)) if isinstance(character, int) else repr(character)
+
+
 def _mark(node: yaml.Node) -> tuple[int, int]:
     return node.start_mark.line + 1, node.start_mark.column + 1
 
@@ -124,8 +148,7 @@ class _Builder:
         self.problems.append(Problem(self.name, line, col, dotted(path), message))
 
     def build(self, node: yaml.Node, path: Path_, depth: int) -> Any:
-        if id(node) in self._seen:
-            # compose() resolves an alias to the node it names: a node met twice is an alias.
+        if id(node) in self._seen:  # an alias: _StrictLoader refuses them first; never expand one
             self._fail(node, path, "anchors and aliases are not allowed in policy files")
             return None
         self._seen.add(id(node))
@@ -154,7 +177,7 @@ class _Builder:
                 continue
             key = key_node.value
             if key in out:
-                self._fail(key_node, (*path, key), "duplicate key (YAML forbids it; the first one is ignored)")
+                self._fail(key_node, (*path, key), "duplicate key (YAML forbids it)")
                 continue
             self.marks[(*path, key)] = _mark(key_node)
             out[key] = self.build(value_node, (*path, key), depth + 1)

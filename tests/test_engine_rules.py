@@ -237,13 +237,21 @@ MARKETING = [
             edit(event(id="b"), lambda e: e.ClearField("marketing_tracking")),
             event(id="c", feature="blob.view", action="viewed"),
         ],
-        lambda: [edit(event(id=i, feature=f, action=a), lambda e: e.ClearField("marketing_tracking"))
-                 for i, f, a in [("a", "cody.chat", "submitted"), ("b", "cody.chat", "submitted"),
-                                 ("c", "blob.view", "viewed")]],
+        lambda: [
+            edit(event(id=i, feature=f, action=a), lambda e: e.ClearField("marketing_tracking"))
+            for i, f, a in [
+                ("a", "cody.chat", "submitted"),
+                ("b", "cody.chat", "submitted"),
+                ("c", "blob.view", "viewed"),
+            ]
+        ],
         lambda: [
             rec(0, event(id="a"), Removal("defaults.marketing_tracking", "marketing_tracking")),
-            rec(2, event(id="c", feature="blob.view", action="viewed"),
-                Removal("defaults.marketing_tracking", "marketing_tracking")),
+            rec(
+                2,
+                event(id="c", feature="blob.view", action="viewed"),
+                Removal("defaults.marketing_tracking", "marketing_tracking"),
+            ),
         ],
     ),
 ]
@@ -281,49 +289,146 @@ def pm_case(  # noqa: PLR0917
 
 
 PRIVATE = [
-    pm_case("licensed-exact-entry-beats-star", "licensed_instance", "cody.chat", "submitted",
-            SECRET, {"model": "gpt-4"}, [Removal(PM_L, PM, ("languageId", "prompt"))]),
-    pm_case("licensed-star-entry", "licensed_instance", "cody.chat", "opened",
-            SECRET, {"model": "gpt-4", "languageId": "go"}, [Removal(PM_L, PM, ("prompt",))]),
-    pm_case("licensed-not-listed-removes-it-whole", "licensed_instance", "search", "submitted",
-            SECRET, None, [Removal(PM_L, PM)]),
-    pm_case("licensed-listed-feature-other-action-without-star", "licensed_instance", "blob.codeintel", "clicked",
-            {"languageId": "go"}, None, [Removal(PM_L, PM)]),
-    pm_case("licensed-feature-is-matched-exactly", "licensed_instance", "cody.chat.panel", "submitted",
-            {"model": "m"}, None, [Removal(PM_L, PM)]),
-    pm_case("licensed-only-string-keys-listed-pass-untouched", "licensed_instance", "blob.codeintel", "hovered",
-            {"languageId": "rust"}, {"languageId": "rust"}, []),
-    pm_case("licensed-non-string-number-dropped", "licensed_instance", "cody.chat", "opened",
-            {"model": 4.0, "languageId": "go", "prompt": "p"}, {"languageId": "go"},
-            [Removal(PM_L, PM, ("prompt",)), Removal(f"{PM_L}.non_string", PM, ("model",))]),
-    pm_case("licensed-non-string-struct-dropped", "licensed_instance", "cody.chat", "opened",
-            {"model": {"nested": {"deep": "secret"}}, "languageId": "go"}, {"languageId": "go"},
-            [Removal(f"{PM_L}.non_string", PM, ("model",))]),
-    pm_case("licensed-non-string-list-dropped", "licensed_instance", "cody.chat", "opened",
-            {"model": "m", "languageId": ["go", 1]}, {"model": "m"},
-            [Removal(f"{PM_L}.non_string", PM, ("languageId",))]),
-    pm_case("licensed-non-string-bool-and-null-dropped", "licensed_instance", "cody.chat", "opened",
-            {"model": True, "languageId": None, "x": "y"}, {},
-            [Removal(PM_L, PM, ("x",)), Removal(f"{PM_L}.non_string", PM, ("languageId", "model"))]),
-    pm_case("licensed-no-private-metadata-nothing-recorded", "licensed_instance", "search", "submitted",
-            None, None, []),
-    pm_case("unlicensed-non-string-replaced", "unlicensed_instance", "cody.chat", "opened",
-            {"model": {"n": [1, 2]}, "languageId": True, "prompt": "p"},
-            {"model": "<non-string>", "languageId": "<non-string>"},
-            [Removal(PM_U, PM, ("prompt",)), Removal(f"{PM_U}.non_string", PM, ("languageId", "model"), "replaced")]),
-    pm_case("unlicensed-exact-entry-null-replaced", "unlicensed_instance", "cody.chat", "submitted",
-            {"model": None, "languageId": "go"}, {"model": "<non-string>"},
-            [Removal(PM_U, PM, ("languageId",)), Removal(f"{PM_U}.non_string", PM, ("model",), "replaced")]),
-    pm_case("unlicensed-strings-pass", "unlicensed_instance", "blob.codeintel", "hovered",
-            {"languageId": "go"}, {"languageId": "go"}, []),
-    pm_case("unlicensed-not-listed-removes-it-whole", "unlicensed_instance", "blob.view", "viewed",
-            {"languageId": "go"}, None, [Removal(PM_U, PM)]),
-    pm_case("managed-service-keeps-everything", "managed_service", "search", "submitted",
-            {"prompt": "p", "n": {"x": [1, None, True]}}, {"prompt": "p", "n": {"x": [1, None, True]}}, []),
-    pm_case("workspace-drops-it", "workspace", "cody.chat", "submitted",
-            {"model": "gpt-4"}, None, [Removal(PM_W, PM)]),
-    pm_case("workspace-drops-an-empty-one", "workspace", "cody.chat", "submitted",
-            {}, None, [Removal(PM_W, PM)]),
+    pm_case(
+        "licensed-exact-entry-beats-star",
+        "licensed_instance",
+        "cody.chat",
+        "submitted",
+        SECRET,
+        {"model": "gpt-4"},
+        [Removal(PM_L, PM, ("languageId", "prompt"))],
+    ),
+    pm_case(
+        "licensed-star-entry",
+        "licensed_instance",
+        "cody.chat",
+        "opened",
+        SECRET,
+        {"model": "gpt-4", "languageId": "go"},
+        [Removal(PM_L, PM, ("prompt",))],
+    ),
+    pm_case(
+        "licensed-not-listed-removes-it-whole",
+        "licensed_instance",
+        "search",
+        "submitted",
+        SECRET,
+        None,
+        [Removal(PM_L, PM)],
+    ),
+    pm_case(
+        "licensed-listed-feature-other-action-without-star",
+        "licensed_instance",
+        "blob.codeintel",
+        "clicked",
+        {"languageId": "go"},
+        None,
+        [Removal(PM_L, PM)],
+    ),
+    pm_case(
+        "licensed-feature-is-matched-exactly",
+        "licensed_instance",
+        "cody.chat.panel",
+        "submitted",
+        {"model": "m"},
+        None,
+        [Removal(PM_L, PM)],
+    ),
+    pm_case(
+        "licensed-only-string-keys-listed-pass-untouched",
+        "licensed_instance",
+        "blob.codeintel",
+        "hovered",
+        {"languageId": "rust"},
+        {"languageId": "rust"},
+        [],
+    ),
+    pm_case(
+        "licensed-non-string-number-dropped",
+        "licensed_instance",
+        "cody.chat",
+        "opened",
+        {"model": 4.0, "languageId": "go", "prompt": "p"},
+        {"languageId": "go"},
+        [Removal(PM_L, PM, ("prompt",)), Removal(f"{PM_L}.non_string", PM, ("model",))],
+    ),
+    pm_case(
+        "licensed-non-string-struct-dropped",
+        "licensed_instance",
+        "cody.chat",
+        "opened",
+        {"model": {"nested": {"deep": "secret"}}, "languageId": "go"},
+        {"languageId": "go"},
+        [Removal(f"{PM_L}.non_string", PM, ("model",))],
+    ),
+    pm_case(
+        "licensed-non-string-list-dropped",
+        "licensed_instance",
+        "cody.chat",
+        "opened",
+        {"model": "m", "languageId": ["go", 1]},
+        {"model": "m"},
+        [Removal(f"{PM_L}.non_string", PM, ("languageId",))],
+    ),
+    pm_case(
+        "licensed-non-string-bool-and-null-dropped",
+        "licensed_instance",
+        "cody.chat",
+        "opened",
+        {"model": True, "languageId": None, "x": "y"},
+        {},
+        [Removal(PM_L, PM, ("x",)), Removal(f"{PM_L}.non_string", PM, ("languageId", "model"))],
+    ),
+    pm_case(
+        "licensed-no-private-metadata-nothing-recorded", "licensed_instance", "search", "submitted", None, None, []
+    ),
+    pm_case(
+        "unlicensed-non-string-replaced",
+        "unlicensed_instance",
+        "cody.chat",
+        "opened",
+        {"model": {"n": [1, 2]}, "languageId": True, "prompt": "p"},
+        {"model": "<non-string>", "languageId": "<non-string>"},
+        [Removal(PM_U, PM, ("prompt",)), Removal(f"{PM_U}.non_string", PM, ("languageId", "model"), "replaced")],
+    ),
+    pm_case(
+        "unlicensed-exact-entry-null-replaced",
+        "unlicensed_instance",
+        "cody.chat",
+        "submitted",
+        {"model": None, "languageId": "go"},
+        {"model": "<non-string>"},
+        [Removal(PM_U, PM, ("languageId",)), Removal(f"{PM_U}.non_string", PM, ("model",), "replaced")],
+    ),
+    pm_case(
+        "unlicensed-strings-pass",
+        "unlicensed_instance",
+        "blob.codeintel",
+        "hovered",
+        {"languageId": "go"},
+        {"languageId": "go"},
+        [],
+    ),
+    pm_case(
+        "unlicensed-not-listed-removes-it-whole",
+        "unlicensed_instance",
+        "blob.view",
+        "viewed",
+        {"languageId": "go"},
+        None,
+        [Removal(PM_U, PM)],
+    ),
+    pm_case(
+        "managed-service-keeps-everything",
+        "managed_service",
+        "search",
+        "submitted",
+        {"prompt": "p", "n": {"x": [1, None, True]}},
+        {"prompt": "p", "n": {"x": [1, None, True]}},
+        [],
+    ),
+    pm_case("workspace-drops-it", "workspace", "cody.chat", "submitted", {"model": "gpt-4"}, None, [Removal(PM_W, PM)]),
+    pm_case("workspace-drops-an-empty-one", "workspace", "cody.chat", "submitted", {}, None, [Removal(PM_W, PM)]),
 ]
 
 
@@ -342,8 +447,9 @@ def filter_case(kind: str, passing: list[str], rule: str | None) -> Case:
         kind,
         given,
         lambda: [event(f, "used", id=f"e{i}") for i, f in enumerate(FEATURES) if f in passing],
-        lambda: [rec(i, event(f, "used", id=f"e{i}"), dropped_by=rule) for i, f in enumerate(FEATURES)
-                 if f not in passing],
+        lambda: [
+            rec(i, event(f, "used", id=f"e{i}"), dropped_by=rule) for i, f in enumerate(FEATURES) if f not in passing
+        ],
     )
 
 
@@ -362,8 +468,9 @@ FILTERS = [
 # --- drop_fields -------------------------------------------------------------------------------
 
 
-def drop_case(id: str, kind: str, given: Callable[[], pb.Event], change: Callable[[pb.Event], object],
-              paths: list[str]) -> Case:
+def drop_case(
+    id: str, kind: str, given: Callable[[], pb.Event], change: Callable[[pb.Event], object], paths: list[str]
+) -> Case:
     return Case(
         id,
         "drop_fields",
@@ -395,27 +502,55 @@ def _both(*changes: Callable[[pb.Event], None]) -> Callable[[pb.Event], None]:
 
 
 DROPS = [
-    drop_case("licensed-geolocation-and-user-agent", "licensed_instance", event,
-              _both(_clear("interaction", "geolocation"), _clear("source", "server", "request_client", "user_agent")),
-              ["interaction.geolocation", "source.server.request_client.user_agent"]),
-    drop_case("licensed-nothing-to-drop", "licensed_instance",
-              lambda: edit(event(), _both(_clear("interaction"), _clear("source", "server", "request_client",
-                                                                         "user_agent"))),
-              lambda e: None, []),
-    drop_case("unlicensed-anonymous-user-id-and-feature-flags", "unlicensed_instance", event,
-              _both(_clear("user", "anonymous_user_id"), _clear("feature_flags")),
-              ["user.anonymous_user_id", "feature_flags"]),
-    drop_case("unlicensed-empty-anonymous-user-id-is-still-set", "unlicensed_instance",
-              lambda: edit(event(), lambda e: setattr(e.user, "anonymous_user_id", "")),
-              _both(_clear("user", "anonymous_user_id"), _clear("feature_flags")),
-              ["user.anonymous_user_id", "feature_flags"]),
-    drop_case("managed-service-parameters-metadata", "managed_service", event,
-              _clear("parameters", "metadata"), ["parameters.metadata"]),
-    drop_case("managed-service-empty-metadata-nothing-recorded", "managed_service",
-              lambda: edit(event(), _clear("parameters", "metadata")), lambda e: None, []),
-    drop_case("workspace-whole-user-session-and-client-version", "workspace", event,
-              _both(_clear("user"), _clear("interaction", "session_id"), _clear("source", "client", "version")),
-              ["user", "interaction.session_id", "source.client.version"]),
+    drop_case(
+        "licensed-geolocation-and-user-agent",
+        "licensed_instance",
+        event,
+        _both(_clear("interaction", "geolocation"), _clear("source", "server", "request_client", "user_agent")),
+        ["interaction.geolocation", "source.server.request_client.user_agent"],
+    ),
+    drop_case(
+        "licensed-nothing-to-drop",
+        "licensed_instance",
+        lambda: edit(event(), _both(_clear("interaction"), _clear("source", "server", "request_client", "user_agent"))),
+        lambda e: None,
+        [],
+    ),
+    drop_case(
+        "unlicensed-anonymous-user-id-and-feature-flags",
+        "unlicensed_instance",
+        event,
+        _both(_clear("user", "anonymous_user_id"), _clear("feature_flags")),
+        ["user.anonymous_user_id", "feature_flags"],
+    ),
+    drop_case(
+        "unlicensed-empty-anonymous-user-id-is-still-set",
+        "unlicensed_instance",
+        lambda: edit(event(), lambda e: setattr(e.user, "anonymous_user_id", "")),
+        _both(_clear("user", "anonymous_user_id"), _clear("feature_flags")),
+        ["user.anonymous_user_id", "feature_flags"],
+    ),
+    drop_case(
+        "managed-service-parameters-metadata",
+        "managed_service",
+        event,
+        _clear("parameters", "metadata"),
+        ["parameters.metadata"],
+    ),
+    drop_case(
+        "managed-service-empty-metadata-nothing-recorded",
+        "managed_service",
+        lambda: edit(event(), _clear("parameters", "metadata")),
+        lambda e: None,
+        [],
+    ),
+    drop_case(
+        "workspace-whole-user-session-and-client-version",
+        "workspace",
+        event,
+        _both(_clear("user"), _clear("interaction", "session_id"), _clear("source", "client", "version")),
+        ["user", "interaction.session_id", "source.client.version"],
+    ),
 ]
 
 
@@ -455,8 +590,11 @@ def invalid_case(kind: str, rule: str | None) -> Case:
         kind,
         _invalid_events,
         kept,
-        lambda: [rec(i, e, dropped_by=rule) for i, e in enumerate(_invalid_events())
-                 if rule is not None and e.id not in VALID_IDS],
+        lambda: [
+            rec(i, e, dropped_by=rule)
+            for i, e in enumerate(_invalid_events())
+            if rule is not None and e.id not in VALID_IDS
+        ],
     )
 
 
@@ -487,22 +625,47 @@ def _merged(metadata: dict[str, float]) -> pb.Event:
 
 
 LEGACY = [
-    Case("licensed-merges-overwriting-equal-keys", "legacy_metadata", "licensed_instance",
-         lambda: [_with_legacy({"b": 7, "c": -3})],
-         lambda: [_merged({"a": 1.5, "b": 7.0, "c": -3.0})],
-         lambda: [rec(0, event(), Removal("defaults.legacy_metadata", "parameters.legacy_metadata",
-                                          ("b", "c"), "merged"))]),
-    Case("unlicensed-keeps", "legacy_metadata", "unlicensed_instance",
-         lambda: [_with_legacy({"b": 7, "c": -3})], lambda: [_with_legacy({"b": 7, "c": -3})]),
-    Case("managed-service-merges-as-doubles", "legacy_metadata", "managed_service",
-         lambda: [_with_legacy({"big": 2**53 + 1})],
-         lambda: [_merged({"a": 1.5, "b": 2.0, "big": float(2**53 + 1)})],
-         lambda: [rec(0, event(), Removal("defaults.legacy_metadata", "parameters.legacy_metadata",
-                                          ("big",), "merged"))]),
-    Case("workspace-keeps", "legacy_metadata", "workspace",
-         lambda: [_with_legacy({"z": 1})], lambda: [_with_legacy({"z": 1})]),
-    Case("licensed-nothing-to-merge", "legacy_metadata", "licensed_instance",
-         lambda: [_with_legacy({})], lambda: [_with_legacy({})]),
+    Case(
+        "licensed-merges-overwriting-equal-keys",
+        "legacy_metadata",
+        "licensed_instance",
+        lambda: [_with_legacy({"b": 7, "c": -3})],
+        lambda: [_merged({"a": 1.5, "b": 7.0, "c": -3.0})],
+        lambda: [
+            rec(0, event(), Removal("defaults.legacy_metadata", "parameters.legacy_metadata", ("b", "c"), "merged"))
+        ],
+    ),
+    Case(
+        "unlicensed-keeps",
+        "legacy_metadata",
+        "unlicensed_instance",
+        lambda: [_with_legacy({"b": 7, "c": -3})],
+        lambda: [_with_legacy({"b": 7, "c": -3})],
+    ),
+    Case(
+        "managed-service-merges-as-doubles",
+        "legacy_metadata",
+        "managed_service",
+        lambda: [_with_legacy({"big": 2**53 + 1})],
+        lambda: [_merged({"a": 1.5, "b": 2.0, "big": float(2**53 + 1)})],
+        lambda: [
+            rec(0, event(), Removal("defaults.legacy_metadata", "parameters.legacy_metadata", ("big",), "merged"))
+        ],
+    ),
+    Case(
+        "workspace-keeps",
+        "legacy_metadata",
+        "workspace",
+        lambda: [_with_legacy({"z": 1})],
+        lambda: [_with_legacy({"z": 1})],
+    ),
+    Case(
+        "licensed-nothing-to-merge",
+        "legacy_metadata",
+        "licensed_instance",
+        lambda: [_with_legacy({})],
+        lambda: [_with_legacy({})],
+    ),
 ]
 
 
@@ -514,34 +677,77 @@ COMPLETION_PM = {"languageId": "go", "otherCompletionProviders": "copilot", "pro
 def _seed_single_tenant(kind: str) -> list[Case]:
     rule = f"kinds.{kind}"
     return [
-        Case(f"{kind}-allowlisted-type-keeps-listed-keys", "default", kind,
-             lambda: [event("cody.completion", "accepted", private=COMPLETION_PM)],
-             lambda: [edit(event("cody.completion", "accepted",
-                                 private={"languageId": "go", "otherCompletionProviders": "copilot"}),
-                           lambda e: e.ClearField("marketing_tracking"))],
-             lambda: [rec(0, event("cody.completion", "accepted"),
-                          Removal(f"{rule}.marketing_tracking", "marketing_tracking"),
-                          Removal(f"{rule}.private_metadata", PM, ("prompt",)))]),
-        Case(f"{kind}-other-type-loses-marketing-and-private-metadata", "default", kind,
-             lambda: [event("search", "submitted", private={"query": "repo:secret"})],
-             lambda: [edit(event("search", "submitted"), lambda e: e.ClearField("marketing_tracking"))],
-             lambda: [rec(0, event("search", "submitted"),
-                          Removal(f"{rule}.marketing_tracking", "marketing_tracking"),
-                          Removal(f"{rule}.private_metadata", PM))]),
-        Case(f"{kind}-allowlisted-key-with-non-string-value-dropped", "default", kind,
-             lambda: [event("cody.hoverCommands", "visible", private={"languageId": 3})],
-             lambda: [edit(event("cody.hoverCommands", "visible", private={}),
-                           lambda e: e.ClearField("marketing_tracking"))],
-             lambda: [rec(0, event("cody.hoverCommands", "visible"),
-                          Removal(f"{rule}.marketing_tracking", "marketing_tracking"),
-                          Removal(f"{rule}.private_metadata.non_string", PM, ("languageId",)))]),
-        Case(f"{kind}-invalid-event-and-legacy-metadata-forwarded", "default", kind,
-             lambda: [edit(event("Bad Feature", "x", id=""), lambda e: e.parameters.legacy_metadata.update({"n": 1}))],
-             lambda: [edit(event("Bad Feature", "x", id=""),
-                           _both(lambda e: e.parameters.legacy_metadata.update({"n": 1}),
-                                 _clear("marketing_tracking")))],
-             lambda: [rec(0, event("Bad Feature", "x", id=""),
-                          Removal(f"{rule}.marketing_tracking", "marketing_tracking"))]),
+        Case(
+            f"{kind}-allowlisted-type-keeps-listed-keys",
+            "default",
+            kind,
+            lambda: [event("cody.completion", "accepted", private=COMPLETION_PM)],
+            lambda: [
+                edit(
+                    event(
+                        "cody.completion",
+                        "accepted",
+                        private={"languageId": "go", "otherCompletionProviders": "copilot"},
+                    ),
+                    lambda e: e.ClearField("marketing_tracking"),
+                )
+            ],
+            lambda: [
+                rec(
+                    0,
+                    event("cody.completion", "accepted"),
+                    Removal(f"{rule}.marketing_tracking", "marketing_tracking"),
+                    Removal(f"{rule}.private_metadata", PM, ("prompt",)),
+                )
+            ],
+        ),
+        Case(
+            f"{kind}-other-type-loses-marketing-and-private-metadata",
+            "default",
+            kind,
+            lambda: [event("search", "submitted", private={"query": "repo:secret"})],
+            lambda: [edit(event("search", "submitted"), lambda e: e.ClearField("marketing_tracking"))],
+            lambda: [
+                rec(
+                    0,
+                    event("search", "submitted"),
+                    Removal(f"{rule}.marketing_tracking", "marketing_tracking"),
+                    Removal(f"{rule}.private_metadata", PM),
+                )
+            ],
+        ),
+        Case(
+            f"{kind}-allowlisted-key-with-non-string-value-dropped",
+            "default",
+            kind,
+            lambda: [event("cody.hoverCommands", "visible", private={"languageId": 3})],
+            lambda: [
+                edit(event("cody.hoverCommands", "visible", private={}), lambda e: e.ClearField("marketing_tracking"))
+            ],
+            lambda: [
+                rec(
+                    0,
+                    event("cody.hoverCommands", "visible"),
+                    Removal(f"{rule}.marketing_tracking", "marketing_tracking"),
+                    Removal(f"{rule}.private_metadata.non_string", PM, ("languageId",)),
+                )
+            ],
+        ),
+        Case(
+            f"{kind}-invalid-event-and-legacy-metadata-forwarded",
+            "default",
+            kind,
+            lambda: [edit(event("Bad Feature", "x", id=""), lambda e: e.parameters.legacy_metadata.update({"n": 1}))],
+            lambda: [
+                edit(
+                    event("Bad Feature", "x", id=""),
+                    _both(lambda e: e.parameters.legacy_metadata.update({"n": 1}), _clear("marketing_tracking")),
+                )
+            ],
+            lambda: [
+                rec(0, event("Bad Feature", "x", id=""), Removal(f"{rule}.marketing_tracking", "marketing_tracking"))
+            ],
+        ),
     ]
 
 
@@ -549,9 +755,13 @@ SEED = [
     *_seed_single_tenant("licensed_instance"),
     *_seed_single_tenant("unlicensed_instance"),
     *[
-        Case(f"{kind}-untouched", "default", kind,
-             lambda: [event("search", "submitted", private={"query": "q", "n": {"x": 1}})],
-             lambda: [event("search", "submitted", private={"query": "q", "n": {"x": 1}})])
+        Case(
+            f"{kind}-untouched",
+            "default",
+            kind,
+            lambda: [event("search", "submitted", private={"query": "q", "n": {"x": 1}})],
+            lambda: [event("search", "submitted", private={"query": "q", "n": {"x": 1}})],
+        )
         for kind in ("managed_service", "workspace")
     ],
 ]
@@ -614,11 +824,13 @@ def test_record_event_removed_event_leaves_no_event() -> None:
 
 
 def test_decision_counts_and_dict_for_a_mixed_batch() -> None:
-    request = batch([
-        event("search", "submitted", id="s1", private=SECRET),
-        event("cody.completion", "accepted", id="c1", private=COMPLETION_PM),
-        event("blob.view", "viewed", id="b1"),
-    ])
+    request = batch(
+        [
+            event("search", "submitted", id="s1", private=SECRET),
+            event("cody.completion", "accepted", id="c1", private=COMPLETION_PM),
+            event("blob.view", "viewed", id="b1"),
+        ]
+    )
     outcome = make_engine("default").record_events(request, identifier("licensed_instance"))
     decision = outcome.decision
     # a private_metadata removed whole counts 1 (its keys are not read), a removed key 1 each
@@ -827,13 +1039,21 @@ def test_detailed_decision_names_unknown_fields_and_whole_private_metadata_keys(
     request = request_with_unknowns(event_with_unknowns("search", "submitted"))
     outcome = make_engine("unknown_fields").record_events(request, identifier("managed_service"), detailed=True)
     (record,) = outcome.decision.events
-    assert normalized([record]) == normalized([
-        EventRecord(0, "ev-1", "search", "submitted", [
-            Removal("kinds.managed_service.marketing_tracking", "marketing_tracking"),
-            Removal("kinds.managed_service.private_metadata", PM, ("list", "model", "prompt")),
-            Removal("strictest-default.unknown_fields", "(unknown fields)"),
-        ])
-    ])
+    assert normalized([record]) == normalized(
+        [
+            EventRecord(
+                0,
+                "ev-1",
+                "search",
+                "submitted",
+                [
+                    Removal("kinds.managed_service.marketing_tracking", "marketing_tracking"),
+                    Removal("kinds.managed_service.private_metadata", PM, ("list", "model", "prompt")),
+                    Removal("strictest-default.unknown_fields", "(unknown fields)"),
+                ],
+            )
+        ]
+    )
 
 
 # --- PublishInstanceUserMetadata ----------------------------------------------------------------
@@ -843,8 +1063,9 @@ def _users() -> pb.PublishInstanceUserMetadataRequest:
     return pb.PublishInstanceUserMetadataRequest(
         user_metadata=pb.PublishInstanceUserMetadataRequest.UserMetadataPayload(
             users=[
-                pb.InstanceUserMetadata(id=1, username="ada", primary_email="ada@example.com",
-                                        assigned_rbac_roles=["admin", "user"]),
+                pb.InstanceUserMetadata(
+                    id=1, username="ada", primary_email="ada@example.com", assigned_rbac_roles=["admin", "user"]
+                ),
                 pb.InstanceUserMetadata(id=2, username="bob", primary_email="bob@example.com"),
                 pb.InstanceUserMetadata(id=3, username="cy"),
             ]
@@ -875,10 +1096,13 @@ def test_user_metadata_only_listed_user_fields_pass(kind: str) -> None:
             ]
         )
     )
-    assert sorted(outcome.decision.removals, key=repr) == sorted([
-        Removal("user_metadata.user_fields", "users.primary_email", ("primary_email", "primary_email")),
-        Removal("user_metadata.user_fields", "users.assigned_rbac_roles", ("assigned_rbac_roles",)),
-    ], key=repr)
+    assert sorted(outcome.decision.removals, key=repr) == sorted(
+        [
+            Removal("user_metadata.user_fields", "users.primary_email", ("primary_email", "primary_email")),
+            Removal("user_metadata.user_fields", "users.assigned_rbac_roles", ("assigned_rbac_roles",)),
+        ],
+        key=repr,
+    )
     assert outcome.decision.counts() == {"user_metadata.user_fields": 3}
 
 
@@ -938,30 +1162,83 @@ OK = "ok"
 ACCESS = [
     # policy, rpc, kind, required-field value, authorization, expected (kind or (code, rule))
     ("access", "RecordEvents", "licensed_instance", "key", None, "licensed_instance"),
-    ("access", "RecordEvents", "unlicensed_instance", "i", None,
-     (grpc.StatusCode.PERMISSION_DENIED, "access.RecordEvents")),
+    (
+        "access",
+        "RecordEvents",
+        "unlicensed_instance",
+        "i",
+        None,
+        (grpc.StatusCode.PERMISSION_DENIED, "access.RecordEvents"),
+    ),
     ("access", "RecordEvents", "managed_service", "svc", "Bearer tok", "managed_service"),
     ("access", "RecordEvents", "managed_service", "svc", "bearer tok", "managed_service"),
     ("access", "RecordEvents", "workspace", "ws", "Bearer  tok ", "workspace"),
-    ("access", "RecordEvents", "managed_service", "svc", None,
-     (grpc.StatusCode.UNAUTHENTICATED, "credentials.required_for")),
-    ("access", "RecordEvents", "managed_service", "svc", "",
-     (grpc.StatusCode.UNAUTHENTICATED, "credentials.required_for")),
-    ("access", "RecordEvents", "workspace", "ws", "Basic dXNlcjpwdw==",
-     (grpc.StatusCode.UNAUTHENTICATED, "credentials.required_for")),
-    ("access", "RecordEvents", "workspace", "ws", "Bearer",
-     (grpc.StatusCode.UNAUTHENTICATED, "credentials.required_for")),
-    ("access", "RecordEvents", "workspace", "ws", "Bearer a b",
-     (grpc.StatusCode.UNAUTHENTICATED, "credentials.required_for")),
-    ("access", "RecordEvents", "workspace", "ws", "tok",
-     (grpc.StatusCode.UNAUTHENTICATED, "credentials.required_for")),
+    (
+        "access",
+        "RecordEvents",
+        "managed_service",
+        "svc",
+        None,
+        (grpc.StatusCode.UNAUTHENTICATED, "credentials.required_for"),
+    ),
+    (
+        "access",
+        "RecordEvents",
+        "managed_service",
+        "svc",
+        "",
+        (grpc.StatusCode.UNAUTHENTICATED, "credentials.required_for"),
+    ),
+    (
+        "access",
+        "RecordEvents",
+        "workspace",
+        "ws",
+        "Basic dXNlcjpwdw==",
+        (grpc.StatusCode.UNAUTHENTICATED, "credentials.required_for"),
+    ),
+    (
+        "access",
+        "RecordEvents",
+        "workspace",
+        "ws",
+        "Bearer",
+        (grpc.StatusCode.UNAUTHENTICATED, "credentials.required_for"),
+    ),
+    (
+        "access",
+        "RecordEvents",
+        "workspace",
+        "ws",
+        "Bearer a b",
+        (grpc.StatusCode.UNAUTHENTICATED, "credentials.required_for"),
+    ),
+    ("access", "RecordEvents", "workspace", "ws", "tok", (grpc.StatusCode.UNAUTHENTICATED, "credentials.required_for")),
     ("access", "RecordEvent", "workspace", "ws", "Bearer tok", "workspace"),
-    ("access", "RecordEvent", "managed_service", "svc", "Bearer tok",
-     (grpc.StatusCode.PERMISSION_DENIED, "access.RecordEvent")),
-    ("access", "RecordEvent", "licensed_instance", "key", None,
-     (grpc.StatusCode.PERMISSION_DENIED, "access.RecordEvent")),
-    ("access", "PublishInstanceUserMetadata", "licensed_instance", "key", None,
-     (grpc.StatusCode.PERMISSION_DENIED, "access.PublishInstanceUserMetadata")),
+    (
+        "access",
+        "RecordEvent",
+        "managed_service",
+        "svc",
+        "Bearer tok",
+        (grpc.StatusCode.PERMISSION_DENIED, "access.RecordEvent"),
+    ),
+    (
+        "access",
+        "RecordEvent",
+        "licensed_instance",
+        "key",
+        None,
+        (grpc.StatusCode.PERMISSION_DENIED, "access.RecordEvent"),
+    ),
+    (
+        "access",
+        "PublishInstanceUserMetadata",
+        "licensed_instance",
+        "key",
+        None,
+        (grpc.StatusCode.PERMISSION_DENIED, "access.PublishInstanceUserMetadata"),
+    ),
     # an empty required field
     ("access", "RecordEvents", "licensed_instance", "", None, (grpc.StatusCode.INVALID_ARGUMENT, "identifier")),
     ("default", "RecordEvents", "unlicensed_instance", "", None, (grpc.StatusCode.INVALID_ARGUMENT, "identifier")),
@@ -970,13 +1247,24 @@ ACCESS = [
     # the default policy
     ("default", "RecordEvents", "licensed_instance", "key", None, "licensed_instance"),
     ("default", "RecordEvents", "unlicensed_instance", "i", None, "unlicensed_instance"),
-    ("default", "RecordEvents", "workspace", "ws", None,
-     (grpc.StatusCode.UNAUTHENTICATED, "credentials.required_for")),
+    ("default", "RecordEvents", "workspace", "ws", None, (grpc.StatusCode.UNAUTHENTICATED, "credentials.required_for")),
     ("default", "RecordEvent", "managed_service", "svc", "Bearer t", "managed_service"),
-    ("default", "RecordEvent", "workspace", "ws", "Bearer t",
-     (grpc.StatusCode.PERMISSION_DENIED, "access.RecordEvent")),
-    ("default", "RecordEvent", "licensed_instance", "k", None,
-     (grpc.StatusCode.PERMISSION_DENIED, "access.RecordEvent")),
+    (
+        "default",
+        "RecordEvent",
+        "workspace",
+        "ws",
+        "Bearer t",
+        (grpc.StatusCode.PERMISSION_DENIED, "access.RecordEvent"),
+    ),
+    (
+        "default",
+        "RecordEvent",
+        "licensed_instance",
+        "k",
+        None,
+        (grpc.StatusCode.PERMISSION_DENIED, "access.RecordEvent"),
+    ),
 ]
 
 
@@ -1057,11 +1345,57 @@ def test_record_event_without_metadata_is_invalid_argument() -> None:
     assert (outcome.denial.code, outcome.denial.rule) == (grpc.StatusCode.INVALID_ARGUMENT, "identifier")
 
 
-@pytest.mark.parametrize(("kind", "rule"), [("licensed_instance", "access.RecordEvent"),
-                                            ("workspace", "access.RecordEvent")])
+@pytest.mark.parametrize(
+    ("kind", "rule"), [("licensed_instance", "access.RecordEvent"), ("workspace", "access.RecordEvent")]
+)
 def test_record_event_kind_not_allowed(kind: str, rule: str) -> None:
     request = pb.RecordEventRequest(metadata=pb.RecordEventsRequestMetadata(identifier=identifier(kind)), event=event())
     outcome = make_engine("default").record_event(request)
     assert outcome.request is None
     assert outcome.denial is not None
     assert (outcome.denial.code, outcome.denial.rule) == (grpc.StatusCode.PERMISSION_DENIED, rule)
+
+
+# -- regressions -----------------------------------------------------------------------
+
+
+def test_trailing_newline_in_names_is_invalid() -> None:
+    """Python's "$" matches before a final newline; the gateway's regexp does not."""
+    engine = make_engine("invalid_events")  # licensed_instance: drop
+    request = batch(
+        [
+            pb.Event(id="a", feature="cody.chat\n", action="submitted"),
+            pb.Event(id="b", feature="cody.chat", action="submitted\n"),
+            pb.Event(id="c", feature="cody.chat", action="submitted"),
+        ]
+    )
+    for ev in request.events.events:
+        ev.timestamp.FromSeconds(1)
+    outcome = engine.record_events(request, identifier("licensed_instance"))
+    assert outcome.request is not None
+    assert [ev.id for ev in outcome.request.events.events] == ["c"]
+    assert outcome.decision.dropped_event_ids == ["a", "b"]
+
+
+def test_private_metadata_sent_in_two_pieces_is_merged_like_protobuf_does() -> None:
+    """A message field that occurs twice on the wire is merged; the engine's views must agree."""
+    engine = make_engine("private_metadata")
+    first = pb.Event(id="e1", feature="cody.chat", action="answered")  # the * entry: model, languageId
+    first.timestamp.FromSeconds(1)
+    first.parameters.private_metadata.update({"model": "gpt", "prompt": "secret one"})
+    second = pb.Event()
+    second.parameters.private_metadata.update({"languageId": "go", "prompt": "secret two"})
+    wire = first.SerializeToString() + second.SerializeToString()  # = Merge(first, second)
+    merged = pb.Event.FromString(wire)
+    assert set(merged.parameters.private_metadata.fields) == {"model", "prompt", "languageId"}
+    request = pb.RecordEventsRequest()
+    request.events.events.add().MergeFromString(wire)
+    expected = pb.RecordEventsRequest()
+    expected.CopyFrom(request)
+    out = engine.record_events_bytes(request.SerializeToString(), identifier("licensed_instance"))
+    assert out.request is not None
+    left = pb.RecordEventsRequest.FromString(out.request).events.events[0].parameters.private_metadata
+    allowed = engine.policy.allowlist.lookup("cody.chat", "answered")
+    assert allowed is not None
+    assert set(left.fields) == {"model", "prompt", "languageId"} & allowed.keys
+    assert "prompt" not in left.fields

@@ -26,6 +26,7 @@ import pytest
 from policy import RPCS, Policy, PolicyError, Problem, default_policy, load_policy
 from policy.loader import default_policy_path
 from policy.model import FeatureFilter, KindRules, PrivateMetadataRule, Setting
+from policy.yamlsource import MAX_BYTES
 
 TESTDATA = Path(__file__).parent / "testdata"
 INVALID = sorted((TESTDATA / "policies" / "invalid").glob("*.yaml"))
@@ -124,25 +125,25 @@ def test_problems_are_sorted_by_place_and_named_with_file_line_column_key() -> N
 # --- hostile inputs generated on the fly ----------------------------------------------------
 
 
-def test_file_over_4_mib_is_refused_before_it_is_parsed(tmp_path: Path) -> None:
+def test_file_over_the_size_limit_is_refused_before_it_is_parsed(tmp_path: Path) -> None:
     path = tmp_path / "huge.yaml"
     with path.open("w") as out:
         out.write("version: 1\ndescription: '")
-        out.write("x" * (4 * 1024 * 1024))
+        out.write("x" * (MAX_BYTES + 1))
         out.write("'\n")
     (problem,) = load_refused(path)
     assert (problem.file, problem.key) == (str(path), "")
-    assert f"file is {path.stat().st_size} bytes; the limit is 4194304" in problem.message
+    assert f"file is {path.stat().st_size} bytes; the limit is {MAX_BYTES}" in problem.message
 
 
 def test_huge_allowlist_is_refused_naming_the_allowlist(tmp_path: Path) -> None:
     allowlist = tmp_path / "big.yaml"
-    allowlist.write_text("version: 1\nentries: []\n# " + "x" * (4 * 1024 * 1024) + "\n")
+    allowlist.write_text("version: 1\nentries: []\n# " + "x" * (MAX_BYTES + 1) + "\n")
     policy = tmp_path / "policy.yaml"
     policy.write_text("version: 1\nallowlists: [big.yaml]\n")
     (problem,) = load_refused(policy)
     assert Path(problem.file) == allowlist
-    assert "the limit is 4194304" in problem.message
+    assert f"the limit is {MAX_BYTES}" in problem.message
 
 
 @pytest.mark.parametrize(
