@@ -152,6 +152,11 @@ async def _aiter(requests: AsyncIterator[Any] | Iterable[Any]) -> AsyncIterator[
             yield request
 
 
+def _retrieve(task: asyncio.Task[Any]) -> None:
+    if not task.cancelled():
+        task.exception()
+
+
 class _GuardedStreamCall:
     """The call object returned at once; a task judges the first message and starts the real call."""
 
@@ -166,6 +171,7 @@ class _GuardedStreamCall:
         self._stream = StreamGuard(guard, rpc, authorization_from(details.metadata))
         self._call: Any = None
         self._task = asyncio.get_running_loop().create_task(self._start(continuation, details, request_iterator))
+        self._task.add_done_callback(_retrieve)  # a refusal nobody reads is not "never retrieved"
 
     async def _start(
         self, continuation: Callable[..., Awaitable[Any]], details: grpc.aio.ClientCallDetails, request_iterator: Any

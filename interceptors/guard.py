@@ -120,6 +120,8 @@ class Guard:
     ) -> Guard:
         """A guard for one side. None: the default policy. A Guard given is reused as it is."""
         if isinstance(policy_or_engine, Guard):
+            if verifier is not None or audit is not None or policy_or_engine.side != side:
+                raise ValueError(f"a Guard is used as built: give it the verifier and audit log, for side {side}")
             return policy_or_engine
         if policy_or_engine is None:
             policy_or_engine = default_policy()

@@ -50,7 +50,10 @@ from interceptors import (
     AsyncGuardStreamUnaryInterceptor,
     AsyncGuardUnaryStreamInterceptor,
     AsyncGuardUnaryUnaryInterceptor,
+    BearerPresent,
+    Guard,
     GuardClientInterceptor,
+    GuardError,
     GuardServerInterceptor,
     aio_client_interceptors,
     wrap_channel,
@@ -330,3 +333,23 @@ def test_default_policy_is_used_when_none_is_given() -> None:
         )
     assert result.code == DENIED and "user_metadata.enabled" in result.details
     assert served.recorder.calls == []
+
+
+@pytest.mark.parametrize("code", [c for c in grpc.StatusCode if c != OK], ids=lambda c: c.name)
+def test_guard_errors_keep_their_code_in_both_client_forms(code: grpc.StatusCode) -> None:
+    error = GuardError(code, "rule.x", f"RecordEvents: refused (rule rule.x) {code.name}")
+    sync_form = error.as_rpc_error()
+    assert isinstance(sync_form, grpc.RpcError) and isinstance(sync_form, grpc.Call)
+    assert (sync_form.code(), sync_form.details()) == (code, error.message)
+    aio_form = error.as_aio_rpc_error()
+    assert (aio_form.code(), aio_form.details()) == (code, error.message)
+    assert str(error) == f"{code.name}: {error.message}"
+
+
+def test_a_guard_is_used_as_built() -> None:
+    guard = Guard.build(load_test_policy(), side="client")
+    assert GuardClientInterceptor(guard).guard is guard
+    with pytest.raises(ValueError, match="as built"):
+        GuardServerInterceptor(guard)  # a client guard copies requests; a server guard does not
+    with pytest.raises(ValueError, match="as built"):
+        GuardClientInterceptor(guard, verifier=BearerPresent())
