@@ -61,6 +61,8 @@ LOG = logging.getLogger("telemetry_guard.sidecar.forward")
 
 DEFAULT_FORWARD_METADATA = ("authorization",)
 DEFAULT_WINDOW = 64  # events payloads per stream sent upstream and not yet answered
+END_SETTLE_SECONDS = 0.01
+CORE_WRITE_RACE = "Internal error from Core"
 
 
 def _serialize(message: Message) -> bytes:
@@ -71,6 +73,68 @@ def _retrieve(task: asyncio.Task[Any]) -> None:
     """Done callback: a pump's outcome is read through its call, never left unretrieved."""
     if not task.cancelled():
         task.exception()
+
+
+async def _settle() -> None:
+    """Before passing a client's end of stream upstream: wait a moment for a cancellation.
+
+    The request iterator of a grpc.aio handler ends the same way when the client half-closes and
+    when it cancels; in the second case grpc cancels the handler (and with it the pump) right
+    after. Waiting that moment makes a cancellation reach the upstream as a cancellation, not as
+    a clean end of stream (which would let the upstream finish the call as complete).
+    """
+    await asyncio.sleep(END_SETTLE_SECONDS)
+
+
+class _StatusTrail:
+    """Every status grpc.aio sets on an upstream call, in order: works around a grpc.aio quirk.
+
+    A write that races the upstream's final status makes grpc.aio set the call's status to
+    INTERNAL "Internal error from Core", before or after the status the upstream sent (which
+    it then overwrites, or is overwritten by). The done callbacks see each status as it is set,
+    so the upstream's own status can be told apart and passed on to the client unchanged.
+    Reads the status through grpc's cython call object (no public synchronous accessor).
+    """
+
+    def __init__(self, call: Any) -> None:
+        self.seen: list[tuple[grpc.StatusCode, str]] = []
+        call.add_done_callback(self._record)
+
+    def _record(self, call: Any) -> None:
+        status: Any = getattr(getattr(call, "_cython_call", None), "_status", None)
+        if status is None:
+            return
+        try:
+            code = _CODES.get(status.code())
+            if code is not None:
+                self.seen.append((code, status.details() or ""))
+        except Exception:  # a grpc without this internal shape: the call's status as reported
+            return
+
+    async def status(self, failure: grpc.aio.AioRpcError) -> tuple[grpc.StatusCode, str]:
+        """The upstream's status for a call that failed with `failure`."""
+        reported = (failure.code(), failure.details() or "")
+        if reported != (grpc.StatusCode.INTERNAL, CORE_WRITE_RACE):
+            return reported
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + 1.0
+        while True:
+            for seen in self.seen:
+                if seen != reported:
+                    return seen
+            if loop.time() >= deadline:
+                return reported
+            await asyncio.sleep(0.01)
+
+
+_CODES = {code.value[0]: code for code in grpc.StatusCode}
+
+
+def _cancelled_from_outside() -> bool:
+    """Is this task being cancelled (client gone, shutdown)? Else a CancelledError came from a call
+    we cancelled ourselves: grpc.aio raises CancelledError, not an AioRpcError, on reading it."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
 
 
 class _Payloads:
@@ -145,10 +209,9 @@ class Forwarder:
         remaining: float | None = context.time_remaining()
         return remaining
 
-    def _upstream_failed(self, rpc: str, error: grpc.aio.AioRpcError) -> None:
-        code = error.code()
-        self.metrics.child(self.metrics.upstream_errors, rpc, code.name if code else "UNKNOWN").inc()
-        LOG.warning("upstream call failed", extra=fields(rpc=rpc, code=code.name if code else "UNKNOWN"))
+    def _upstream_failed(self, rpc: str, code: grpc.StatusCode) -> None:
+        self.metrics.child(self.metrics.upstream_errors, rpc, code.name).inc()
+        LOG.warning("upstream call failed", extra=fields(rpc=rpc, code=code.name))
 
     def _sent(self, rpc: str, kind: str | None) -> None:
         self.metrics.child(self.metrics.requests_out, rpc, kind or NO_KIND).inc()
@@ -193,6 +256,7 @@ class Forwarder:
             except GuardError as exc:
                 await context.abort(exc.code, exc.message)
             call = self._record_events(metadata=self._outgoing(metadata), timeout=self._timeout(context))
+            trail = _StatusTrail(call)
             payloads = _Payloads(self._window)
             pump = asyncio.create_task(self._pump_events(stream, first, requests, call, payloads))
             pump.add_done_callback(_retrieve)
@@ -204,6 +268,10 @@ class Forwarder:
                     except grpc.aio.AioRpcError as exc:
                         failure = exc
                         break
+                    except asyncio.CancelledError:
+                        if _cancelled_from_outside():
+                            raise
+                        break  # the pump cancelled the upstream call: stream.error says why
                     if response is grpc.aio.EOF:
                         break
                     waited = payloads.answered()
@@ -215,7 +283,7 @@ class Forwarder:
                     pump.cancel()
                 if not call.done():
                     call.cancel()
-            await self._finish(stream, call, pump, failure, context)
+            await self._finish(stream, call=call, trail=trail, pump=pump, failure=failure, context=context)
         finally:
             active.dec()
 
@@ -234,8 +302,11 @@ class Forwarder:
                 if out is None:
                     continue
                 await payloads.sending()
+                if call.done():
+                    return  # the upstream ended the call: its status is read by the handler
                 await call.write(out)
                 self._sent(RECORD_EVENTS, kind)
+            await _settle()
             await call.done_writing()
         except GuardError:  # refused and audited (stream.error): nothing more goes upstream
             call.cancel()
@@ -246,7 +317,14 @@ class Forwarder:
             raise
 
     async def _finish(
-        self, stream: StreamGuard, call: Any, pump: asyncio.Task[None], failure: Any, context: Context
+        self,
+        stream: StreamGuard,
+        *,
+        call: Any,
+        trail: _StatusTrail,
+        pump: asyncio.Task[None],
+        failure: Any,
+        context: Context,
     ) -> None:
         """End the client's call with the status that explains how the stream ended."""
         if stream.error is not None:
@@ -259,8 +337,9 @@ class Forwarder:
             if code != grpc.StatusCode.OK:
                 failure = grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(), await call.details())
         if failure is not None:
-            self._upstream_failed(stream.rpc, failure)
-            await context.abort(failure.code(), failure.details() or "")
+            code, details = await trail.status(failure)
+            self._upstream_failed(stream.rpc, code)
+            await context.abort(code, details)
 
     # -- PublishInstanceUserMetadata ----------------------------------------------------
 
@@ -277,6 +356,7 @@ class Forwarder:
                 await context.abort(exc.code, exc.message)
             started = time.perf_counter()
             call = self._publish(metadata=self._outgoing(metadata), timeout=self._timeout(context))
+            trail = _StatusTrail(call)
             pump = asyncio.create_task(self._pump_messages(stream, first, requests, call))
             pump.add_done_callback(_retrieve)
             failure: grpc.aio.AioRpcError | None = None
@@ -285,12 +365,15 @@ class Forwarder:
                 response = await call
             except grpc.aio.AioRpcError as exc:
                 failure = exc
+            except asyncio.CancelledError:
+                if _cancelled_from_outside():
+                    raise
             finally:
                 if not pump.done():
                     pump.cancel()
                 if not call.done():
                     call.cancel()
-            await self._finish(stream, call, pump, failure, context)
+            await self._finish(stream, call=call, trail=trail, pump=pump, failure=failure, context=context)
             self.metrics.child(self.metrics.upstream_latency, PUBLISH_USER_METADATA).observe(
                 time.perf_counter() - started
             )
@@ -309,8 +392,11 @@ class Forwarder:
                 message = stream.accept(raw)
                 if message is None:
                     continue
+                if call.done():
+                    return
                 await call.write(stream.pass_on(_serialize, message))
                 self._sent(stream.rpc, kind)
+            await _settle()
             await call.done_writing()
         except GuardError:
             call.cancel()
@@ -350,7 +436,7 @@ class Forwarder:
                 if not call.done():
                     call.cancel()
             if failure is not None:
-                self._upstream_failed(RECORD_EVENT, failure)
+                self._upstream_failed(RECORD_EVENT, failure.code())
                 await context.abort(failure.code(), failure.details() or "")
             self.metrics.child(self.metrics.upstream_latency, RECORD_EVENT).observe(time.perf_counter() - started)
             return bytes(response)
