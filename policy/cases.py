@@ -263,7 +263,7 @@ def _error_path(error: jsonschema.ValidationError) -> Path_:
 def _schema_message(error: jsonschema.ValidationError) -> str:
     if error.validator == "oneOf" and list(error.absolute_path)[-1:] == ["denial"]:
         return f"denial must be a status code ({', '.join(STATUS_CODES)}), {{code, rule}}, or null"
-    return loader._explain(error)
+    return loader.explain_schema_error(error)
 
 
 def _parse(doc: Located, where: Path_, data: Mapping[str, Any], message: Message, problems: list[Problem]) -> bool:

@@ -446,16 +446,9 @@ def _allowlist_doc(path: Path) -> Located | None:
         doc = read(path)
     except PolicyError:
         return None
-    if loader._schema_problems(doc, "allowlist.schema.json"):
+    if loader.schema_problems(doc, "allowlist.schema.json"):
         return None
     return doc
-
-
-def _resolve_ref(ref: str, policy_path: Path) -> Path:
-    """Where an allowlists: item points (as the loader resolves it)."""
-    if ref.startswith(loader.BUILTIN_PREFIX):
-        return loader.builtin_allowlist_path(ref[len(loader.BUILTIN_PREFIX) :])
-    return (policy_path.parent / ref).resolve()
 
 
 # -- policies ------------------------------------------------------------------------------
@@ -625,11 +618,15 @@ def _lint_policy(item: _Input, doc: Located) -> _PolicyResult:
     except PolicyError as exc:
         findings.extend(_classify(p, doc.file) for p in exc.problems)
     refs = doc.data.get("allowlists", [])
-    files = [_resolve_ref(ref, item.path) for ref in refs if isinstance(ref, str)] if isinstance(refs, list) else []
-    if loader._schema_problems(doc, "policy.schema.json"):
+    files = (
+        [loader.allowlist_path(ref, item.path) for ref in refs if isinstance(ref, str)]
+        if isinstance(refs, list)
+        else []
+    )
+    if loader.schema_problems(doc, "policy.schema.json"):
         return _PolicyResult(findings, files)  # the schema findings came from the loader
 
-    kinds, _ = loader._compile_kinds(doc)
+    kinds, _ = loader.compile_kinds(doc)
     own = _lint_kinds(doc, kinds) + _lint_access(doc)
     entries: list[_Entry] = []
     for file in files:
@@ -642,7 +639,7 @@ def _lint_policy(item: _Input, doc: Located) -> _PolicyResult:
 
 
 def _lint_allowlist(doc: Located) -> list[Finding]:
-    problems = loader._schema_problems(doc, "allowlist.schema.json")
+    problems = loader.schema_problems(doc, "allowlist.schema.json")
     if problems:
         return [_from_problem(p, "load-error", "allowlist.schema.json") for p in problems]
     return _lint_entries(_entries(doc), check_duplicates=True)

@@ -66,6 +66,13 @@ def builtin_allowlist_path(name: str) -> Path:
     return Path(str(resources.files("allowlists").joinpath(f"{name}.yaml")))
 
 
+def allowlist_path(ref: str, policy_path: Path) -> Path:
+    """Where an `allowlists:` item points: builtin:NAME, or a path relative to the policy file."""
+    if ref.startswith(BUILTIN_PREFIX):
+        return builtin_allowlist_path(ref[len(BUILTIN_PREFIX) :])
+    return (policy_path.parent / ref).resolve()
+
+
 def default_policy_path() -> Path:
     """The policy used when none is given: the seed's rules (policy/default.yaml)."""
     return Path(str(resources.files("policy").joinpath("default.yaml")))
@@ -79,12 +86,12 @@ def load_policy(path: str | Path) -> Policy:
     """Load and compile a policy; raise PolicyError listing every problem found."""
     path = Path(path)
     doc = read(path)
-    problems = _schema_problems(doc, "policy.schema.json")
+    problems = schema_problems(doc, "policy.schema.json")
     if problems:
         raise PolicyError(problems)
     data = doc.data
     allowlist, files, digest_parts, list_problems = _load_allowlists(doc, path)
-    kinds, kind_problems = _compile_kinds(doc)
+    kinds, kind_problems = compile_kinds(doc)
     problems = list_problems + kind_problems
     if problems:
         raise PolicyError(problems)
@@ -128,7 +135,7 @@ _Validator = jsonschema.validators.extend(  # type: ignore[no-untyped-call]
 )
 
 
-def _schema_problems(doc: Located, schema_name: str) -> list[Problem]:
+def schema_problems(doc: Located, schema_name: str) -> list[Problem]:
     validator = _Validator(schema(schema_name))
     problems = []
     for error in validator.iter_errors(doc.data):
@@ -141,11 +148,11 @@ def _schema_problems(doc: Located, schema_name: str) -> list[Problem]:
                 if key not in known:
                     problems.append(doc.problem((*path, key), f"unknown key {key!r}; allowed keys: {allowed}"))
             continue
-        problems.append(doc.problem(path, _explain(error)))
+        problems.append(doc.problem(path, explain_schema_error(error)))
     return problems
 
 
-def _explain(error: jsonschema.ValidationError) -> str:
+def explain_schema_error(error: jsonschema.ValidationError) -> str:
     """A schema error in reviewer's words, listing the allowed values where there are some."""
     if error.validator == "enum":
         allowed = [str(v) for v in _listed(error.validator_value)]
@@ -165,10 +172,7 @@ def _load_allowlists(doc: Located, policy_path: Path) -> tuple[Allowlist, list[s
     raw: list[bytes] = []
     problems: list[Problem] = []
     for i, ref in enumerate(doc.data.get("allowlists", [])):
-        if ref.startswith(BUILTIN_PREFIX):
-            file = builtin_allowlist_path(ref[len(BUILTIN_PREFIX) :])
-        else:
-            file = (policy_path.parent / ref).resolve()
+        file = allowlist_path(ref, policy_path)
         if not file.is_file():
             problems.append(doc.problem(("allowlists", i), f"allowlist {ref!r} not found ({file})"))
             continue
@@ -177,9 +181,9 @@ def _load_allowlists(doc: Located, policy_path: Path) -> tuple[Allowlist, list[s
         except PolicyError as exc:
             problems.extend(exc.problems)
             continue
-        schema_problems = _schema_problems(listed, "allowlist.schema.json")
-        if schema_problems:
-            problems.extend(schema_problems)
+        found = schema_problems(listed, "allowlist.schema.json")
+        if found:
+            problems.extend(found)
             continue
         files.append(str(file))
         raw.append(listed.text.encode("utf-8"))
@@ -213,7 +217,7 @@ def _load_allowlists(doc: Located, policy_path: Path) -> tuple[Allowlist, list[s
     return Allowlist(MappingProxyType(entries), tuple(files)), files, raw, problems
 
 
-def _compile_kinds(doc: Located) -> tuple[dict[str, KindRules], list[Problem]]:
+def compile_kinds(doc: Located) -> tuple[dict[str, KindRules], list[Problem]]:
     defaults = doc.data.get("defaults", {})
     overrides = doc.data.get("kinds", {})
     problems: list[Problem] = []

@@ -36,7 +36,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         code: int = args.func(args)
     except PolicyError as exc:
-        print(f"telemetry-guard {args.command}: the policy cannot be loaded:", file=sys.stderr)
+        print(f"telemetry-guard {args.command}: cannot load the input:", file=sys.stderr)
         for problem in exc.problems:
             print(f"  {problem}", file=sys.stderr)
         return EXIT_USAGE

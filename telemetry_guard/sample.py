@@ -29,7 +29,7 @@ class Call:
     authorization: str | None = None
 
 
-def _event(feature: str, action: str, n: int, **private: object) -> pb.Event:
+def _event(feature: str, action: str, n: int, **private: str | float) -> pb.Event:
     event = pb.Event(id=f"00000000-0000-4000-8000-{n:012d}", feature=feature, action=action)
     event.timestamp.FromSeconds(1_767_225_600 + n)
     event.source.server.version = "6.4.2871"

@@ -83,7 +83,7 @@ EXPLAIN = ["--kind", "workspace", "--feature", "cody.chat", "--action", "submitt
 def test_a_policy_that_is_not_yaml_exits_2_with_its_place(args: list[str]) -> None:
     done = cli(*args)
     assert done.returncode == 2
-    assert f"telemetry-guard {args[0]}: the policy cannot be loaded:" in done.stderr
+    assert f"telemetry-guard {args[0]}: cannot load the input:" in done.stderr
     assert f"  {BAD_YAML}:6:6: invalid YAML: expected ',' or ']', but got ':'" in done.stderr
     assert "Traceback" not in done.stderr and done.stdout == ""
 

@@ -1,4 +1,4 @@
-"""docs/interceptors.md: its two examples (a guarded server, a wrapped exporter channel) run."""
+"""docs/interceptors.md and the README: their two examples (a guarded server, a wrapped exporter channel) run."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 DOC = ROOT / "docs" / "interceptors.md"
 BLOCKS = re.findall(r"```python\n(.*?)\n```", DOC.read_text(), flags=re.S)
+README = (ROOT / "README.md").read_text()
 
 EXPECTED = {
     "server": [
@@ -29,6 +30,11 @@ EXPECTED = {
 
 def test_the_doc_has_exactly_the_two_examples() -> None:
     assert len(BLOCKS) == len(EXPECTED)
+
+
+def test_the_readme_shows_the_same_two_examples() -> None:
+    section = README.split("## On live gRPC traffic: interceptors", 1)[1].split("\n## ", 1)[0]
+    assert re.findall(r"```python\n(.*?)\n```", section, flags=re.S) == BLOCKS
 
 
 @pytest.mark.parametrize(("name", "block"), list(zip(EXPECTED, BLOCKS, strict=True)), ids=list(EXPECTED))

@@ -265,7 +265,7 @@ PM_W = "kinds.workspace.private_metadata"
 SECRET = {"model": "gpt-4", "languageId": "go", "prompt": "def secret(): return 'hunter2'"}
 
 
-def pm_case(  # noqa: PLR0917
+def pm_case(
     id: str,
     kind: str,
     feature: str,
@@ -1269,9 +1269,7 @@ ACCESS = [
 
 
 @pytest.mark.parametrize(("policy", "rpc", "kind", "value", "authorization", "expected"), ACCESS)
-def test_check_access(  # noqa: PLR0917
-    policy: str, rpc: str, kind: str, value: str, authorization: str | None, expected: Any
-) -> None:
+def test_check_access(policy: str, rpc: str, kind: str, value: str, authorization: str | None, expected: Any) -> None:
     got = make_engine(policy).check_access(rpc, identifier(kind, value), authorization)
     if isinstance(expected, str):
         assert got == expected

@@ -175,7 +175,10 @@ def test_hostile_allowlist_is_refused_naming_the_allowlist(tmp_path: Path) -> No
     policy.write_text("version: 1\nallowlists: [tagged.yaml]\n")
     (problem,) = load_refused(policy)
     assert (Path(problem.file).name, problem.line, problem.column, problem.key) == (
-        "tagged.yaml", 4, 13, "entries[0].action",
+        "tagged.yaml",
+        4,
+        13,
+        "entries[0].action",
     )
     assert "tag 'tag:yaml.org,2002:python/name:os.system' is not allowed" in problem.message
 
@@ -436,9 +439,7 @@ def _write_policy_with_allowlist(root: Path, reason: str) -> Path:
         f"version: 1\nentries:\n  - feature: cody.chat\n    action: '*'\n    keys: [model]\n    reason: {reason}\n"
     )
     policy = root / "policy.yaml"
-    policy.write_text(
-        "version: 1\nallowlists: [lists/mine.yaml]\ndefaults:\n  private_metadata: {mode: allowlist}\n"
-    )
+    policy.write_text("version: 1\nallowlists: [lists/mine.yaml]\ndefaults:\n  private_metadata: {mode: allowlist}\n")
     return policy
 
 

@@ -375,7 +375,8 @@ def test_private_metadata_leaves_only_as_the_policy_allows(scenario: Any) -> Non
                 assert set(left) <= entry.keys
                 assert all(v.WhichOneof("kind") == "string_value" for v in left.values())
                 expected_keys = {
-                    k for k, v in given_fields.items()
+                    k
+                    for k, v in given_fields.items()
                     if k in entry.keys and (v.WhichOneof("kind") == "string_value" or rule.non_string == "replace")
                 }
                 assert set(left) == expected_keys

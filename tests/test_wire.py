@@ -73,12 +73,12 @@ def fields_of(data: bytes) -> list[tuple[int, int, Any]]:
         if wire_type == VARINT:
             value, pos = read_varint(data, pos)
         elif wire_type == I64:
-            value, pos = data[pos:pos + 8], pos + 8
+            value, pos = data[pos : pos + 8], pos + 8
         elif wire_type == I32:
-            value, pos = data[pos:pos + 4], pos + 4
+            value, pos = data[pos : pos + 4], pos + 4
         elif wire_type == LEN:
             size, pos = read_varint(data, pos)
-            value, pos = data[pos:pos + size], pos + size
+            value, pos = data[pos : pos + size], pos + size
         else:
             raise AssertionError(f"unexpected wire type {wire_type}")
         out.append((number, wire_type, value))
@@ -105,7 +105,8 @@ SPEC: dict[str, list[tuple[str, int, str]]] = {
     "Identifier.LicensedInstanceIdentifier": _STRS("license_key", "instance_id", "external_url"),
     "Identifier.UnlicensedInstanceIdentifier": _STRS("instance_id", "external_url"),
     "Identifier.ManagedServiceIdentifier": [
-        ("service_id", 1, "string"), ("service_environment", 2, "optional string"),
+        ("service_id", 1, "string"),
+        ("service_environment", 2, "optional string"),
     ],
     "Identifier.WorkspaceIdentifier": _STRS("workspace_id", "external_url"),
     "RecordEventsRequestMetadata": [("request_id", 1, "string"), ("identifier", 2, "msg:Identifier")],
@@ -118,18 +119,24 @@ SPEC: dict[str, list[tuple[str, int, str]]] = {
     "RecordEventRequest": [("metadata", 1, "msg:RecordEventsRequestMetadata"), ("event", 2, "msg:Event")],
     "RecordEventResponse": [],
     "Event": [
-        ("id", 1, "string"), ("timestamp", 2, "msg:google.protobuf.Timestamp"),
-        ("feature", 3, "string"), ("action", 4, "string"),
-        ("source", 5, "msg:EventSource"), ("parameters", 6, "msg:EventParameters"),
-        ("user", 7, "optional msg:EventUser"), ("feature_flags", 8, "optional msg:EventFeatureFlags"),
+        ("id", 1, "string"),
+        ("timestamp", 2, "msg:google.protobuf.Timestamp"),
+        ("feature", 3, "string"),
+        ("action", 4, "string"),
+        ("source", 5, "msg:EventSource"),
+        ("parameters", 6, "msg:EventParameters"),
+        ("user", 7, "optional msg:EventUser"),
+        ("feature_flags", 8, "optional msg:EventFeatureFlags"),
         ("marketing_tracking", 9, "optional msg:EventMarketingTracking"),
         ("interaction", 10, "optional msg:EventInteraction"),
     ],
     "EventSource": [
-        ("server", 1, "msg:EventSource.Server"), ("client", 2, "optional msg:EventSource.Client"),
+        ("server", 1, "msg:EventSource.Server"),
+        ("client", 2, "optional msg:EventSource.Client"),
     ],
     "EventSource.Server": [
-        ("version", 1, "string"), ("request_client", 2, "optional msg:EventSource.Server.RequestClient"),
+        ("version", 1, "string"),
+        ("request_client", 2, "optional msg:EventSource.Server.RequestClient"),
     ],
     "EventSource.Server.RequestClient": _STRS(
         "user_agent", "api_client_name", "api_client_version", "requested_with", "api_client_feature"
@@ -144,30 +151,37 @@ SPEC: dict[str, list[tuple[str, int, str]]] = {
     ],
     "EventBillingMetadata": _STRS("product", "category"),
     "EventUser": [
-        ("user_id", 1, "optional int64"), ("anonymous_user_id", 2, "optional string"),
+        ("user_id", 1, "optional int64"),
+        ("anonymous_user_id", 2, "optional string"),
         ("sams_external_id", 3, "optional string"),
     ],
     "EventFeatureFlags": [("flags", 1, "map<string,string>")],
     "EventMarketingTracking": [
-        ("url", 1, "optional string"), ("cohort_id", 3, "optional string"),
+        ("url", 1, "optional string"),
+        ("cohort_id", 3, "optional string"),
         ("referrer", 4, "optional string"),
-        ("last_page_seen_url", 9, "optional string"), ("most_recent_referrer_url", 10, "optional string"),
-        ("first_page_seen_url", 11, "optional string"), ("utm_campaign", 12, "optional string"),
-        ("utm_content", 13, "optional string"), ("utm_medium", 14, "optional string"),
-        ("utm_source", 15, "optional string"), ("utm_term", 16, "optional string"),
+        ("last_page_seen_url", 9, "optional string"),
+        ("most_recent_referrer_url", 10, "optional string"),
+        ("first_page_seen_url", 11, "optional string"),
+        ("utm_campaign", 12, "optional string"),
+        ("utm_content", 13, "optional string"),
+        ("utm_medium", 14, "optional string"),
+        ("utm_source", 15, "optional string"),
+        ("utm_term", 16, "optional string"),
     ],
     "EventInteraction": [
-        ("trace_id", 1, "optional string"), ("interaction_id", 2, "optional string"),
+        ("trace_id", 1, "optional string"),
+        ("interaction_id", 2, "optional string"),
         ("geolocation", 3, "optional msg:EventInteraction.Geolocation"),
-        ("parent_interaction_id", 4, "optional string"), ("root_interaction_id", 5, "optional string"),
+        ("parent_interaction_id", 4, "optional string"),
+        ("root_interaction_id", 5, "optional string"),
         ("session_id", 6, "optional string"),
     ],
     "EventInteraction.Geolocation": _STRS("country_code"),
     "PublishInstanceUserMetadataRequest": [
         ("metadata", 1, "optional msg:PublishInstanceUserMetadataRequestMetadata"),
         ("user_metadata", 2, "optional msg:PublishInstanceUserMetadataRequest.UserMetadataPayload"),
-        ("organization_metadata", 3,
-         "optional msg:PublishInstanceUserMetadataRequest.OrganizationMetadataPayload"),
+        ("organization_metadata", 3, "optional msg:PublishInstanceUserMetadataRequest.OrganizationMetadataPayload"),
     ],
     "PublishInstanceUserMetadataRequest.UserMetadataPayload": [
         ("users", 1, "repeated msg:InstanceUserMetadata"),
@@ -176,23 +190,30 @@ SPEC: dict[str, list[tuple[str, int, str]]] = {
         ("organizations", 1, "repeated msg:InstanceOrganizationMetadata"),
     ],
     "PublishInstanceUserMetadataRequestMetadata": [
-        ("request_id", 1, "string"), ("identifier", 2, "msg:Identifier"),
+        ("request_id", 1, "string"),
+        ("identifier", 2, "msg:Identifier"),
     ],
     "PublishInstanceUserMetadataResponse": [],
     "InstanceUserMetadata": [
-        ("id", 1, "int64"), ("username", 2, "string"), ("primary_email", 3, "string"),
+        ("id", 1, "int64"),
+        ("username", 2, "string"),
+        ("primary_email", 3, "string"),
         ("assigned_rbac_roles", 4, "repeated string"),
     ],
     "InstanceOrganizationMetadata": [
-        ("id", 1, "int64"), ("name", 2, "string"), ("display_name", 3, "string"),
+        ("id", 1, "int64"),
+        ("name", 2, "string"),
+        ("display_name", 3, "string"),
         ("user_ids", 4, "repeated int64"),
     ],
     # Well-known types (google/protobuf/struct.proto, timestamp.proto).
     "google.protobuf.Timestamp": [("seconds", 1, "int64"), ("nanos", 2, "int32")],
     "google.protobuf.Struct": [("fields", 1, "map<string,msg:google.protobuf.Value>")],
     "google.protobuf.Value": [
-        ("null_value", 1, "optional enum"), ("number_value", 2, "optional double"),
-        ("string_value", 3, "optional string"), ("bool_value", 4, "optional bool"),
+        ("null_value", 1, "optional enum"),
+        ("number_value", 2, "optional double"),
+        ("string_value", 3, "optional string"),
+        ("bool_value", 4, "optional bool"),
         ("struct_value", 5, "optional msg:google.protobuf.Struct"),
         ("list_value", 6, "optional msg:google.protobuf.ListValue"),
     ],
@@ -201,12 +222,14 @@ SPEC: dict[str, list[tuple[str, int, str]]] = {
 
 ONEOFS = {
     "Identifier": (
-        "identifier", ["licensed_instance", "unlicensed_instance", "managed_service", "workspace"],
+        "identifier",
+        ["licensed_instance", "unlicensed_instance", "managed_service", "workspace"],
     ),
     "RecordEventsRequest": ("payload", ["metadata", "events"]),
     "PublishInstanceUserMetadataRequest": ("payload", ["metadata", "user_metadata", "organization_metadata"]),
     "google.protobuf.Value": (
-        "kind", ["null_value", "number_value", "string_value", "bool_value", "struct_value", "list_value"],
+        "kind",
+        ["null_value", "number_value", "string_value", "bool_value", "struct_value", "list_value"],
     ),
 }
 
@@ -223,7 +246,7 @@ def message_class(name: str) -> type[Message]:
 def parse_type(typ: str) -> tuple[str, str]:
     """('optional'|'repeated'|'map'|'', base)."""
     if typ.startswith("map<string,"):
-        return "map", typ[len("map<string,"):-1]
+        return "map", typ[len("map<string,") : -1]
     label, _, base = typ.rpartition(" ")
     return label, base
 
@@ -447,11 +470,7 @@ def _other(value: Any) -> Any:
     return 2**62 + 1 if value < 0 else -value
 
 
-VARIANTS = [
-    (name, choice)
-    for name in OURS
-    for choice in (ONEOFS[name][1] if name in ONEOFS else [None])
-]
+VARIANTS = [(name, choice) for name in OURS for choice in (ONEOFS[name][1] if name in ONEOFS else [None])]
 
 
 @pytest.mark.parametrize(("name", "choice"), VARIANTS, ids=[f"{n}-{c}" if c else n for n, c in VARIANTS])
@@ -505,11 +524,10 @@ OPTIONAL_SCALARS = [
 ]
 
 
-@pytest.mark.parametrize(("name", "field", "number", "typ"), OPTIONAL_SCALARS,
-                         ids=[f"{n}.{f}" for n, f, _, _ in OPTIONAL_SCALARS])
-def test_optional_scalar_set_to_its_default_keeps_presence(
-    name: str, field: str, number: int, typ: str
-) -> None:
+@pytest.mark.parametrize(
+    ("name", "field", "number", "typ"), OPTIONAL_SCALARS, ids=[f"{n}.{f}" for n, f, _, _ in OPTIONAL_SCALARS]
+)
+def test_optional_scalar_set_to_its_default_keeps_presence(name: str, field: str, number: int, typ: str) -> None:
     base = parse_type(typ)[1]
     default: Any = "" if base == "string" else 0
     raw = encode_field(number, base, default)
@@ -569,12 +587,12 @@ def test_identifier_kinds_in_number_order_match_policy_kinds() -> None:
 
 def test_private_metadata_struct_by_hand() -> None:
     struct_bytes = (
-        ld(1, ld(1, b"model") + ld(2, ld(3, b"gpt"))) +                        # string_value
-        ld(1, ld(1, b"n") + ld(2, tag(2, I64) + struct.pack("<d", 3.5))) +     # number_value
-        ld(1, ld(1, b"b") + ld(2, tag(4, VARINT) + varint(1))) +               # bool_value
-        ld(1, ld(1, b"z") + ld(2, tag(1, VARINT) + varint(0))) +               # null_value
-        ld(1, ld(1, b"o") + ld(2, ld(5, ld(1, ld(1, b"k") + ld(2, ld(3, b"v")))))) +  # struct_value
-        ld(1, ld(1, b"l") + ld(2, ld(6, ld(1, ld(3, b"a")) + ld(1, tag(4, VARINT) + varint(0)))))  # list
+        ld(1, ld(1, b"model") + ld(2, ld(3, b"gpt")))  # string_value
+        + ld(1, ld(1, b"n") + ld(2, tag(2, I64) + struct.pack("<d", 3.5)))  # number_value
+        + ld(1, ld(1, b"b") + ld(2, tag(4, VARINT) + varint(1)))  # bool_value
+        + ld(1, ld(1, b"z") + ld(2, tag(1, VARINT) + varint(0)))  # null_value
+        + ld(1, ld(1, b"o") + ld(2, ld(5, ld(1, ld(1, b"k") + ld(2, ld(3, b"v"))))))  # struct_value
+        + ld(1, ld(1, b"l") + ld(2, ld(6, ld(1, ld(3, b"a")) + ld(1, tag(4, VARINT) + varint(0)))))  # list
     )
     raw = ld(6, ld(3, struct_bytes))  # Event.parameters(6).private_metadata(3)
     event = pb.Event.FromString(raw)
@@ -591,11 +609,11 @@ def test_private_metadata_struct_by_hand() -> None:
 
 def test_maps_accept_entries_missing_key_or_value_and_repeated_keys() -> None:
     raw = (
-        ld(2, ld(1, b"a") + tag(2, VARINT) + varint(5)) +    # legacy_metadata a=5
-        ld(2, ld(1, b"a") + tag(2, VARINT) + varint(7)) +    # a again: last wins
-        ld(2, tag(2, VARINT) + varint(9)) +                  # no key: ""
-        ld(5, ld(1, b"d")) +                                 # metadata d, no value: 0.0
-        ld(5, ld(1, b"x") + tag(2, I64) + struct.pack("<d", -0.5))
+        ld(2, ld(1, b"a") + tag(2, VARINT) + varint(5))  # legacy_metadata a=5
+        + ld(2, ld(1, b"a") + tag(2, VARINT) + varint(7))  # a again: last wins
+        + ld(2, tag(2, VARINT) + varint(9))  # no key: ""
+        + ld(5, ld(1, b"d"))  # metadata d, no value: 0.0
+        + ld(5, ld(1, b"x") + tag(2, I64) + struct.pack("<d", -0.5))
     )
     params = pb.EventParameters.FromString(raw)
     assert dict(params.legacy_metadata) == {"a": 7, "": 9}
@@ -623,8 +641,13 @@ def test_timestamp_by_hand() -> None:
 
 # --- reserved numbers -----------------------------------------------------------------------
 
-RESERVED = {2: "first_source_url", 5: "last_source_url", 6: "device_session_id",
-            7: "session_referrer", 8: "session_first_url"}
+RESERVED = {
+    2: "first_source_url",
+    5: "last_source_url",
+    6: "device_session_id",
+    7: "session_referrer",
+    8: "session_first_url",
+}
 
 
 def _reserved(proto: descriptor_pb2.DescriptorProto) -> tuple[set[int], set[str]]:
@@ -643,9 +666,17 @@ def test_marketing_tracking_reserved_numbers_in_proto_source(tmp_path: Any) -> N
     """Compile proto/.../telemetrygateway.proto with protoc; its descriptor declares them too."""
     out = tmp_path / "set.pb"
     subprocess.run(
-        [sys.executable, "-m", "grpc_tools.protoc", "-Iproto", f"--descriptor_set_out={out}",
-         "telemetrygateway/v1/telemetrygateway.proto"],
-        check=True, cwd=_repo_root(), capture_output=True,
+        [
+            sys.executable,
+            "-m",
+            "grpc_tools.protoc",
+            "-Iproto",
+            f"--descriptor_set_out={out}",
+            "telemetrygateway/v1/telemetrygateway.proto",
+        ],
+        check=True,
+        cwd=_repo_root(),
+        capture_output=True,
     )
     files = descriptor_pb2.FileDescriptorSet.FromString(out.read_bytes())
     (source,) = [f for f in files.file if f.name == "telemetrygateway/v1/telemetrygateway.proto"]
@@ -693,7 +724,8 @@ def test_unknown_fields_survive_a_parse_and_serialize_until_discarded() -> None:
 def test_package_and_imports() -> None:
     assert pb.DESCRIPTOR.package == "telemetrygateway.v1"
     assert {d.name for d in pb.DESCRIPTOR.dependencies} == {
-        "google/protobuf/struct.proto", "google/protobuf/timestamp.proto",
+        "google/protobuf/struct.proto",
+        "google/protobuf/timestamp.proto",
     }
 
 
@@ -705,7 +737,10 @@ METHODS = {
     "RecordEvents": ("RecordEventsRequest", "RecordEventsResponse", True, True),
     "RecordEvent": ("RecordEventRequest", "RecordEventResponse", False, False),
     "PublishInstanceUserMetadata": (
-        "PublishInstanceUserMetadataRequest", "PublishInstanceUserMetadataResponse", True, False,
+        "PublishInstanceUserMetadataRequest",
+        "PublishInstanceUserMetadataResponse",
+        True,
+        False,
     ),
 }
 
