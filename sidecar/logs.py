@@ -27,13 +27,14 @@ def fields(**values: Any) -> dict[str, Any]:
 
 
 class JsonFormatter(logging.Formatter):
-    """{"time", "level", "logger", "message", ...fields} on one line."""
+    """{"time", "level", "logger", "pid", "message", ...fields} on one line."""
 
     def format(self, record: logging.LogRecord) -> str:
         head = {
             "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
             "level": record.levelname.lower(),
             "logger": record.name,
+            "pid": record.process,
         }
         extra = getattr(record, FIELDS, None)
         message = record.getMessage()

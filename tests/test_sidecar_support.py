@@ -204,7 +204,7 @@ def users() -> pb.PublishInstanceUserMetadataRequest:
 @dataclass
 class UpstreamCall:
     rpc: str
-    metadata: dict[str, str]
+    metadata: dict[str, str | bytes]
     time_remaining: float | None
     messages: list[Any] = field(default_factory=list)
     completed: bool = False  # the request stream ended normally (half-close), not cancelled
@@ -440,7 +440,7 @@ class Outcome:
 def record_events(
     stub: pb_grpc.TelemeteryGatewayServiceStub,
     requests: Sequence[Any],
-    metadata: Sequence[tuple[str, str]] = (),
+    metadata: tuple[tuple[str, str | bytes], ...] = (),
     timeout: float = TIMEOUT,
 ) -> Outcome:
     responses: list[Any] = []
@@ -448,15 +448,15 @@ def record_events(
         for response in stub.RecordEvents(iter(requests), metadata=metadata, timeout=timeout):
             responses.append(response)
     except grpc.RpcError as exc:
-        return Outcome(exc.code(), exc.details() or "", responses)  # type: ignore[attr-defined]
+        return Outcome(exc.code(), exc.details() or "", responses)
     return Outcome(grpc.StatusCode.OK, "", responses)
 
 
-def unary(call: Callable[..., Any], request: Any, metadata: Sequence[tuple[str, str]] = ()) -> Outcome:
+def unary(call: Callable[..., Any], request: Any, metadata: tuple[tuple[str, str | bytes], ...] = ()) -> Outcome:
     try:
         response = call(request, metadata=metadata, timeout=TIMEOUT)
     except grpc.RpcError as exc:
-        return Outcome(exc.code(), exc.details() or "", [])  # type: ignore[attr-defined]
+        return Outcome(exc.code(), exc.details() or "", [])
     return Outcome(grpc.StatusCode.OK, "", [response])
 
 
@@ -466,7 +466,10 @@ class Lockstep:
     _END = object()
 
     def __init__(
-        self, stub: pb_grpc.TelemeteryGatewayServiceStub, metadata: Sequence[tuple[str, str]] = (), timeout: float = 30
+        self,
+        stub: pb_grpc.TelemeteryGatewayServiceStub,
+        metadata: tuple[tuple[str, str | bytes], ...] = (),
+        timeout: float = 30,
     ) -> None:
         self._queue: queue.Queue[Any] = queue.Queue()
         self.call = stub.RecordEvents(self._requests(), metadata=metadata, timeout=timeout)
@@ -488,13 +491,13 @@ class Lockstep:
         self._queue.put(self._END)
 
     def next_response(self) -> Any:
-        return next(self.call)  # type: ignore[call-overload]
+        return next(self.call)
 
     def rest(self) -> Outcome:
         responses: list[Any] = []
         try:
-            for response in self.call:  # type: ignore[attr-defined]
+            for response in self.call:
                 responses.append(response)
         except grpc.RpcError as exc:
-            return Outcome(exc.code(), exc.details() or "", responses)  # type: ignore[attr-defined]
+            return Outcome(exc.code(), exc.details() or "", responses)
         return Outcome(grpc.StatusCode.OK, "", responses)
