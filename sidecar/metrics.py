@@ -18,6 +18,7 @@ telemetry_guard_policy_info{sha256, name} 1 for the policy in force, 0 for a rep
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Any
 
@@ -178,6 +179,8 @@ class MetricsAudit(AuditLog):
                     m.child(m.removals, rpc, kind, rule).inc(count)
         if refusal is not None:
             m.child(m.denials, rpc, refusal.code.name, refusal.rule).inc()
+        elif not self.logger.isEnabledFor(logging.INFO):
+            return  # a decision record is INFO (its key names DEBUG): nothing would be written
         super().record(
             side=side,
             rpc=rpc,

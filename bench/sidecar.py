@@ -1,0 +1,376 @@
+"""The sidecar's throughput and added latency against the direct path and a bare pass-through proxy.
+
+    python -m bench.sidecar                       # the README's table (a few minutes)
+    python -m bench.sidecar --quick               # shorter cells, fewer events for the memory run
+    python -m bench.sidecar --memory-events 1000000
+
+Three paths, in the same run, all on 127.0.0.1, each its own process:
+
+- direct:       client -> upstream
+- pass-through: client -> proxy -> upstream; the proxy forwards raw bytes without parsing them
+                (grpc.aio, one upstream stream per client stream, like the sidecar): the floor
+                for any Python proxy
+- sidecar:      client -> `telemetry-guard serve` (default policy, default logging: the audit
+                trail at info, to /dev/null) -> upstream
+
+The upstream parses each payload and acknowledges every event. The client sends RecordEvents
+streams as a licensed instance, batches from bench/workload.py (`batch(n)`: realistic events,
+marketing and private metadata included, so the default policy has work to do), one payload
+in flight per stream (send, wait for its acknowledgement, send the next), over one connection
+per stream (so that --workers can spread them). For every combination of batch size (100,
+1,000), streams (1, 8) and proxy workers (1, 2) it reports events/s and the p50/p99 round trip
+of a payload, and what the proxy adds to the direct path's. Then the memory run: one stream of
+--memory-events events in batches of 1,000 through one sidecar worker, its RSS at the start
+and at the end.
+
+Every process shares the machine's cores with the others (client, upstream, proxy): the figures
+are for the whole pipeline on one machine, not for the proxy alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import platform
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import google.protobuf
+import grpc
+import grpc.aio
+
+from bench import workload
+from policy.kinds import SERVICE, method_path
+from telemetrygateway.v1 import telemetrygateway_pb2 as pb
+
+HOST = "127.0.0.1"
+RECORD_EVENTS = method_path("RecordEvents")
+ROOT = Path(__file__).resolve().parent.parent
+TARGET = 0.8  # the issue's target: sidecar events/s >= 80% of the pass-through's, 100-event batches
+
+
+# -- the upstream and the pass-through proxy (run as subprocesses of this module) ---------------
+
+
+async def _upstream(port: int) -> None:
+    """Acknowledges every event of every payload (parsing it, as a gateway does)."""
+
+    async def record_events(requests: AsyncIterator[bytes], context: Any) -> AsyncIterator[bytes]:
+        async for raw in requests:
+            request = pb.RecordEventsRequest.FromString(raw)
+            if request.WhichOneof("payload") == "events":
+                ids = [event.id for event in request.events.events]
+                yield pb.RecordEventsResponse(succeeded_events=ids).SerializeToString()
+
+    server = grpc.aio.server(options=[("grpc.so_reuseport", 0), ("grpc.max_receive_message_length", -1)])
+    _add(server, record_events, port)
+    await _serve(server)
+
+
+async def _passthrough(port: int, upstream: str) -> None:
+    """Raw bytes both ways: a pump task client -> upstream, the handler upstream -> client."""
+    channel = grpc.aio.insecure_channel(upstream, options=[("grpc.max_send_message_length", -1)])
+    forward: grpc.aio.StreamStreamMultiCallable[bytes, bytes] = channel.stream_stream(RECORD_EVENTS)
+
+    async def record_events(requests: AsyncIterator[bytes], context: Any) -> AsyncIterator[bytes]:
+        call: Any = forward(timeout=context.time_remaining())
+
+        async def pump() -> None:
+            async for raw in requests:
+                await call.write(raw)
+            await call.done_writing()
+
+        task = asyncio.create_task(pump())
+        try:
+            while (response := await call.read()) is not grpc.aio.EOF:
+                yield response
+        finally:
+            task.cancel()
+            call.cancel()
+
+    server = grpc.aio.server(options=[("grpc.so_reuseport", 1), ("grpc.max_receive_message_length", 4 << 20)])
+    _add(server, record_events, port)
+    await _serve(server)
+
+
+def _add(server: grpc.aio.Server, record_events: Any, port: int) -> None:
+    """RecordEvents as a raw-bytes handler (no (de)serializers) on 127.0.0.1:port."""
+    handler: Any = grpc.stream_stream_rpc_method_handler(record_events)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, {"RecordEvents": handler}),))
+    server.add_insecure_port(f"{HOST}:{port}")
+
+
+async def _serve(server: grpc.aio.Server) -> None:
+    await server.start()
+    stop = asyncio.Event()
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+    await stop.wait()
+    await server.stop(0)
+
+
+# -- processes --------------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind((HOST, 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+class Process:
+    def __init__(self, command: Sequence[str], port: int) -> None:
+        self.port = port
+        self.process = subprocess.Popen(
+            list(command), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+        )
+        deadline = time.monotonic() + 20
+        while True:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"{' '.join(command)} exited with {self.process.returncode}")
+            try:
+                with socket.create_connection((HOST, port), timeout=0.2):
+                    break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"{' '.join(command)} did not listen on {port}") from None
+                time.sleep(0.05)
+        time.sleep(0.3)  # with workers: let every worker bind
+
+    @property
+    def target(self) -> str:
+        return f"{HOST}:{self.port}"
+
+    def rss_kib(self) -> int:
+        for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+        return 0
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(15)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait(5)
+
+
+def _module(*args: str) -> list[str]:
+    return [sys.executable, "-m", "bench.sidecar", *args]
+
+
+def start_upstream() -> Process:
+    port = free_port()
+    return Process(_module("--role", "upstream", "--port", str(port)), port)
+
+
+def start_passthrough(upstream: str, workers: int) -> list[Process]:
+    port = free_port()
+    return [Process(_module("--role", "passthrough", "--port", str(port), "--upstream", upstream), port)] + [
+        Process(_module("--role", "passthrough", "--port", str(port), "--upstream", upstream), port)
+        for _ in range(workers - 1)
+    ]
+
+
+def start_sidecar(upstream: str, workers: int, extra: Sequence[str] = ()) -> Process:
+    port = free_port()
+    command = [sys.executable, "-m", "telemetry_guard", "serve", "--listen", f"{HOST}:{port}", "--upstream", upstream]
+    return Process([*command, "--workers", str(workers), "--reload-interval", "0", *extra], port)
+
+
+# -- the client -------------------------------------------------------------------------------------
+
+
+@dataclass
+class Result:
+    events: int
+    seconds: float
+    latencies: list[float]
+
+    @property
+    def rate(self) -> float:
+        return self.events / self.seconds
+
+    def percentile(self, p: float) -> float:
+        ordered = sorted(self.latencies)
+        return ordered[min(len(ordered) - 1, int(p * len(ordered)))] if ordered else float("nan")
+
+
+METADATA = pb.RecordEventsRequest(
+    metadata=pb.RecordEventsRequestMetadata(
+        request_id="bench",
+        identifier=pb.Identifier(
+            licensed_instance=pb.Identifier.LicensedInstanceIdentifier(license_key="key", instance_id="bench")
+        ),
+    )
+).SerializeToString()
+
+
+async def _stream(target: str, data: bytes, size: int, stop_at: float, warm_until: float) -> tuple[int, list[float]]:
+    options = [("grpc.use_local_subchannel_pool", 1), ("grpc.max_send_message_length", -1)]
+    async with grpc.aio.insecure_channel(target, options=options) as channel:
+        call: Any = channel.stream_stream(RECORD_EVENTS)(timeout=600)
+        await call.write(METADATA)
+        events = 0
+        latencies: list[float] = []
+        while True:
+            start = time.perf_counter()
+            if start >= stop_at:
+                break
+            await call.write(data)
+            response = await call.read()
+            if response is grpc.aio.EOF:
+                raise RuntimeError(f"stream ended early: {await call.code()} {await call.details()}")
+            if start >= warm_until:
+                latencies.append(time.perf_counter() - start)
+                events += size
+        await call.done_writing()
+        while await call.read() is not grpc.aio.EOF:
+            pass
+        return events, latencies
+
+
+async def drive(target: str, batch: int, streams: int, seconds: float, warmup: float) -> Result:
+    data = workload.batch(batch).SerializeToString()
+    now = time.perf_counter()
+    warm_until, stop_at = now + warmup, now + warmup + seconds
+    done = await asyncio.gather(*(_stream(target, data, batch, stop_at, warm_until) for _ in range(streams)))
+    return Result(sum(d[0] for d in done), seconds, [lat for d in done for lat in d[1]])
+
+
+async def memory_run(target: str, total: int, sidecar: Process) -> tuple[int, int, float]:
+    """One stream of `total` events in batches of 1,000; RSS (KiB) after the first 10 batches and at the end."""
+    data = workload.batch(1000, seed=11).SerializeToString()
+    options = [("grpc.use_local_subchannel_pool", 1), ("grpc.max_send_message_length", -1)]
+    async with grpc.aio.insecure_channel(target, options=options) as channel:
+        call: Any = channel.stream_stream(RECORD_EVENTS)(timeout=3600)
+        await call.write(METADATA)
+        started = time.perf_counter()
+        rss_start = 0
+        for sent in range(max(1, total // 1000)):
+            await call.write(data)
+            if await call.read() is grpc.aio.EOF:
+                raise RuntimeError("stream ended early")
+            if sent == 9:
+                rss_start = sidecar.rss_kib()
+        rss_end = sidecar.rss_kib()
+        elapsed = time.perf_counter() - started
+        await call.done_writing()
+        while await call.read() is not grpc.aio.EOF:
+            pass
+    return rss_start, rss_end, elapsed
+
+
+# -- the run ----------------------------------------------------------------------------------------------
+
+
+def _ms(seconds: float) -> str:
+    return f"{seconds * 1000:.2f}"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="1 s cells and 100,000 events for the memory run")
+    parser.add_argument("--seconds", type=float, default=3.0, help="measured seconds per cell (default: 3)")
+    parser.add_argument("--memory-events", type=int, default=None, help="events in the memory run (default: 300,000)")
+    parser.add_argument("--sidecar-arg", action="append", default=[], help="extra argument for serve (repeat)")
+    parser.add_argument("--role", choices=("upstream", "passthrough"), help=argparse.SUPPRESS)
+    parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--upstream", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.role == "upstream":
+        asyncio.run(_upstream(args.port))
+        return 0
+    if args.role == "passthrough":
+        asyncio.run(_passthrough(args.port, args.upstream))
+        return 0
+    seconds = 1.0 if args.quick else args.seconds
+    warmup = 0.5
+    memory_events = args.memory_events or (100_000 if args.quick else 300_000)
+
+    print(
+        f"# sidecar benchmark: {os.cpu_count()} CPUs, Python {platform.python_version()}, grpcio {grpc.__version__}, "
+        f"protobuf {google.protobuf.__version__}; {seconds:g} s per cell after {warmup:g} s of warm-up"
+    )
+    print(f"# reproduce: python -m bench.sidecar{' --quick' if args.quick else ''}")
+    rows: list[tuple[str, int, int, int, Result]] = []
+    upstream = start_upstream()
+    try:
+        direct: dict[tuple[int, int], Result] = {}
+        for batch in (100, 1000):
+            for streams in (1, 8):
+                direct[(batch, streams)] = result = asyncio.run(drive(upstream.target, batch, streams, seconds, warmup))
+                rows.append(("direct", 0, batch, streams, result))
+        floor: dict[tuple[int, int, int], Result] = {}
+        for workers in (1, 2):
+            proxies = start_passthrough(upstream.target, workers)
+            try:
+                for batch in (100, 1000):
+                    for streams in (1, 8):
+                        result = asyncio.run(drive(proxies[0].target, batch, streams, seconds, warmup))
+                        floor[(workers, batch, streams)] = result
+                        rows.append(("pass-through", workers, batch, streams, result))
+            finally:
+                for proxy in proxies:
+                    proxy.stop()
+            sidecar = start_sidecar(upstream.target, workers, args.sidecar_arg)
+            try:
+                for batch in (100, 1000):
+                    for streams in (1, 8):
+                        result = asyncio.run(drive(sidecar.target, batch, streams, seconds, warmup))
+                        rows.append(("sidecar", workers, batch, streams, result))
+            finally:
+                sidecar.stop()
+
+        print()
+        print("| path | workers | batch | streams | events/s | vs pass-through | p50 ms | p99 ms | +p50 ms | +p99 ms |")
+        print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+        verdicts = []
+        for path, workers, batch, streams, result in rows:
+            base = direct[(batch, streams)]
+            vs = ""
+            if path != "direct":
+                ratio = result.rate / floor[(workers, batch, streams)].rate
+                vs = f"{ratio:.0%}"
+                if path == "sidecar" and batch == 100:
+                    verdicts.append(ratio)
+            added50 = _ms(result.percentile(0.5) - base.percentile(0.5)) if path != "direct" else ""
+            added99 = _ms(result.percentile(0.99) - base.percentile(0.99)) if path != "direct" else ""
+            print(
+                f"| {path} | {workers or ''} | {batch:,} | {streams} | {result.rate:,.0f} | {vs} | "
+                f"{_ms(result.percentile(0.5))} | {_ms(result.percentile(0.99))} | {added50} | {added99} |"
+            )
+        worst = min(verdicts)
+        print(
+            f"\nsidecar / pass-through events/s with 100-event batches: {statistics.mean(verdicts):.0%} on average, "
+            f"{worst:.0%} at worst (target {TARGET:.0%}: {'met' if worst >= TARGET else 'NOT met'})"
+        )
+
+        sidecar = start_sidecar(upstream.target, 1, args.sidecar_arg)
+        try:
+            rss_start, rss_end, elapsed = asyncio.run(memory_run(sidecar.target, memory_events, sidecar))
+        finally:
+            sidecar.stop()
+        print(
+            f"\nmemory: one stream of {memory_events:,} events (batches of 1,000) through one sidecar worker in "
+            f"{elapsed:.1f} s: RSS {rss_start / 1024:.1f} MiB after 10,000 events, {rss_end / 1024:.1f} MiB at the end "
+            f"({(rss_end - rss_start) / 1024:+.1f} MiB)"
+        )
+    finally:
+        upstream.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
