@@ -63,6 +63,7 @@ DEFAULT_FORWARD_METADATA = ("authorization",)
 DEFAULT_WINDOW = 64  # events payloads per stream sent upstream and not yet answered
 END_SETTLE_SECONDS = 0.01
 CORE_WRITE_RACE = "Internal error from Core"
+NO_DEADLINE = 10.0**9  # seconds; beyond this a client's deadline is "none"
 
 
 def _serialize(message: Message) -> bytes:
@@ -206,8 +207,9 @@ class Forwarder:
 
     @staticmethod
     def _timeout(context: Context) -> float | None:
+        """The client's deadline, for the upstream call (grpc.aio reports 'none' as ~2**63 seconds)."""
         remaining: float | None = context.time_remaining()
-        return remaining
+        return None if remaining is None or remaining > NO_DEADLINE else remaining
 
     def _upstream_failed(self, rpc: str, code: grpc.StatusCode) -> None:
         self.metrics.child(self.metrics.upstream_errors, rpc, code.name).inc()
