@@ -20,9 +20,8 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any
+from typing import Any, cast
 
-import grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 from prometheus_client.exposition import generate_latest
 
@@ -175,8 +174,10 @@ class MetricsAudit(AuditLog):
             if decision.events_out:
                 m.child(m.events_out, rpc, kind).inc(decision.events_out)
             if decision.events or decision.removals:
-                for rule, count in decision.counts().items():
+                counts = decision.counts()
+                for rule, count in counts.items():
                     m.child(m.removals, rpc, kind, rule).inc(count)
+                decision = cast(Decision, _Counted(decision, counts))  # counted once, for the record too
         if refusal is not None:
             m.child(m.denials, rpc, refusal.code.name, refusal.rule).inc()
         elif not self.logger.isEnabledFor(logging.INFO):
@@ -192,5 +193,17 @@ class MetricsAudit(AuditLog):
         )
 
 
-def status_name(code: grpc.StatusCode | None) -> str:
-    return code.name if code is not None else "UNKNOWN"
+class _Counted:
+    """A decision whose counts() was computed already (per-rule counting is on the per-message path)."""
+
+    __slots__ = ("_counts", "_decision")
+
+    def __init__(self, decision: Decision, counts: dict[str, int]) -> None:
+        self._decision = decision
+        self._counts = counts
+
+    def counts(self) -> dict[str, int]:
+        return self._counts
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._decision, name)
