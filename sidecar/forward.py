@@ -279,7 +279,11 @@ class Forwarder:
                     waited = payloads.answered()
                     if waited is not None:
                         self.metrics.child(self.metrics.upstream_latency, RECORD_EVENTS).observe(waited)
-                    yield stream.merge(response)
+                    try:
+                        merged = stream.merge(response)
+                    except GuardError:
+                        break  # an answer that cannot be merged (refused, audited): stream.error ends the call
+                    yield merged
             finally:  # upstream ended (or we are cancelled): nothing more can be forwarded
                 if not pump.done():
                     pump.cancel()
