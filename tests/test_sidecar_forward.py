@@ -34,6 +34,7 @@ from test_sidecar_support import (
     free_port,
     invalid,
     metadata,
+    organizations,
     payload,
     publish_metadata,
     record_event_request,
@@ -97,9 +98,11 @@ def test_events_are_filtered_before_they_reach_the_upstream(sidecar: Sidecar, up
     assert call.messages[0].metadata.request_id == "r-filter"
     (forwarded,) = call.events()
     assert not forwarded.HasField("marketing_tracking")
-    assert dict(forwarded.parameters.private_metadata) == {"languageId": "go"}  # allowlisted key kept
+    assert dict(forwarded.parameters.private_metadata) == {"languageId": "go"}  # allowlisted string kept
     assert UNKNOWN_FIELD not in forwarded.SerializeToString()
-    assert forwarded.parameters.metadata["count"] == 1.0  # nothing else touched
+    assert (forwarded.user.user_id, forwarded.user.anonymous_user_id) == (7, "")  # drop_fields
+    assert dict(forwarded.parameters.metadata) == {"count": 1.0, "legacyCount": 3.0}  # legacy merged
+    assert not forwarded.parameters.legacy_metadata
     _no_secret(str(call.messages), forwarded.SerializeToString().decode("utf-8", "replace"))
 
 
@@ -165,13 +168,13 @@ def test_record_event_removed_whole_succeeds_without_reaching_the_upstream(
 
 def test_user_metadata_keeps_only_the_policy_fields(sidecar: Sidecar, upstream: ServedUpstream) -> None:
     stub = sidecar.stub()
-    try:
-        stub.PublishInstanceUserMetadata(iter([publish_metadata("licensed_instance"), users()]), timeout=TIMEOUT)
-    except grpc.RpcError as exc:  # pragma: no cover - reported below
-        pytest.fail(f"{exc}")
+    requests = [publish_metadata("licensed_instance"), users(), organizations()]
+    stub.PublishInstanceUserMetadata(iter(requests), timeout=TIMEOUT)
     (call,) = upstream.servicer.received("PublishInstanceUserMetadata")
     (user,) = call.messages[1].user_metadata.users
     assert (user.id, user.username, user.primary_email) == (1, "alice", "")
+    (org,) = call.messages[2].organization_metadata.organizations
+    assert (org.id, org.name, org.display_name) == (5, "acme", "")
 
 
 # -- denials ------------------------------------------------------------------------------------

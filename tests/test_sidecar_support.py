@@ -49,6 +49,9 @@ SECRETS = (
     "SECRET-IN-DROPPED-EVENT",
     "SECRET-UNKNOWN-FIELD",
     "secret@example.com",
+    "SECRET-ANONYMOUS-ID",
+    "987654321",  # a number under an allowlisted key (non_string: drop)
+    "SECRET-ORG-NAME-NOT",  # an organization display_name (the policy keeps id and name)
 )
 
 POLICY = """\
@@ -70,7 +73,8 @@ defaults:
   events: {include: ["*"], exclude: ["internal.*"]}
   invalid_events: drop
   unknown_fields: discard
-  legacy_metadata: keep
+  legacy_metadata: merge
+  drop_fields: [user.anonymous_user_id]
 """
 
 # Every call a test makes carries `x-test: <tag>` (a client interceptor); the sidecars of these tests
@@ -150,8 +154,15 @@ def event(
 
 
 def sensitive(event_id: str) -> pb.Event:
-    """Allowlisted type (cody.completion) with a key to remove, marketing and an unknown field."""
-    return event(event_id, private={"languageId": "go", "prompt": "SECRET-PRIVATE-VALUE"}, marketing=True, unknown=True)
+    """Allowlisted type (cody.completion) with something for every per-event rule of the test policy:
+    a key not allowlisted, a non-string value under an allowlisted key, marketing, a dropped field
+    (user.anonymous_user_id), legacy metadata to merge and an unknown field."""
+    private = {"languageId": "go", "prompt": "SECRET-PRIVATE-VALUE", "otherCompletionProviders": 987654321}
+    ev = event(event_id, private=private, marketing=True, unknown=True)
+    ev.user.user_id = 7
+    ev.user.anonymous_user_id = "SECRET-ANONYMOUS-ID"
+    ev.parameters.legacy_metadata["legacyCount"] = 3
+    return ev
 
 
 def dropped(event_id: str) -> pb.Event:
@@ -195,6 +206,12 @@ def publish_metadata(kind: str, request_id: str = "req-p") -> pb.PublishInstance
 def users() -> pb.PublishInstanceUserMetadataRequest:
     request = pb.PublishInstanceUserMetadataRequest()
     request.user_metadata.users.add(id=1, username="alice", primary_email="secret@example.com")
+    return request
+
+
+def organizations() -> pb.PublishInstanceUserMetadataRequest:
+    request = pb.PublishInstanceUserMetadataRequest()
+    request.organization_metadata.organizations.add(id=5, name="acme", display_name="SECRET-ORG-NAME-NOT")
     return request
 
 
