@@ -73,3 +73,36 @@ def test_policy_reference_page_is_generated_from_the_schemas() -> None:
     page = (ROOT / "docs/policy-reference.md").read_text()
     assert page == reference.render(), "run: python -m policy.reference > docs/policy-reference.md"
     assert "`defaults.private_metadata.mode`" in page and "`entries[].reason`" in page
+
+
+def test_the_wheel_ships_every_package_and_its_data(tmp_path: Path) -> None:
+    """An installed (non-editable) telemetry-guard has its subcommands, schemas, policies and stubs."""
+    import zipfile
+
+    done = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(tmp_path), str(ROOT)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    (wheel,) = tmp_path.glob("telemetry_guard-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    for required in (
+        "policy/default.yaml",
+        "policy/schema/policy.schema.json",
+        "policy/schema/allowlist.schema.json",
+        "allowlists/sourcegraph.yaml",
+        "telemetrygateway/v1/telemetrygateway_pb2.py",
+        "telemetrygateway/v1/telemetrygateway_pb2.pyi",
+        "telemetrygateway/v1/telemetrygateway_pb2_grpc.pyi",
+        "telemetry_guard/commands/serve.py",
+        "telemetry_guard/commands/lint.py",
+        "telemetry_guard/render/sarif.py",
+        "sidecar/server.py",
+        "interceptors/server.py",
+    ):
+        assert required in names, required
+    packages = {name.split("/")[0] for name in names if name.endswith(".py")}
+    on_disk = {p.parent.name for p in ROOT.glob("*/__init__.py")} - {"tests", "bench"}
+    assert on_disk <= packages | {"proto"}
