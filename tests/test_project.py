@@ -77,10 +77,16 @@ def test_policy_reference_page_is_generated_from_the_schemas() -> None:
 
 def test_the_wheel_ships_every_package_and_its_data(tmp_path: Path) -> None:
     """An installed (non-editable) telemetry-guard has its subcommands, schemas, policies and stubs."""
+    import shutil
     import zipfile
 
+    # Build from a clean copy: setuptools reuses a build/ folder left in the tree.
+    source = tmp_path / "source"
+    shutil.copytree(
+        ROOT, source, ignore=shutil.ignore_patterns(".venv", ".git", "build", "*.egg-info", "__pycache__", ".*_cache")
+    )
     done = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(tmp_path), str(ROOT)],
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(tmp_path), str(source)],
         capture_output=True,
         text=True,
         timeout=300,
