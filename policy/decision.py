@@ -9,6 +9,7 @@ above debug level).
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -99,19 +100,22 @@ class Decision:
         out["events_out"] = self.events_out
         out["removed_per_rule"] = self.counts()
         out["dropped_event_ids"] = self.dropped_event_ids
-        out["events"] = [
-            {
-                "index": e.index,
-                "id": e.event_id,
-                "feature": e.feature,
-                "action": e.action,
-                **({"dropped_by": e.dropped_by} if e.dropped_by else {}),
-                "removals": [removal(r) for r in e.removals],
-            }
-            for e in self.events
-        ]
+        out["events"] = [self._event(e, removal) for e in self.events]
         if self.removals:
             out["removals"] = [removal(r) for r in self.removals]
         if self.unknown_fields:
             out["unknown_fields"] = self.unknown_fields
         return out
+
+    @staticmethod
+    def _event(event: EventRecord, removal: Callable[[Removal], dict[str, Any]]) -> dict[str, Any]:
+        """An event's entry. An event removed whole keeps only its id: its feature and action left with it."""
+        if event.dropped_by is not None:
+            return {"index": event.index, "id": event.event_id, "dropped_by": event.dropped_by}
+        return {
+            "index": event.index,
+            "id": event.event_id,
+            "feature": event.feature,
+            "action": event.action,
+            "removals": [removal(r) for r in event.removals],
+        }

@@ -1397,3 +1397,17 @@ def test_private_metadata_sent_in_two_pieces_is_merged_like_protobuf_does() -> N
     assert allowed is not None
     assert set(left.fields) == {"model", "prompt", "languageId"} & allowed.keys
     assert "prompt" not in left.fields
+
+
+def test_records_of_events_removed_whole_keep_only_their_id() -> None:
+    """The feature and action of a removed event left with it: to_dict names the event by id only."""
+    engine = make_engine("invalid_events")  # licensed_instance: drop
+    secret_name = "SECRET" * 30  # an invalid feature (not lower camel case, over 64 characters)
+    request = batch([pb.Event(id="gone", feature=secret_name, action="submitted")])
+    outcome = engine.record_events(request, identifier("licensed_instance"))
+    assert outcome.decision.dropped_event_ids == ["gone"]
+    as_dict = outcome.decision.to_dict(with_keys=True)
+    assert as_dict["events"] == [{"index": 0, "id": "gone", "dropped_by": "defaults.invalid_events"}]
+    assert "SECRET" not in repr(as_dict)
+    (record,) = outcome.decision.events
+    assert len(record.feature) < len(secret_name)  # bounded in the record object too
