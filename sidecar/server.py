@@ -179,9 +179,10 @@ class Sidecar:
             self.port = server.add_insecure_port(config.listen)
         await server.start()
         self._server = server
+        metrics_at: str | None = None
         if config.metrics_listen and not multiprocess():
-            host, port = split_host_port(config.metrics_listen)
-            self.metrics.serve(host, port)
+            metrics_host, metrics_port = split_host_port(config.metrics_listen)
+            metrics_at = join_host_port(metrics_host, self.metrics.serve(metrics_host, metrics_port))
         if config.reload_interval > 0:
             self._tasks.append(asyncio.create_task(self.reloader.watch(config.reload_interval)))
         host, _ = split_host_port(config.listen)
@@ -192,9 +193,10 @@ class Sidecar:
                 port=self.port,
                 pid=os.getpid(),
                 tls=bool(config.tls_cert),
-                upstream=config.upstream or f"embedded gateway ({config.gateway_output})",
+                upstream=config.upstream or f"embedded gateway ({_output_name(config.gateway_output)})",
                 policy=self.reloader.policy.name,
                 sha256=self.reloader.policy.sha256,
+                **({"metrics": f"http://{metrics_at}/metrics"} if metrics_at else {}),
             ),
         )
         return self.port
@@ -243,3 +245,7 @@ class Sidecar:
         await done.wait()
         await self.stop(self.config.grace)
         return 0
+
+
+def _output_name(path: str | None) -> str:
+    return "stdout" if path in (None, "-") else str(path)

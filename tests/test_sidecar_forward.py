@@ -377,6 +377,8 @@ def test_metrics_endpoint_serves_the_counters(sidecar: Sidecar, upstream: Served
     assert any(k.startswith("telemetry_guard_upstream_latency_seconds_count") for k in lines)
     assert any(k.startswith("telemetry_guard_policy_info{") and v == 1 for k, v in lines.items())
     _no_secret(text)
+    (serving,) = sidecar.logs(message="serving")
+    assert serving["metrics"] == f"http://127.0.0.1:{metrics_port}/metrics"
 
 
 def test_no_removed_value_in_any_log_line(sidecar: Sidecar) -> None:

@@ -373,3 +373,6 @@ def test_usage_errors_exit_2_before_serving(tmp_path: Path) -> None:
     assert done.returncode == 2 and "--tls-key" in done.stderr
     done = _serve("--upstream", "no-port-here")
     assert done.returncode == 2 and "HOST:PORT" in done.stderr
+    done = _serve("--policy", str(tmp_path / "missing.yaml"))
+    assert done.returncode == 2 and f"--policy {tmp_path / 'missing.yaml'}: cannot read" in done.stderr
+    assert "Traceback" not in done.stderr and "Errno" not in done.stderr

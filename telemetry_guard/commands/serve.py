@@ -140,8 +140,12 @@ def _config(args: argparse.Namespace) -> Any:
     for name in ("tls_cert", "tls_key", "upstream_ca", "policy"):
         path = getattr(args, name)
         if path is not None:
-            with open(path, "rb"):
-                pass  # OSError: reported as a usage error
+            try:
+                with open(path, "rb"):
+                    pass
+            except OSError as exc:  # reported as a usage error, naming the flag and the file
+                flag = "--" + name.replace("_", "-")
+                raise ValueError(f"{flag} {path}: cannot read: {exc.strerror or exc}") from None
     if args.upstream is None and (args.upstream_tls or args.upstream_ca or args.upstream_server_name):
         raise ValueError("--upstream-tls, --upstream-ca and --upstream-server-name need --upstream")
     return Config(
