@@ -20,6 +20,7 @@ from typing import Any
 
 from interceptors.errors import GuardError
 from policy import Decision, Removal
+from policy.decision import clip
 from telemetrygateway.v1 import telemetrygateway_pb2 as pb
 
 AUDIT_LOGGER_NAME = "telemetry_guard.audit"
@@ -75,7 +76,7 @@ class AuditLog:
             record["events_in"] = decision.events_in
             record["events_out"] = decision.events_out
             record["removed_per_rule"] = decision.counts()
-            record["dropped_event_ids"] = decision.dropped_event_ids
+            record["dropped_event_ids"] = [clip(i) for i in decision.dropped_event_ids]
             if decision.unknown_fields:
                 record["unknown_fields"] = decision.unknown_fields
         if refusal is not None:
@@ -87,7 +88,7 @@ class AuditLog:
     def _debug_keys(self, base: dict[str, Any], decision: Decision) -> None:
         """Key names removed, per event (by index and id) and outside events. DEBUG only."""
         events = [
-            {"index": e.index, "id": e.event_id, "removals": [_removal(r) for r in e.removals]}
+            {"index": e.index, "id": clip(e.event_id), "removals": [_removal(r) for r in e.removals]}
             for e in decision.events
             if e.removals
         ]

@@ -17,6 +17,16 @@ import grpc
 
 Action = Literal["removed", "replaced", "merged"]
 
+NAME_LIMIT = 128
+
+
+def clip(text: str, limit: int = NAME_LIMIT) -> str:
+    """An id or name as written to a record or log: bounded (an invalid name or id can be huge).
+
+    Records keep the exact text (acknowledgements need the exact id); only what is written is clipped.
+    """
+    return text if len(text) <= limit else f"{text[:limit]}...({len(text)} characters)"
+
 
 @dataclass(frozen=True, slots=True)
 class Denial:
@@ -99,7 +109,7 @@ class Decision:
         out["events_in"] = self.events_in
         out["events_out"] = self.events_out
         out["removed_per_rule"] = self.counts()
-        out["dropped_event_ids"] = self.dropped_event_ids
+        out["dropped_event_ids"] = [clip(i) for i in self.dropped_event_ids]
         out["events"] = [self._event(e, removal) for e in self.events]
         if self.removals:
             out["removals"] = [removal(r) for r in self.removals]
@@ -111,11 +121,11 @@ class Decision:
     def _event(event: EventRecord, removal: Callable[[Removal], dict[str, Any]]) -> dict[str, Any]:
         """An event's entry. An event removed whole keeps only its id: its feature and action left with it."""
         if event.dropped_by is not None:
-            return {"index": event.index, "id": event.event_id, "dropped_by": event.dropped_by}
+            return {"index": event.index, "id": clip(event.event_id), "dropped_by": event.dropped_by}
         return {
             "index": event.index,
-            "id": event.event_id,
-            "feature": event.feature,
-            "action": event.action,
+            "id": clip(event.event_id),
+            "feature": clip(event.feature),
+            "action": clip(event.action),
             "removals": [removal(r) for r in event.removals],
         }

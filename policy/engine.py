@@ -160,23 +160,34 @@ class Engine:
         Raises google.protobuf.message.DecodeError when the bytes are not a RecordEventsRequest.
         """
         decision = Decision(RECORD_EVENTS)
-        kind = self._admit(RECORD_EVENTS, identifier, decision)
-        if kind is None:
+        kind = None if identifier is None else self._admit(RECORD_EVENTS, identifier, decision)
+        if kind is not None:
+            plan = self._plans[kind]
+            view: Any = plan.view.FromString(data)
+            payload = view.WhichOneof("payload")
+            if payload != "metadata":
+                if payload == "events":
+                    self._filter_events(plan, view.events.events, decision, detailed)
+                self._unknown(plan, view, decision)
+                return Outcome(view.SerializeToString(), decision)
+        elif identifier is not None:
+            return Outcome(None, decision)  # the stream's identifier is refused
+        # A metadata message is judged by its own identifier, whatever the stream's (rare: once a stream).
+        request = pb.RecordEventsRequest.FromString(data)
+        if request.WhichOneof("payload") != "metadata":
+            self._admit(RECORD_EVENTS, None, decision)  # no identifier at all: the denial says so
             return Outcome(None, decision)
-        plan = self._plans[kind]
-        view: Any = plan.view.FromString(data)
-        if view.WhichOneof("payload") == "events":
-            self._filter_events(plan, view.events.events, decision, detailed)
-        self._unknown(plan, view, decision)
-        return Outcome(view.SerializeToString(), decision)
+        out = self._stream_metadata(RECORD_EVENTS, request, None)
+        return Outcome(None if out.request is None else out.request.SerializeToString(), out.decision)
 
     def _stream_metadata(self, rpc: str, request: M, identifier: pb.Identifier | None) -> Outcome[M]:
-        """A stream message that is not a payload: the metadata message (checked) or an empty one."""
+        """A stream message that is not a payload: the metadata message, judged by its own identifier
+        (whatever the stream's), or an empty message, judged by the stream's identifier."""
         decision = Decision(rpc)
         if request.WhichOneof("payload") == "metadata":
             metadata = request.metadata  # type: ignore[attr-defined]
             decision.request_id = metadata.request_id
-            identifier = metadata.identifier if identifier is None else identifier
+            identifier = metadata.identifier if metadata.HasField("identifier") else None
         kind = self._admit(rpc, identifier, decision)
         if kind is None:
             return Outcome(None, decision)
@@ -319,7 +330,7 @@ class Engine:
             ):
                 dropped_by = plan.invalid_rule
             if dropped_by is not None:
-                records.append(EventRecord(index, _clip(event.id), _clip(feature), _clip(action), [], dropped_by))
+                records.append(EventRecord(index, event.id, feature, action, [], dropped_by))
                 dropped.append(index)
                 continue
             removals: list[Removal] | None = None
@@ -391,11 +402,6 @@ class Engine:
         params.private_metadata.Clear()
         params.private_metadata.MergeFromString(struct.SerializeToString())
         return removals
-
-
-def _clip(text: str, limit: int = 128) -> str:
-    """Names of a removed event go into records and logs: bound them (an invalid name can be huge)."""
-    return text if len(text) <= limit else f"{text[:limit]}...({len(text)} characters)"
 
 
 def _events_payload(event: bytes) -> bytes:

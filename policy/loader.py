@@ -66,6 +66,24 @@ def builtin_allowlist_path(name: str) -> Path:
     return Path(str(resources.files("allowlists").joinpath(f"{name}.yaml")))
 
 
+def _digest(contents: list[bytes]) -> str:
+    digest = hashlib.sha256()
+    for content in contents:
+        digest.update(hashlib.sha256(content).digest())
+    return digest.hexdigest()
+
+
+def files_sha256(files: tuple[str, ...]) -> str | None:
+    """The sha256 a policy read from these files has (Policy.sha256), as they are now; None if one is gone.
+
+    Lets a watcher tell whether the files changed between loading them and looking at them.
+    """
+    try:
+        return _digest([Path(file).read_bytes() for file in files])
+    except OSError:
+        return None
+
+
 def allowlist_path(ref: str, policy_path: Path) -> Path:
     """Where an `allowlists:` item points: builtin:NAME, or a path relative to the policy file."""
     if ref.startswith(BUILTIN_PREFIX):
@@ -96,16 +114,14 @@ def load_policy(path: str | Path) -> Policy:
     if problems:
         raise PolicyError(problems)
 
-    digest = hashlib.sha256()
-    for part in [doc.text.encode("utf-8"), *digest_parts]:
-        digest.update(hashlib.sha256(part).digest())
+    digest = _digest([doc.text.encode("utf-8"), *digest_parts])
     access = data.get("access", {})
     credentials = data.get("credentials", {})
     user_meta = data.get("user_metadata", {})
     return Policy(
         name=path.name,
         files=(str(path), *files),
-        sha256=digest.hexdigest(),
+        sha256=digest,
         access=MappingProxyType({rpc: frozenset(access.get(rpc, [])) for rpc in RPCS}),
         credentials_required=frozenset(credentials.get("required_for", ["managed_service", "workspace"])),
         credentials_scope=credentials.get("scope", DEFAULT_SCOPE),

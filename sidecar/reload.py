@@ -25,6 +25,7 @@ from pathlib import Path
 
 from interceptors.guard import Guard
 from policy import KINDS, Engine, Policy, PolicyError, default_policy, load_policy
+from policy.loader import files_sha256
 from sidecar.logs import fields
 from sidecar.metrics import Metrics
 from telemetrygateway.v1 import telemetrygateway_pb2 as pb
@@ -115,7 +116,10 @@ class PolicyReloader:
     def _load(self) -> Loaded:
         """Load, compile and dry-run (blocking: called in a thread once serving)."""
         policy, engine = load_validated(self.path)
-        return Loaded(policy, self._make_guard(engine), signature(self._watched(policy)))
+        seen = signature(self._watched(policy))
+        if files_sha256(policy.files) != policy.sha256:
+            seen = ()  # a file changed while it was being read: the next look reloads
+        return Loaded(policy, self._make_guard(engine), seen)
 
     @staticmethod
     def _describe(policy: Policy) -> dict[str, object]:

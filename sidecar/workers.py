@@ -75,7 +75,9 @@ def supervise(
                 if holder is not None:
                     holder.close()
                 signal.signal(signal.SIGTERM, signal.SIG_DFL)
-                signal.signal(signal.SIGHUP, signal.SIG_DFL)
+                # Until the server installs its reload handler: a SIGHUP must not kill the worker
+                # (the policy it is loading is the current one; a later change is seen by the watch).
+                signal.signal(signal.SIGHUP, signal.SIG_IGN)
                 code = worker(port)
             except BaseException:
                 LOG.exception("worker failed", extra=fields(worker=number))

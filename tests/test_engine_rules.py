@@ -1409,5 +1409,35 @@ def test_records_of_events_removed_whole_keep_only_their_id() -> None:
     as_dict = outcome.decision.to_dict(with_keys=True)
     assert as_dict["events"] == [{"index": 0, "id": "gone", "dropped_by": "defaults.invalid_events"}]
     assert "SECRET" not in repr(as_dict)
-    (record,) = outcome.decision.events
-    assert len(record.feature) < len(secret_name)  # bounded in the record object too
+    long_id = "i" * 300  # kept exact where it matters: the acknowledgement of a removed event
+    request = batch([pb.Event(id=long_id, feature=secret_name, action="submitted")])
+    outcome = engine.record_events(request, identifier("licensed_instance"))
+    assert outcome.decision.dropped_event_ids == [long_id]
+    assert len(outcome.decision.to_dict()["dropped_event_ids"][0]) < 200  # clipped where it is written
+
+
+def test_a_metadata_message_is_judged_by_its_own_identifier_on_both_paths() -> None:
+    """A proxy passes the stream's identifier; a (second) metadata message must still be checked itself."""
+    engine = Engine(default_policy())
+    stream_identifier = identifier("licensed_instance")
+    incomplete = pb.RecordEventsRequest(metadata=pb.RecordEventsRequestMetadata(identifier=pb.Identifier()))
+    incomplete.metadata.identifier.workspace.external_url = "https://ws.example"  # no workspace_id
+    out = engine.record_events_bytes(incomplete.SerializeToString(), stream_identifier)
+    assert out.request is None and out.denial is not None
+    assert (out.denial.code, out.denial.rule) == (grpc.StatusCode.INVALID_ARGUMENT, "identifier")
+    copy = pb.RecordEventsRequest()
+    copy.CopyFrom(incomplete)
+    assert engine.record_events(copy, stream_identifier).denial is not None
+    # A valid metadata message passes with or without the stream's identifier, its own kind decides.
+    valid = pb.RecordEventsRequest(
+        metadata=pb.RecordEventsRequestMetadata(identifier=identifier("unlicensed_instance"))
+    )
+    for given in (None, stream_identifier):
+        passed = engine.record_events_bytes(valid.SerializeToString(), given)
+        assert passed.denial is None and passed.request == valid.SerializeToString()
+        assert passed.decision.kind == "unlicensed_instance"
+    # Events with no identifier at all are refused.
+    events = batch([pb.Event(id="x", feature="cody.chat", action="submitted")])
+    refused = engine.record_events_bytes(events.SerializeToString(), None)
+    assert refused.request is None and refused.denial is not None
+    assert refused.denial.code == grpc.StatusCode.INVALID_ARGUMENT

@@ -496,3 +496,19 @@ def test_two_allowlists_combine(tmp_path: Path) -> None:
 def test_valid_testdata_policies_load() -> None:
     for path in sorted((TESTDATA / "policies").glob("*.yaml")):
         assert isinstance(load_policy(path), Policy), path.name
+
+
+def test_files_sha256_tells_whether_the_files_changed_since_loading(tmp_path: Path) -> None:
+    from policy.loader import files_sha256
+
+    shutil.copytree(TESTDATA / "allowlists", tmp_path / "allowlists")
+    policy_path = tmp_path / "policies" / "p.yaml"
+    policy_path.parent.mkdir()
+    policy_path.write_text("version: 1\nallowlists: [../allowlists/small.yaml]\n")
+    policy = load_policy(policy_path)
+    assert files_sha256(policy.files) == policy.sha256
+    allowlist = tmp_path / "allowlists" / "small.yaml"
+    allowlist.write_text(allowlist.read_text() + "# a reviewer's note\n")
+    assert files_sha256(policy.files) != policy.sha256
+    allowlist.unlink()
+    assert files_sha256(policy.files) is None

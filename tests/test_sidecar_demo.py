@@ -32,4 +32,6 @@ def test_demo_runs_the_sidecar_and_shows_what_the_policy_removed() -> None:
     for secret in ("fix the bug in auth.go", "secret-project", "repo:acme/payroll salary"):
         assert secret in out
         assert not any(secret in line for line in leaving)
-    assert done.stderr == ""
+    # stderr carries no traceback and no removed value (grpc's C core may log a line there under load)
+    assert "Traceback" not in done.stderr
+    assert not any(secret in done.stderr for secret in ("fix the bug in auth.go", "secret-project", "payroll"))

@@ -376,3 +376,31 @@ def test_usage_errors_exit_2_before_serving(tmp_path: Path) -> None:
     done = _serve("--policy", str(tmp_path / "missing.yaml"))
     assert done.returncode == 2 and f"--policy {tmp_path / 'missing.yaml'}: cannot read" in done.stderr
     assert "Traceback" not in done.stderr and "Errno" not in done.stderr
+
+
+def test_sighup_while_workers_start_does_not_kill_them(tmp_path: Path) -> None:
+    """Operators reload with SIGHUP at any time, also while the workers are still loading the policy."""
+    log = tmp_path / "serve.log"
+    command = [sys.executable, "-m", "telemetry_guard", "serve", "--listen", "127.0.0.1:0"]
+    command += ["--workers", "2", "--reload-interval", "0"]
+    with open(log, "wb") as err:
+        process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=err, cwd=ROOT)
+    try:
+        deadline = time.monotonic() + 30
+        while b'"workers started"' not in log.read_bytes():  # forked; their servers not up yet
+            assert process.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.005)
+        while log.read_bytes().count(b'"serving"') < 2:
+            assert process.poll() is None, f"sidecar died (exit {process.returncode}):\n{log.read_text()}"
+            assert b'"worker exited"' not in log.read_bytes(), log.read_text()
+            assert time.monotonic() < deadline, "workers did not start"
+            process.send_signal(signal.SIGHUP)
+            time.sleep(0.01)
+        time.sleep(0.5)
+        assert process.poll() is None and b'"worker exited"' not in log.read_bytes(), log.read_text()
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(20) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(5)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import signal
 import sys
 from typing import Any
 
@@ -181,6 +182,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"telemetry-guard serve: {exc}", file=sys.stderr)
         return 2
     logs.configure(config.log_level)
+    # A SIGHUP before the server installs its reload handler must not kill the process.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     if config.workers == 1:
         return _serve(config, reuse_port=False)
     from sidecar import workers
