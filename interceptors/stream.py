@@ -45,10 +45,15 @@ class StreamGuard(CallGuard):
 
     # -- one message --------------------------------------------------------------------
 
-    def accept(self, item: Any) -> Message | None:
-        """The next request as received: the filtered message to pass on, or None to skip it."""
+    def take_index(self) -> int:
+        """The position of the next message received on the stream (0: the first), for audit records."""
         index = self._received
         self._received += 1
+        return index
+
+    def accept(self, item: Any) -> Message | None:
+        """The next request as received: the filtered message to pass on, or None to skip it."""
+        index = self.take_index()
         with self.judging(message=index):
             request = self._decode(item)
             if not isinstance(request, pb.RecordEventsRequest | pb.PublishInstanceUserMetadataRequest):

@@ -76,13 +76,12 @@ class _KindPlan:
         self.legacy_rule = rules.legacy_metadata.rule
         self.discard_unknown = rules.unknown_fields.value == "discard"
         self.unknown_rule = rules.unknown_fields.rule
-        self.droppers: list[tuple[str, fieldpaths.Remover]] = []
+        self.droppers: list[tuple[Removal, fieldpaths.Remover]] = []
         for path in rules.drop_fields.value:
             resolved = fieldpaths.resolve(path)
             if isinstance(resolved, str):  # the loader refuses such paths; never silently skip one
                 raise ValueError(f"{rules.drop_fields.rule}: {resolved}")
-            self.droppers.append((path, fieldpaths.remover(resolved)))
-        self.drop_rule = rules.drop_fields.rule
+            self.droppers.append((Removal(rules.drop_fields.rule, path), fieldpaths.remover(resolved)))
         # Nothing per event can apply: the loop is skipped (events are only counted).
         self.untouched = (
             not self.drop_marketing
@@ -350,9 +349,9 @@ class Engine:
                 params.ClearField("legacy_metadata")
                 merged = Removal(plan.legacy_rule, "parameters.legacy_metadata", names, "merged")
                 removals = [merged] if removals is None else [*removals, merged]
-            for path, remove in droppers:
+            for dropped_field, remove in droppers:
                 if remove(event):
-                    removals = [*(removals or ()), Removal(plan.drop_rule, path)]
+                    removals = [*(removals or ()), dropped_field]
             if detailed and plan.discard_unknown:
                 before = event.ByteSize()
                 event.DiscardUnknownFields()

@@ -220,11 +220,12 @@ class Forwarder:
 
     # -- RecordEvents -------------------------------------------------------------------
 
-    def _filter_events(self, stream: StreamGuard, raw: bytes, index: int) -> bytes | None:
+    def _filter_events(self, stream: StreamGuard, raw: bytes) -> bytes | None:
         """The bytes to send upstream for one message of the stream (None: skip it); raises GuardError."""
         if stream.kind is None or wire.payload(raw) != wire.EVENTS:
             message = stream.accept(raw)  # metadata again, empty, irregular: the protocol's rules
             return None if message is None else stream.pass_on(_serialize, message)
+        index = stream.take_index()  # numbered like the messages accept() sees
         guard = stream.guard
         try:
             with evaluating(stream.rpc):
@@ -301,10 +302,8 @@ class Forwarder:
         try:
             await call.write(stream.pass_on(_serialize, first))
             self._sent(RECORD_EVENTS, kind)
-            index = 1
             async for raw in requests:
-                out = self._filter_events(stream, raw, index)
-                index += 1
+                out = self._filter_events(stream, raw)
                 if out is None:
                     continue
                 await payloads.sending()

@@ -142,11 +142,15 @@ def test_many_payloads_on_one_stream_keep_their_order(sidecar: Sidecar, upstream
 
 
 def test_empty_messages_are_skipped(sidecar: Sidecar, upstream: ServedUpstream) -> None:
-    requests = [pb.RecordEventsRequest(), metadata("licensed_instance"), pb.RecordEventsRequest(), payload(event("e"))]
+    requests = [pb.RecordEventsRequest(), metadata("licensed_instance", "req-empty")]
+    requests += [pb.RecordEventsRequest(), payload(event("e"))]
     out = record_events(sidecar.stub(), requests)
     assert out.code == grpc.StatusCode.OK, out.details
     (call,) = upstream.servicer.received("RecordEvents")
     assert [m.WhichOneof("payload") for m in call.messages] == ["metadata", "events"]
+    # Audit records number the messages as the client sent them, empty ones included.
+    records = wait_for(lambda: sidecar.logs(audit="decision", request_id="req-empty") or None, what="audit records")
+    assert sorted(r["message"] for r in records) == [1, 3]
 
 
 def test_record_event_is_filtered_and_forwarded(sidecar: Sidecar, upstream: ServedUpstream) -> None:
