@@ -58,7 +58,7 @@ def server_encoder(rpc: str, deserializer: Callable[[bytes], Any] | None) -> Enc
     forwarding proxy), or the result of any other deserializer.
     """
     if deserializer is None:
-        return _serialize
+        return serialize
     if deserializer == REQUEST_TYPES[rpc].FromString:
         return _identity
     return lambda message: deserializer(message.SerializeToString())
@@ -66,10 +66,11 @@ def server_encoder(rpc: str, deserializer: Callable[[bytes], Any] | None) -> Enc
 
 def client_encoder(call: CallGuard) -> Encode:
     """How a channel takes a filtered request: as the caller gave them (bytes for a raw-bytes method)."""
-    return _serialize if call.raw else _identity
+    return serialize if call.raw else _identity
 
 
-def _serialize(message: Message) -> bytes:
+def serialize(message: Message) -> bytes:
+    """Encode: a message for a consumer that takes bytes (raw handlers, the sidecar's upstream)."""
     return message.SerializeToString()
 
 

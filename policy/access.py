@@ -13,7 +13,7 @@ from policy.model import Policy
 from telemetrygateway.v1 import telemetrygateway_pb2 as pb
 
 # The field that must be non-empty for each identifier kind (the gateway's checks).
-_REQUIRED_ID_FIELD = {
+REQUIRED_ID_FIELD = {
     "licensed_instance": "license_key",
     "unlicensed_instance": "instance_id",
     "managed_service": "service_id",
@@ -34,7 +34,7 @@ def check_identifier(rpc: str, identifier: pb.Identifier | None) -> str | Denial
             "identifier",
             f"{rpc}: no identifier in the request metadata (or a kind this proto does not know)",
         )
-    required = _REQUIRED_ID_FIELD[kind]
+    required = REQUIRED_ID_FIELD[kind]
     if not getattr(getattr(identifier, kind), required):
         return Denial(
             grpc.StatusCode.INVALID_ARGUMENT,
@@ -42,6 +42,13 @@ def check_identifier(rpc: str, identifier: pb.Identifier | None) -> str | Denial
             f"{rpc}: identifier.{kind}.{required} is empty",
         )
     return kind
+
+
+def placeholder_identifier(kind: str, value: str) -> pb.Identifier:
+    """A complete identifier of a kind (its required field set to value): for dry runs and `apply`."""
+    identifier = pb.Identifier()
+    setattr(getattr(identifier, kind), REQUIRED_ID_FIELD[kind], value)
+    return identifier
 
 
 def check_kind(policy: Policy, rpc: str, kind: str) -> Denial | None:

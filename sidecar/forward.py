@@ -44,7 +44,7 @@ import grpc.aio
 from google.protobuf.message import DecodeError, Message
 
 from interceptors.errors import GuardError, evaluating, internal_error, wire_error
-from interceptors.guard import Guard, UnaryGuard, authorization_from, removed_event_response
+from interceptors.guard import Guard, UnaryGuard, authorization_from, removed_event_response, serialize
 from interceptors.stream import StreamGuard
 from policy.engine import PUBLISH_USER_METADATA, RECORD_EVENT, RECORD_EVENTS
 from policy.kinds import SERVICE, method_path
@@ -64,10 +64,6 @@ DEFAULT_WINDOW = 64  # events payloads per stream sent upstream and not yet answ
 END_SETTLE_SECONDS = 0.01
 CORE_WRITE_RACE = "Internal error from Core"
 NO_DEADLINE = 10.0**9  # seconds; beyond this a client's deadline is "none"
-
-
-def _serialize(message: Message) -> bytes:
-    return message.SerializeToString()
 
 
 def _retrieve(task: asyncio.Task[Any]) -> None:
@@ -224,7 +220,7 @@ class Forwarder:
         """The bytes to send upstream for one message of the stream (None: skip it); raises GuardError."""
         if stream.kind is None or wire.payload(raw) != wire.EVENTS:
             message = stream.accept(raw)  # metadata again, empty, irregular: the protocol's rules
-            return None if message is None else stream.pass_on(_serialize, message)
+            return None if message is None else stream.pass_on(serialize, message)
         index = stream.take_index()  # numbered like the messages accept() sees
         guard = stream.guard
         try:
@@ -300,7 +296,7 @@ class Forwarder:
         """Client -> upstream, one message at a time."""
         kind = stream.kind
         try:
-            await call.write(stream.pass_on(_serialize, first))
+            await call.write(stream.pass_on(serialize, first))
             self._sent(RECORD_EVENTS, kind)
             async for raw in requests:
                 out = self._filter_events(stream, raw)
@@ -391,7 +387,7 @@ class Forwarder:
     ) -> None:
         kind = stream.kind
         try:
-            await call.write(stream.pass_on(_serialize, first))
+            await call.write(stream.pass_on(serialize, first))
             self._sent(stream.rpc, kind)
             async for raw in requests:
                 message = stream.accept(raw)
@@ -399,7 +395,7 @@ class Forwarder:
                     continue
                 if call.done():
                     return
-                await call.write(stream.pass_on(_serialize, message))
+                await call.write(stream.pass_on(serialize, message))
                 self._sent(stream.rpc, kind)
             await _settle()
             await call.done_writing()
@@ -423,7 +419,7 @@ class Forwarder:
                 request = guarded.admit(raw)
                 await guarded.verify_async()
                 kept = guarded.filter(request)
-                passed = None if kept is None else guarded.pass_on(_serialize, kept)
+                passed = None if kept is None else guarded.pass_on(serialize, kept)
             except GuardError as exc:
                 await context.abort(exc.code, exc.message)
             if passed is None:  # removed whole by the policy: acknowledged, nothing sent

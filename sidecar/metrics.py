@@ -28,10 +28,10 @@ from prometheus_client.exposition import generate_latest
 from interceptors.audit import AuditLog
 from interceptors.errors import GuardError
 from policy import Decision, Policy
+from sidecar.workers import MULTIPROC_ENV
 from telemetrygateway.v1 import telemetrygateway_pb2 as pb
 
 NO_KIND = "none"
-MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 # Upstream round trips: a unary call, or one events payload to the response that answers it.
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)

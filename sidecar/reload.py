@@ -25,6 +25,7 @@ from pathlib import Path
 
 from interceptors.guard import Guard
 from policy import KINDS, Engine, Policy, PolicyError, default_policy, load_policy
+from policy.access import placeholder_identifier
 from policy.loader import files_sha256
 from sidecar.logs import fields
 from sidecar.metrics import Metrics
@@ -66,11 +67,7 @@ def _dry_run(engine: Engine) -> None:
     event.parameters.private_metadata.update({"languageId": "go", "other": 1})
     data = request.SerializeToString()
     for kind in KINDS:
-        identifier = pb.Identifier()
-        member = getattr(identifier, kind)
-        for name in ("license_key", "instance_id", "service_id", "workspace_id"):
-            if name in member.DESCRIPTOR.fields_by_name:
-                setattr(member, name, "reload-check")
+        identifier = placeholder_identifier(kind, "reload-check")
         engine.check_access("RecordEvents", identifier, "Bearer reload-check")
         engine.record_events_bytes(data, identifier)
 

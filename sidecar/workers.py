@@ -30,7 +30,7 @@ from types import FrameType
 from sidecar.logs import fields
 
 LOG = logging.getLogger("telemetry_guard.sidecar.workers")
-MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"  # prometheus_client's switch to multiprocess mode
 
 
 def multiprocess_metrics() -> str | None:

@@ -12,6 +12,7 @@ from typing import IO, Any
 
 from google.protobuf import json_format
 
+from policy import access
 from policy.cases import REQUEST_TYPES, apply_request, parse_error_text, stream_identifier, to_json
 from policy.engine import Engine
 from policy.kinds import KINDS, RPCS
@@ -45,12 +46,6 @@ MAX_LINE_BYTES = 64 * 1024 * 1024
 PROGRESS_SECONDS = 1.0
 
 # A placeholder for what the gateway requires of each kind's identifier (only presence is checked).
-_PLACEHOLDER = {
-    "licensed_instance": {"license_key": "telemetry-guard-apply"},
-    "unlicensed_instance": {"instance_id": "telemetry-guard-apply"},
-    "managed_service": {"service_id": "telemetry-guard-apply"},
-    "workspace": {"workspace_id": "telemetry-guard-apply"},
-}
 
 
 def register(sub: Any) -> None:
@@ -70,9 +65,7 @@ def register(sub: Any) -> None:
 
 
 def placeholder_identifier(kind: str) -> pb.Identifier:
-    identifier = pb.Identifier()
-    json_format.ParseDict({kind: _PLACEHOLDER[kind]}, identifier)
-    return identifier
+    return access.placeholder_identifier(kind, "telemetry-guard-apply")
 
 
 def read_lines(stream: IO[bytes], limit: int = MAX_LINE_BYTES) -> Iterator[tuple[int, bytes | None]]:
