@@ -1,0 +1,741 @@
+/*
+ * policy._wirefilter: the engine's fast path for RecordEvents payloads, on the wire form.
+ *
+ * One pass over the bytes of a RecordEventsRequest, driven by tables built from the
+ * generated descriptors (policy/fastpath.py): every field is checked against the
+ * schema and copied, skipped or rewritten; nothing is parsed into objects. It
+ * applies a kind's rules (whole-event filter, validity, marketing_tracking,
+ * private_metadata keep/drop/allowlist, field drops, unknown fields) exactly as the
+ * Python engine does.
+ *
+ * It only takes the encodings it fully understands: canonical ones, as exporters
+ * write them. At anything else (a singular field or oneof member given twice, a
+ * duplicate map key, a wrong wire type, a group, invalid UTF-8, a metadata message,
+ * deep nesting, ...) it returns None and the caller runs the Python engine, which is
+ * the reference. So it never accepts what the reference refuses, and never lets a
+ * shadowed value (one a parser would overwrite) through.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <stdint.h>
+#include <string.h>
+
+enum { T_VARINT, T_FIXED64, T_STRING, T_BYTES, T_MESSAGE, T_FIXED32 };
+enum { F_REPEATED = 1, F_IMPLICIT = 2, F_MAP = 4 };
+enum { R_NONE, R_FALLBACK, R_EVENT, R_ID, R_FEATURE, R_ACTION, R_TIMESTAMP, R_MARKETING, R_PRIVATE, R_LEGACY };
+enum { MODE_KEEP, MODE_DROP, MODE_ALLOWLIST };
+/* Flags of an event's record, read by policy/fastpath.py. */
+enum { REC_MARKETING = 1, REC_PRIVATE_WHOLE = 2 };
+
+#define MAX_FIELD 63   /* field numbers above are unknown to every message here */
+#define MAX_DEPTH 32   /* deeper: fallback (upb's own limit is 100) */
+#define MAX_KEYS 48    /* map entries checked for duplicates; more: fallback */
+#define MAX_TYPES 64   /* event types remembered per call */
+#define MAX_MESSAGES 64
+
+#define OK 0
+#define FALLBACK 1
+#define FAIL (-1) /* a Python exception is set */
+
+typedef struct {
+    uint8_t known, type, flags, role;
+    int8_t oneof; /* -1: not in a oneof */
+    int8_t drop;  /* -1: kept; else the bit of the drop_fields rule that removes it */
+    int16_t child; /* message index for T_MESSAGE (the entry message for a map) */
+} Field;
+
+typedef struct {
+    int max;
+    int strict; /* map entries: an unknown field means fallback */
+    Field fields[MAX_FIELD + 1];
+} Msg;
+
+typedef struct {
+    PyObject_HEAD
+    Msg *msgs;
+    int nmsgs, root, value_msg; /* value_msg: google.protobuf.Value (allowlist checks) */
+    int drop_marketing, private_mode, merge_legacy, discard_unknown, drop_invalid;
+    PyObject *replacement; /* bytes, or NULL: a non-string value is removed */
+    PyObject *invalid_rule; /* str */
+} Plan;
+
+typedef struct { const uint8_t *p; Py_ssize_t n; } Slice;
+
+typedef struct {
+    Slice feature, action;
+    PyObject *resolved; /* borrowed from the memo */
+} TypeMemo;
+
+typedef struct {
+    const Plan *plan;
+    PyObject *resolve;
+    PyObject *out;
+    Py_ssize_t pos, cap;
+    PyObject *records;
+    Py_ssize_t events_in, events_out;
+    int saw_unknown;
+    /* the event being written */
+    unsigned flags;
+    uint64_t drops;
+    PyObject *keys; /* frozenset of allowed keys (bytes) or NULL */
+    Slice gone[MAX_KEYS], wrong[MAX_KEYS];
+    int ngone, nwrong;
+    TypeMemo memo[MAX_TYPES];
+    int nmemo;
+} Ctx;
+
+/* ---- output ------------------------------------------------------------------------ */
+
+static int reserve(Ctx *c, Py_ssize_t n) {
+    if (c->pos + n <= c->cap) return OK;
+    Py_ssize_t cap = c->cap * 2;
+    if (cap < c->pos + n) cap = c->pos + n + 256;
+    if (_PyBytes_Resize(&c->out, cap) < 0) return FAIL;
+    c->cap = cap;
+    return OK;
+}
+
+static inline uint8_t *at(Ctx *c) { return (uint8_t *)PyBytes_AS_STRING(c->out) + c->pos; }
+
+static int put(Ctx *c, const uint8_t *p, Py_ssize_t n) {
+    if (reserve(c, n) < 0) return FAIL;
+    memcpy(at(c), p, (size_t)n);
+    c->pos += n;
+    return OK;
+}
+
+static int varint_size(uint64_t v) {
+    int n = 1;
+    while (v >= 0x80) { v >>= 7; n++; }
+    return n;
+}
+
+static void write_varint(uint8_t *p, uint64_t v) {
+    while (v >= 0x80) { *p++ = (uint8_t)(v | 0x80); v >>= 7; }
+    *p = (uint8_t)v;
+}
+
+static int put_varint(Ctx *c, uint64_t v) {
+    if (reserve(c, 10) < 0) return FAIL;
+    write_varint(at(c), v);
+    c->pos += varint_size(v);
+    return OK;
+}
+
+/* A length prefix written once the content is known: 5 bytes held, then closed up. */
+static int open_len(Ctx *c, Py_ssize_t *mark) {
+    if (reserve(c, 5) < 0) return FAIL;
+    *mark = c->pos;
+    c->pos += 5;
+    return OK;
+}
+
+static void close_len(Ctx *c, Py_ssize_t mark) {
+    uint8_t *base = (uint8_t *)PyBytes_AS_STRING(c->out);
+    Py_ssize_t len = c->pos - mark - 5;
+    int n = varint_size((uint64_t)len);
+    write_varint(base + mark, (uint64_t)len);
+    memmove(base + mark + n, base + mark + 5, (size_t)len);
+    c->pos -= 5 - n;
+}
+
+/* ---- input ------------------------------------------------------------------------- */
+
+static inline int read_varint(const uint8_t **pp, const uint8_t *end, uint64_t *out) {
+    const uint8_t *p = *pp;
+    uint64_t v = 0;
+    for (int i = 0; i < 10; i++) {
+        if (p >= end) return 0;
+        uint8_t b = *p++;
+        if (i == 9 && b > 1) return 0;
+        v |= (uint64_t)(b & 0x7f) << (7 * i);
+        if (!(b & 0x80)) {
+            *pp = p;
+            *out = v;
+            return 1;
+        }
+    }
+    return 0;
+}
+
+static inline int read_tag(const uint8_t **pp, const uint8_t *end, uint32_t *num, uint32_t *wt) {
+    uint64_t tag;
+    if (!read_varint(pp, end, &tag) || tag > 0xffffffffu || (tag >> 3) == 0) return 0;
+    *num = (uint32_t)(tag >> 3);
+    *wt = (uint32_t)(tag & 7);
+    return 1;
+}
+
+/* Past one value of wire type wt; v..*vend is a length-delimited payload. Groups: no. */
+static inline int skip_value(const uint8_t **pp, const uint8_t *end, uint32_t wt, const uint8_t **v) {
+    uint64_t x;
+    switch (wt) {
+    case 0:
+        *v = *pp;
+        return read_varint(pp, end, &x);
+    case 1:
+        if (end - *pp < 8) return 0;
+        *v = *pp;
+        *pp += 8;
+        return 1;
+    case 2:
+        if (!read_varint(pp, end, &x) || x > (uint64_t)(end - *pp)) return 0;
+        *v = *pp;
+        *pp += x;
+        return 1;
+    case 5:
+        if (end - *pp < 4) return 0;
+        *v = *pp;
+        *pp += 4;
+        return 1;
+    default:
+        return 0;
+    }
+}
+
+static int utf8_valid(const uint8_t *s, Py_ssize_t n) {
+    Py_ssize_t i = 0;
+    while (i < n) {
+        if (i + 8 <= n) {
+            uint64_t w;
+            memcpy(&w, s + i, 8);
+            if (!(w & 0x8080808080808080ull)) { i += 8; continue; }
+        }
+        uint8_t b = s[i];
+        if (b < 0x80) { i++; continue; }
+        int len;
+        uint32_t cp;
+        if (b >= 0xc2 && b <= 0xdf) { len = 2; cp = b & 0x1f; }
+        else if (b >= 0xe0 && b <= 0xef) { len = 3; cp = b & 0x0f; }
+        else if (b >= 0xf0 && b <= 0xf4) { len = 4; cp = b & 0x07; }
+        else return 0;
+        if (i + len > n) return 0;
+        for (int k = 1; k < len; k++) {
+            uint8_t cb = s[i + k];
+            if ((cb & 0xc0) != 0x80) return 0;
+            cp = (cp << 6) | (cb & 0x3f);
+        }
+        if ((len == 3 && (cp < 0x800 || (cp >= 0xd800 && cp <= 0xdfff))) || (len == 4 && (cp < 0x10000 || cp > 0x10ffff)))
+            return 0;
+        i += len;
+    }
+    return 1;
+}
+
+static inline int wire_type(uint8_t type) {
+    switch (type) {
+    case T_VARINT: return 0;
+    case T_FIXED64: return 1;
+    case T_FIXED32: return 5;
+    default: return 2;
+    }
+}
+
+static inline int same(Slice a, const uint8_t *p, Py_ssize_t n) { return a.n == n && memcmp(a.p, p, (size_t)n) == 0; }
+
+/* ---- the walk ---------------------------------------------------------------------- */
+
+static int walk(Ctx *c, int mi, const uint8_t *p, const uint8_t *end, int depth, int emit);
+static int event(Ctx *c, const Field *f, const uint8_t *tag, const uint8_t *tag_end, const uint8_t *v,
+                 const uint8_t *end, Py_ssize_t index);
+static int private_allowlist(Ctx *c, const uint8_t *tag, const uint8_t *tag_end, const uint8_t *p, const uint8_t *end);
+
+/* A map entry's key (the entry itself is checked by walking it as a message). */
+static int map_key(const uint8_t *p, const uint8_t *end, Slice *key) {
+    key->p = p;
+    key->n = 0;
+    while (p < end) {
+        uint32_t num, wt;
+        const uint8_t *v;
+        if (!read_tag(&p, end, &num, &wt) || !skip_value(&p, end, wt, &v)) return FALLBACK;
+        if (num == 1 && wt == 2) *key = (Slice){v, p - v};
+    }
+    return OK;
+}
+
+/* Whether a dropped field counts as removed: as the Python remover sees it (HasField, a
+ * non-default value for implicit presence, a non-empty repeated field). */
+static int is_set(const Field *f, const uint8_t *v, const uint8_t *end) {
+    if (!(f->flags & F_IMPLICIT) || (f->flags & F_REPEATED)) return 1;
+    switch (f->type) {
+    case T_VARINT: {
+        uint64_t x = 0;
+        read_varint(&v, end, &x);
+        return x != 0;
+    }
+    case T_FIXED64: {
+        uint64_t x;
+        memcpy(&x, v, 8);
+        return (x << 1) != 0; /* 0.0 and -0.0 are both "not set" to Python */
+    }
+    case T_FIXED32: {
+        uint32_t x;
+        memcpy(&x, v, 4);
+        return (x << 1) != 0;
+    }
+    default:
+        return end > v;
+    }
+}
+
+static int walk(Ctx *c, int mi, const uint8_t *p, const uint8_t *end, int depth, int emit) {
+    if (depth > MAX_DEPTH) return FALLBACK;
+    const Plan *plan = c->plan;
+    const Msg *m = &plan->msgs[mi];
+    uint64_t seen = 0;
+    uint32_t oneofs = 0;
+    Slice keys[MAX_KEYS]; /* map keys seen, of the map field key_maps[i] */
+    uint32_t key_maps[MAX_KEYS];
+    int nkeys = 0;
+    Py_ssize_t index = 0;
+    while (p < end) {
+        const uint8_t *start = p, *v;
+        uint32_t num, wt;
+        if (!read_tag(&p, end, &num, &wt)) return FALLBACK;
+        const uint8_t *tag_end = p;
+        const Field *f = num <= (uint32_t)m->max ? &m->fields[num] : NULL;
+        if (f == NULL || !f->known) {
+            if (m->strict || !skip_value(&p, end, wt, &v)) return FALLBACK;
+            c->saw_unknown = 1;
+            if (emit && !plan->discard_unknown && put(c, start, p - start) < 0) return FAIL;
+            continue;
+        }
+        if (wt != (uint32_t)wire_type(f->type) || !skip_value(&p, end, wt, &v)) return FALLBACK;
+        if (!(f->flags & F_REPEATED)) {
+            if (seen & (1ull << num)) return FALLBACK;
+            seen |= 1ull << num;
+        }
+        if (f->oneof >= 0) {
+            if (oneofs & (1u << f->oneof)) return FALLBACK;
+            oneofs |= 1u << f->oneof;
+        }
+        int keep = emit && f->drop < 0;
+        if (emit && f->drop >= 0 && is_set(f, v, p)) c->drops |= 1ull << f->drop;
+        switch (f->role) {
+        case R_FALLBACK:
+            return FALLBACK;
+        case R_EVENT: {
+            if (!emit) return FALLBACK;
+            int r = event(c, f, start, tag_end, v, p, index++);
+            if (r != OK) return r;
+            continue;
+        }
+        case R_MARKETING:
+            if (plan->drop_marketing) { /* a dropped field is not read (as the view's bytes field) */
+                if (emit) c->flags |= REC_MARKETING;
+                continue;
+            }
+            break;
+        case R_LEGACY:
+            if (emit && plan->merge_legacy) return FALLBACK; /* merged by the Python engine */
+            break;
+        case R_PRIVATE:
+            if (!emit || plan->private_mode == MODE_KEEP) break;
+            if (plan->private_mode == MODE_ALLOWLIST && c->keys != NULL) {
+                int r = private_allowlist(c, start, tag_end, v, p);
+                if (r != OK) return r;
+                continue;
+            }
+            c->flags |= REC_PRIVATE_WHOLE;
+            keep = 0;
+            break;
+        default:
+            break;
+        }
+        if (f->type == T_STRING) {
+            if (!utf8_valid(v, p - v)) return FALLBACK;
+        } else if (f->type == T_MESSAGE) {
+            if (f->flags & F_MAP) { /* one entry; a key given twice would shadow a value */
+                Slice key;
+                if (map_key(v, p, &key) != OK || nkeys == MAX_KEYS) return FALLBACK;
+                for (int k = 0; k < nkeys; k++)
+                    if (key_maps[k] == num && same(keys[k], key.p, key.n)) return FALLBACK;
+                key_maps[nkeys] = num;
+                keys[nkeys++] = key;
+            }
+            if (keep) {
+                Py_ssize_t mark;
+                if (put(c, start, tag_end - start) < 0 || open_len(c, &mark) < 0) return FAIL;
+                int r = walk(c, f->child, v, p, depth + 1, 1);
+                if (r != OK) return r;
+                close_len(c, mark);
+                continue;
+            }
+            int r = walk(c, f->child, v, p, depth + 1, 0);
+            if (r != OK) return r;
+            continue;
+        }
+        if (keep && put(c, start, p - start) < 0) return FAIL;
+    }
+    return OK;
+}
+
+/* ---- events ------------------------------------------------------------------------ */
+
+static PyObject *decode(Slice s) { return PyUnicode_DecodeUTF8((const char *)s.p, s.n, "strict"); }
+
+/* (dropped_by, invalid, keys) for an event type: asked of Python once per type and call. */
+static int resolve(Ctx *c, Slice feature, Slice action, PyObject **out) {
+    for (int i = 0; i < c->nmemo; i++) {
+        TypeMemo *t = &c->memo[i];
+        if (same(t->feature, feature.p, feature.n) && same(t->action, action.p, action.n)) {
+            *out = t->resolved;
+            return OK;
+        }
+    }
+    if (!utf8_valid(feature.p, feature.n) || !utf8_valid(action.p, action.n)) return FALLBACK;
+    PyObject *f = decode(feature), *a = f ? decode(action) : NULL;
+    PyObject *r = a ? PyObject_CallFunctionObjArgs(c->resolve, f, a, NULL) : NULL;
+    Py_XDECREF(f);
+    Py_XDECREF(a);
+    if (r == NULL) return FAIL;
+    if (!PyTuple_Check(r) || PyTuple_GET_SIZE(r) != 3 ||
+        (PyTuple_GET_ITEM(r, 0) != Py_None && !PyUnicode_Check(PyTuple_GET_ITEM(r, 0))) ||
+        (PyTuple_GET_ITEM(r, 2) != Py_None && !PyAnySet_Check(PyTuple_GET_ITEM(r, 2)))) {
+        Py_DECREF(r);
+        PyErr_SetString(PyExc_TypeError, "resolve must return (dropped_by: str | None, invalid, keys: frozenset | None)");
+        return FAIL;
+    }
+    /* Full memo: the last slot is reused (its old type is no longer in use: one event at a time). */
+    int slot = c->nmemo < MAX_TYPES ? c->nmemo++ : MAX_TYPES - 1;
+    if (slot == MAX_TYPES - 1 && c->memo[slot].resolved != NULL) Py_DECREF(c->memo[slot].resolved);
+    c->memo[slot].feature = feature;
+    c->memo[slot].action = action;
+    c->memo[slot].resolved = r; /* owned by the memo */
+    *out = r;
+    return OK;
+}
+
+static PyObject *key_tuple(const Slice *keys, int n) {
+    PyObject *t = PyTuple_New(n);
+    if (t == NULL) return NULL;
+    for (int i = 0; i < n; i++) {
+        PyObject *s = decode(keys[i]);
+        if (s == NULL) {
+            Py_DECREF(t);
+            return NULL;
+        }
+        PyTuple_SET_ITEM(t, i, s);
+    }
+    return t;
+}
+
+/* A record for an event something happened to:
+ * (index, id, feature, action, dropped_by, flags, gone keys, wrong keys, drop bits). */
+static int add_record(Ctx *c, Py_ssize_t index, Slice id, Slice feature, Slice action, PyObject *dropped_by) {
+    if (!utf8_valid(id.p, id.n)) return FALLBACK; /* the reference refuses it */
+    PyObject *sid = decode(id), *sf = sid ? decode(feature) : NULL, *sa = sf ? decode(action) : NULL;
+    PyObject *gone = sa && c->ngone ? key_tuple(c->gone, c->ngone) : Py_NewRef(Py_None);
+    PyObject *wrong = gone && c->nwrong ? key_tuple(c->wrong, c->nwrong) : Py_NewRef(Py_None);
+    PyObject *rec = NULL;
+    if (sa && gone && wrong)
+        rec = Py_BuildValue("(nOOOOIOOK)", index, sid, sf, sa, dropped_by ? dropped_by : Py_None, c->flags, gone,
+                            wrong, (unsigned long long)c->drops);
+    Py_XDECREF(sid);
+    Py_XDECREF(sf);
+    Py_XDECREF(sa);
+    Py_XDECREF(gone);
+    Py_XDECREF(wrong);
+    if (rec == NULL) return FAIL;
+    int r = PyList_Append(c->records, rec);
+    Py_DECREF(rec);
+    return r < 0 ? FAIL : OK;
+}
+
+/* The event's own fields that decide its fate, read before anything of it is written. */
+static int event_header(const uint8_t *p, const uint8_t *end, Slice *id, Slice *feature, Slice *action, int *stamped) {
+    int seen = 0;
+    while (p < end) {
+        uint32_t num, wt;
+        const uint8_t *v;
+        if (!read_tag(&p, end, &num, &wt) || !skip_value(&p, end, wt, &v)) return FALLBACK;
+        if (num > 4) continue;
+        if (wt != 2 || (seen & (1 << num))) return FALLBACK; /* the walk would refuse it too */
+        seen |= 1 << num;
+        Slice s = {v, p - v};
+        if (num == 1) *id = s;
+        else if (num == 2) *stamped = 1;
+        else if (num == 3) *feature = s;
+        else *action = s;
+    }
+    return OK;
+}
+
+/* One event: tag..v its tag and length, v..end its content. Removed whole, or written filtered. */
+static int event(Ctx *c, const Field *f, const uint8_t *tag, const uint8_t *tag_end, const uint8_t *v,
+                 const uint8_t *end, Py_ssize_t index) {
+    const Plan *plan = c->plan;
+    Slice id = {v, 0}, feature = {v, 0}, action = {v, 0};
+    int stamped = 0;
+    int r = event_header(v, end, &id, &feature, &action, &stamped);
+    if (r != OK) return r;
+    PyObject *type;
+    if ((r = resolve(c, feature, action, &type)) != OK) return r;
+    PyObject *dropped_by = PyTuple_GET_ITEM(type, 0);
+    if (dropped_by == Py_None) dropped_by = NULL;
+    if (dropped_by == NULL && plan->drop_invalid) {
+        int invalid = PyObject_IsTrue(PyTuple_GET_ITEM(type, 1));
+        if (invalid < 0) return FAIL;
+        if (invalid || id.n == 0 || !stamped) dropped_by = plan->invalid_rule;
+    }
+    c->flags = 0;
+    c->drops = 0;
+    c->ngone = c->nwrong = 0;
+    c->keys = PyTuple_GET_ITEM(type, 2) == Py_None ? NULL : PyTuple_GET_ITEM(type, 2);
+    c->events_in++;
+    if (dropped_by != NULL) { /* checked as the reference parses it, then left out */
+        if ((r = walk(c, f->child, v, end, 2, 0)) != OK) return r;
+        return add_record(c, index, id, feature, action, dropped_by);
+    }
+    c->events_out++;
+    Py_ssize_t mark;
+    if (put(c, tag, tag_end - tag) < 0 || open_len(c, &mark) < 0) return FAIL;
+    if ((r = walk(c, f->child, v, end, 2, 1)) != OK) return r;
+    close_len(c, mark);
+    if (c->flags || c->drops || c->ngone || c->nwrong) return add_record(c, index, id, feature, action, NULL);
+    return OK;
+}
+
+/* An entry {key, Value{string_value: s}}, written anew. */
+static int put_string_entry(Ctx *c, Slice key, const uint8_t *s, Py_ssize_t n) {
+    uint64_t value_len = 1 + (uint64_t)varint_size((uint64_t)n) + (uint64_t)n;
+    uint64_t entry_len =
+        1 + (uint64_t)varint_size((uint64_t)key.n) + (uint64_t)key.n + 1 + (uint64_t)varint_size(value_len) + value_len;
+    if (put_varint(c, 0x0a) < 0 || put_varint(c, entry_len) < 0 || put_varint(c, 0x0a) < 0 ||
+        put_varint(c, (uint64_t)key.n) < 0 || put(c, key.p, key.n) < 0 || put_varint(c, 0x12) < 0 ||
+        put_varint(c, value_len) < 0 || put_varint(c, 0x1a) < 0 || put_varint(c, (uint64_t)n) < 0 || put(c, s, n) < 0)
+        return FAIL;
+    return OK;
+}
+
+/* private_metadata under an allowlist entry (c->keys): allowlisted keys with string values
+ * stay; other keys go; a non-string value goes or is replaced. As the Python engine: the
+ * Struct is checked as a parser would, and unknown fields go when the kind discards them. */
+static int private_allowlist(Ctx *c, const uint8_t *tag, const uint8_t *tag_end, const uint8_t *p, const uint8_t *end) {
+    const Plan *plan = c->plan;
+    Py_ssize_t mark;
+    if (put(c, tag, tag_end - tag) < 0 || open_len(c, &mark) < 0) return FAIL;
+    Slice keys[MAX_KEYS];
+    int nkeys = 0;
+    while (p < end) {
+        const uint8_t *start = p, *entry;
+        uint32_t num, wt;
+        if (!read_tag(&p, end, &num, &wt) || !skip_value(&p, end, wt, &entry)) return FALLBACK;
+        if (num != 1) { /* an unknown field of the Struct */
+            c->saw_unknown = 1;
+            if (!plan->discard_unknown && put(c, start, p - start) < 0) return FAIL;
+            continue;
+        }
+        if (wt != 2) return FALLBACK;
+        /* the entry: key 1 (string) and value 2 (Value), each at most once, nothing else */
+        Slice key = {entry, 0}, value = {NULL, 0};
+        int seen = 0;
+        for (const uint8_t *q = entry; q < p;) {
+            const uint8_t *fv;
+            uint32_t fn, fw;
+            if (!read_tag(&q, p, &fn, &fw) || fn > 2 || fw != 2 || (seen & (1 << fn)) || !skip_value(&q, p, fw, &fv))
+                return FALLBACK;
+            seen |= 1 << fn;
+            if (fn == 1) key = (Slice){fv, q - fv};
+            else value = (Slice){fv, q - fv};
+        }
+        if (!utf8_valid(key.p, key.n) || nkeys == MAX_KEYS) return FALLBACK;
+        for (int k = 0; k < nkeys; k++)
+            if (same(keys[k], key.p, key.n)) return FALLBACK;
+        keys[nkeys++] = key;
+        /* the value, checked as the reference parses it; which kind it holds */
+        Slice string = {NULL, 0};
+        int unknown_inside = 0;
+        if (value.p != NULL) {
+            int saw = c->saw_unknown;
+            c->saw_unknown = 0;
+            int r = walk(c, plan->value_msg, value.p, value.p + value.n, 3, 0);
+            if (r != OK) return r;
+            unknown_inside = c->saw_unknown;
+            c->saw_unknown |= saw;
+            const uint8_t *vp = value.p, *vv = NULL, *vend = value.p + value.n;
+            while (vp < vend) { /* the walk allowed one kind at most */
+                uint32_t vn, vw;
+                read_tag(&vp, vend, &vn, &vw);
+                skip_value(&vp, vend, vw, &vv);
+                if (vn == 3 && vw == 2) string = (Slice){vv, vp - vv};
+            }
+        }
+        PyObject *kb = PyBytes_FromStringAndSize((const char *)key.p, key.n);
+        if (kb == NULL) return FAIL;
+        int allowed = PySet_Contains(c->keys, kb);
+        Py_DECREF(kb);
+        if (allowed < 0) return FAIL;
+        if (!allowed) {
+            c->gone[c->ngone++] = key;
+        } else if (string.p != NULL) {
+            int r = unknown_inside && plan->discard_unknown ? put_string_entry(c, key, string.p, string.n)
+                                                            : put(c, start, p - start);
+            if (r < 0) return FAIL;
+        } else {
+            c->wrong[c->nwrong++] = key;
+            /* replaced: nothing of the old value survives, unknown fields included */
+            if (plan->replacement != NULL &&
+                put_string_entry(c, key, (const uint8_t *)PyBytes_AS_STRING(plan->replacement),
+                                 PyBytes_GET_SIZE(plan->replacement)) < 0)
+                return FAIL;
+        }
+    }
+    close_len(c, mark);
+    return OK;
+}
+
+/* ---- the Plan type ----------------------------------------------------------------- */
+
+static void plan_dealloc(Plan *self) {
+    PyMem_Free(self->msgs);
+    Py_XDECREF(self->replacement);
+    Py_XDECREF(self->invalid_rule);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static int parse_messages(Plan *self, PyObject *messages) {
+    if (!PyList_Check(messages) || PyList_GET_SIZE(messages) == 0 || PyList_GET_SIZE(messages) > MAX_MESSAGES) {
+        PyErr_SetString(PyExc_ValueError, "messages: a non-empty list of at most 64 field lists");
+        return -1;
+    }
+    self->nmsgs = (int)PyList_GET_SIZE(messages);
+    self->msgs = PyMem_Calloc((size_t)self->nmsgs, sizeof(Msg));
+    if (self->msgs == NULL) { PyErr_NoMemory(); return -1; }
+    for (int i = 0; i < self->nmsgs; i++) {
+        PyObject *spec = PyList_GET_ITEM(messages, i);
+        PyObject *fields;
+        int strict;
+        if (!PyArg_ParseTuple(spec, "Op", &fields, &strict)) return -1;
+        Msg *m = &self->msgs[i];
+        m->strict = strict;
+        PyObject *seq = PySequence_Fast(fields, "fields: a sequence");
+        if (seq == NULL) return -1;
+        for (Py_ssize_t k = 0; k < PySequence_Fast_GET_SIZE(seq); k++) {
+            int num, type, flags, role, oneof, drop, child;
+            if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(seq, k), "iiiiiii", &num, &type, &flags, &role, &oneof, &drop,
+                                  &child)) {
+                Py_DECREF(seq);
+                return -1;
+            }
+            if (num < 1 || num > MAX_FIELD || type < T_VARINT || type > T_FIXED32 || oneof < -1 || oneof > 31 ||
+                drop < -1 || drop > 63 || (type == T_MESSAGE && (child < 0 || child >= self->nmsgs))) {
+                Py_DECREF(seq);
+                PyErr_Format(PyExc_ValueError, "message %d: field %d is out of range", i, num);
+                return -1;
+            }
+            Field *f = &m->fields[num];
+            f->known = 1;
+            f->type = (uint8_t)type;
+            f->flags = (uint8_t)flags;
+            f->role = (uint8_t)role;
+            f->oneof = (int8_t)oneof;
+            f->drop = (int8_t)drop;
+            f->child = (int16_t)child;
+            if (num > m->max) m->max = num;
+        }
+        Py_DECREF(seq);
+    }
+    return 0;
+}
+
+static PyObject *plan_new(PyTypeObject *type, PyObject *args, PyObject *kwargs) {
+    static char *names[] = {"messages", "root", "value", "drop_marketing", "private_mode", "merge_legacy",
+                            "discard_unknown", "drop_invalid", "replacement", "invalid_rule", NULL};
+    PyObject *messages, *replacement, *invalid_rule;
+    int root, value, drop_marketing, private_mode, merge_legacy, discard_unknown, drop_invalid;
+    if (!PyArg_ParseTupleAndKeywords(args, kwargs, "O!iipipppOU", names, &PyList_Type, &messages, &root, &value,
+                                     &drop_marketing, &private_mode, &merge_legacy, &discard_unknown, &drop_invalid,
+                                     &replacement, &invalid_rule))
+        return NULL;
+    if (replacement != Py_None && !PyBytes_Check(replacement)) {
+        PyErr_SetString(PyExc_TypeError, "replacement: bytes or None");
+        return NULL;
+    }
+    Plan *self = (Plan *)type->tp_alloc(type, 0);
+    if (self == NULL) return NULL;
+    if (parse_messages(self, messages) < 0) { Py_DECREF(self); return NULL; }
+    if (root < 0 || root >= self->nmsgs || value < 0 || value >= self->nmsgs || private_mode < MODE_KEEP ||
+        private_mode > MODE_ALLOWLIST) {
+        Py_DECREF(self);
+        PyErr_SetString(PyExc_ValueError, "root, value or private_mode out of range");
+        return NULL;
+    }
+    self->root = root;
+    self->value_msg = value;
+    self->drop_marketing = drop_marketing;
+    self->private_mode = private_mode;
+    self->merge_legacy = merge_legacy;
+    self->discard_unknown = discard_unknown;
+    self->drop_invalid = drop_invalid;
+    self->replacement = replacement == Py_None ? NULL : Py_NewRef(replacement);
+    self->invalid_rule = Py_NewRef(invalid_rule);
+    return (PyObject *)self;
+}
+
+PyDoc_STRVAR(plan_filter_doc,
+             "filter(data, resolve) -> (bytes, events_in, events_out, records) or None\n\n"
+             "data: a serialized RecordEventsRequest. resolve(feature, action) -> (dropped_by, invalid, keys).\n"
+             "None: the bytes are not in the canonical form this path takes; run the Python engine.");
+
+static PyObject *plan_filter(Plan *self, PyObject *args) {
+    Py_buffer data;
+    PyObject *resolver;
+    if (!PyArg_ParseTuple(args, "y*O", &data, &resolver)) return NULL;
+    if (data.len >= INT32_MAX) {
+        PyBuffer_Release(&data);
+        Py_RETURN_NONE;
+    }
+    Ctx *c = PyMem_Calloc(1, sizeof(Ctx));
+    if (c == NULL) {
+        PyBuffer_Release(&data);
+        return PyErr_NoMemory();
+    }
+    c->plan = self;
+    c->resolve = resolver;
+    c->cap = data.len + 64;
+    c->out = PyBytes_FromStringAndSize(NULL, c->cap);
+    c->records = PyList_New(0);
+    int r = FAIL;
+    if (c->out != NULL && c->records != NULL)
+        r = walk(c, self->root, data.buf, (const uint8_t *)data.buf + data.len, 0, 1);
+    if (r == OK && _PyBytes_Resize(&c->out, c->pos) < 0) r = FAIL;
+    PyObject *result = NULL;
+    if (r == OK)
+        result = Py_BuildValue("(OnnO)", c->out, c->events_in, c->events_out, c->records);
+    else if (r == FALLBACK)
+        result = Py_NewRef(Py_None);
+    for (int i = 0; i < c->nmemo; i++) Py_DECREF(c->memo[i].resolved);
+    Py_XDECREF(c->out);
+    Py_XDECREF(c->records);
+    PyMem_Free(c);
+    PyBuffer_Release(&data);
+    return result;
+}
+
+static PyMethodDef plan_methods[] = {
+    {"filter", (PyCFunction)plan_filter, METH_VARARGS, plan_filter_doc},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyTypeObject PlanType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "policy._wirefilter.Plan",
+    .tp_basicsize = sizeof(Plan),
+    .tp_dealloc = (destructor)plan_dealloc,
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "A kind's rules compiled for the wire: tables per message, see policy/fastpath.py.",
+    .tp_methods = plan_methods,
+    .tp_new = plan_new,
+};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT, "policy._wirefilter", "The engine's fast path for RecordEvents payloads.", -1, NULL,
+};
+
+PyMODINIT_FUNC PyInit__wirefilter(void) {
+    if (PyType_Ready(&PlanType) < 0) return NULL;
+    PyObject *m = PyModule_Create(&module);
+    if (m == NULL) return NULL;
+    if (PyModule_AddObjectRef(m, "Plan", (PyObject *)&PlanType) < 0) { Py_DECREF(m); return NULL; }
+    return m;
+}

@@ -1,0 +1,23 @@
+"""Types of the C fast path (policy/_wirefilter.c); built by setup.py where a C compiler is present."""
+
+from collections.abc import Callable, Sequence
+
+Record = tuple[int, str, str, str, str | None, int, tuple[str, ...] | None, tuple[str, ...] | None, int]
+
+class Plan:
+    def __init__(
+        self,
+        messages: Sequence[tuple[Sequence[tuple[int, int, int, int, int, int, int]], bool]],
+        root: int,
+        value: int,
+        drop_marketing: bool,
+        private_mode: int,
+        merge_legacy: bool,
+        discard_unknown: bool,
+        drop_invalid: bool,
+        replacement: bytes | None,
+        invalid_rule: str,
+    ) -> None: ...
+    def filter(
+        self, data: bytes, resolve: Callable[[str, str], tuple[str | None, bool, frozenset[bytes] | None]], /
+    ) -> tuple[bytes, int, int, list[Record]] | None: ...

@@ -1,0 +1,230 @@
+"""The C fast path (policy/_wirefilter.c) against the Python engine, the reference.
+
+For the same bytes and identifier, `Engine(policy)` (fast path where it applies) and
+`Engine(policy, accelerate=False)` (Python only) must agree exactly: both refuse the
+bytes, or both return the same decision record and requests that parse to the same
+message. Inputs: the arbitrary requests of test_properties (random names, Structs,
+marketing, legacy metadata, unknown fields at every depth) under every test policy,
+those requests' bytes mutated at random, and hand-built encodings the fast path must
+leave to the reference (duplicates, shadowed values, groups, invalid UTF-8, ...).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+from google.protobuf.message import DecodeError
+from hypothesis import given
+from hypothesis import strategies as st
+from test_properties import ENGINES, SETTINGS, scenarios, varint
+
+from policy import Engine, default_policy, fastpath, load_policy
+from policy.engine import Outcome
+from telemetrygateway.v1 import telemetrygateway_pb2 as pb
+
+POLICIES = Path(__file__).parent / "testdata" / "policies"
+EXAMPLES = Path(__file__).parent.parent / "docs" / "examples"
+NAMED = {
+    "default": default_policy(),
+    **{p.stem: load_policy(p) for p in sorted(POLICIES.glob("*.yaml"))},
+    **{f"example-{p.stem}": load_policy(p) for p in sorted(EXAMPLES.glob("*.yaml"))},
+    **{name: engine.policy for name, engine in ENGINES.items()},  # the same objects as the scenarios'
+}
+FAST = {name: Engine(policy) for name, policy in NAMED.items()}
+SLOW = {name: Engine(policy, accelerate=False) for name, policy in NAMED.items()}
+LICENSED = pb.Identifier(licensed_instance=pb.Identifier.LicensedInstanceIdentifier(license_key="k"))
+
+
+def engine_name(engine: Engine) -> str:
+    return next(name for name, e in FAST.items() if e.policy is engine.policy)
+
+
+def outcome(engine: Engine, data: bytes, ident: pb.Identifier | None) -> Outcome[bytes] | str:
+    try:
+        return engine.record_events_bytes(data, ident)
+    except DecodeError:
+        return "DecodeError"
+
+
+def canonical(data: bytes | None) -> bytes | None:
+    """The bytes as a parser sees them: the same for any two encodings of one message."""
+    return None if data is None else pb.RecordEventsRequest.FromString(data).SerializeToString(deterministic=True)
+
+
+def assert_same(name: str, data: bytes, ident: pb.Identifier | None) -> Outcome[bytes] | str:
+    fast, slow = outcome(FAST[name], data, ident), outcome(SLOW[name], data, ident)
+    if isinstance(slow, str) or isinstance(fast, str):
+        assert fast == slow, (fast, slow)
+        return fast
+    assert fast.decision == slow.decision
+    assert canonical(fast.request) == canonical(slow.request)
+    return fast
+
+
+def took_fast_path(name: str, kind: str, data: bytes) -> bool:
+    engine = FAST[name]
+    plan = engine._plans[kind]
+    assert plan.fast is not None
+    return plan.fast.filter(data, engine._resolvers[kind]) is not None
+
+
+# --- the extension is there and used -------------------------------------------------------------
+
+
+def test_the_extension_is_built() -> None:
+    assert fastpath.AVAILABLE, "policy._wirefilter is missing: `pip install -e .` builds it where gcc is present"
+
+
+@pytest.mark.parametrize("name", sorted(NAMED))
+def test_every_kind_of_every_policy_here_has_a_fast_plan(name: str) -> None:
+    assert all(plan.fast is not None for plan in FAST[name]._plans.values())
+    assert all(plan.fast is None for plan in SLOW[name]._plans.values())
+
+
+@SETTINGS
+@given(scenarios())
+def test_canonical_encodings_take_the_fast_path(scenario: Any) -> None:
+    """Whatever protobuf itself serializes is taken, except legacy metadata a kind merges (on an event kept)."""
+    engine, kind, _ident, request = scenario
+    data = request.SerializeToString()
+    rules = engine.policy.kinds[kind]
+
+    def removed_whole(ev: pb.Event) -> bool:
+        etype = engine.event_type(kind, ev.feature, ev.action)
+        invalid = etype.invalid is not None or not ev.id or not ev.HasField("timestamp")
+        return etype.dropped_by is not None or (rules.invalid_events.value == "drop" and invalid)
+
+    merges = rules.legacy_metadata.value == "merge"
+    legacy = any(ev.parameters.legacy_metadata and not removed_whole(ev) for ev in request.events.events)
+    assert took_fast_path(engine_name(engine), kind, data) == (not (merges and legacy))
+
+
+# --- agreement --------------------------------------------------------------------------------------
+
+
+@SETTINGS
+@given(scenarios())
+def test_fast_and_python_paths_agree(scenario: Any) -> None:
+    engine, _kind, ident, request = scenario
+    assert_same(engine_name(engine), request.SerializeToString(), ident)
+
+
+@st.composite
+def mutated(draw: st.DrawFn) -> tuple[str, pb.Identifier | None, bytes]:
+    engine, _kind, ident, request = draw(scenarios())
+    data = bytearray(request.SerializeToString())
+    for _ in range(draw(st.integers(1, 3))):
+        at = draw(st.integers(0, len(data)))
+        how = draw(st.sampled_from(["flip", "cut", "insert", "repeat"]))
+        if how == "flip" and at < len(data):
+            data[at] = draw(st.integers(0, 255))
+        elif how == "cut":
+            del data[at:]
+        elif how == "insert":
+            data[at:at] = draw(st.binary(min_size=1, max_size=4))
+        elif how == "repeat":
+            end = draw(st.integers(at, len(data)))
+            data[end:end] = data[at:end]
+    return engine_name(engine), ident, bytes(data)
+
+
+@SETTINGS
+@given(mutated())
+def test_mutated_bytes_get_the_same_answer_from_both_paths(case: tuple[str, pb.Identifier | None, bytes]) -> None:
+    """Never more lenient than the reference: what it refuses, the fast path refuses too."""
+    name, ident, data = case
+    assert_same(name, data, ident)
+
+
+# --- encodings left to the reference ----------------------------------------------------------------
+
+
+def field(number: int, payload: bytes) -> bytes:
+    return varint(number << 3 | 2) + varint(len(payload)) + payload
+
+
+def payload(*events: bytes) -> bytes:
+    return field(2, b"".join(field(1, e) for e in events))
+
+
+def event(*extra: bytes, feature: bytes = b"cody.completion", action: bytes = b"accepted") -> bytes:
+    stamp = field(2, b"\x08\x01")
+    return field(1, b"ev-1") + stamp + field(3, feature) + field(4, action) + b"".join(extra)
+
+
+def private(*entries: tuple[bytes, bytes]) -> bytes:
+    """EventParameters with private_metadata of (key, Value bytes) entries, as they are given."""
+    struct = b"".join(field(1, field(1, k) + field(2, v)) for k, v in entries)
+    return field(6, field(3, struct))
+
+
+STRING = field(3, b"go")
+NUMBER = b"\x11" + b"\x00" * 8  # number_value = 0.0
+
+SHADOWED = {
+    "feature given twice": field(3, b"SHADOWED") + event(),  # the last one counts
+    "marketing given twice": event(field(9, field(1, b"SHADOWED")), field(9, field(3, b"c"))),
+    "private_metadata key given twice": event(private((b"languageId", field(3, b"SHADOWED")), (b"languageId", STRING))),
+    "a Value with two kinds": event(private((b"languageId", field(3, b"SHADOWED") + NUMBER))),
+    "a map key given twice": event(field(6, field(5, field(1, b"k") + b"\x11" + b"\x01" * 8) * 2)),
+    "a string given twice in a sub-message": event(field(5, field(1, field(1, b"SHADOWED") + field(1, b"6.0")))),
+    "an entry whose key is given twice": event(
+        field(6, field(3, field(1, field(1, b"SHADOWED") + field(1, b"languageId") + field(2, STRING))))
+    ),
+    "a known field with another wire type": event(b"\x50\x01"),  # interaction (10) as a varint
+    "a group": event(b"\xab\x06" + b"\xac\x06"),  # field 101 as a group
+    "a metadata message": b"",
+}
+
+
+@pytest.mark.parametrize("case", sorted(SHADOWED))
+def test_non_canonical_encodings_go_to_the_reference(case: str) -> None:
+    data = (
+        field(1, field(1, b"r") + field(2, field(1, field(1, b"k"))))
+        if case == "a metadata message"
+        else payload(SHADOWED[case])
+    )
+    assert not took_fast_path("default", "licensed_instance", data)
+    got = assert_same("default", data, LICENSED)
+    if not isinstance(got, str) and got.request is not None:
+        assert b"SHADOWED" not in got.request  # the value a parser would overwrite does not leave
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        payload(event(feature=b"cody.\xff")),  # invalid UTF-8 in a name
+        payload(event(private((b"lang\xc0\xafuageId", STRING)))),  # an overlong encoding in a key
+        payload(event(private((b"languageId", field(3, b"\xed\xa0\x80"))))),  # a surrogate in a value
+        payload(event(field(7, field(2, b"\xf4\x90\x80\x80")))),  # beyond U+10FFFF
+        payload(event(b"\x0a\x05ab")),  # a length past the end
+        payload(event(b"\x08" + b"\xff" * 10 + b"\x01")),  # a varint of 11 bytes
+        payload(event(b"\x07")),  # wire type 7
+        payload(event(b"\x00\x01")),  # field number 0
+    ],
+)
+def test_broken_bytes_are_refused_by_both_paths(data: bytes) -> None:
+    assert not took_fast_path("default", "licensed_instance", data)
+    assert assert_same("default", data, LICENSED) == "DecodeError"
+
+
+def test_allowlisted_private_metadata_is_filtered_byte_for_byte() -> None:
+    """Kept entries are the bytes that came in; a replaced value is Value{string_value: replacement}."""
+    entries = ((b"languageId", STRING), (b"prompt", field(3, b"secret")), (b"otherCompletionProviders", NUMBER))
+    data = payload(event(private(*entries), feature=b"cody.completion", action=b"accepted"))
+    assert took_fast_path("properties", "licensed_instance", data)
+    got = assert_same("properties", data, LICENSED)
+    assert not isinstance(got, str) and got.request is not None
+    out = pb.RecordEventsRequest.FromString(got.request).events.events[0].parameters.private_metadata
+    rules = NAMED["properties"].kinds["licensed_instance"].private_metadata
+    entry = NAMED["properties"].allowlist.lookup("cody.completion", "accepted")
+    assert entry is not None and entry.keys == {"languageId", "otherCompletionProviders"}
+    assert dict(out) == {"languageId": "go", "otherCompletionProviders": rules.replacement}
+    assert b"secret" not in got.request
+    removals = {(r.rule, r.keys, r.action) for r in got.decision.events[0].removals}
+    assert removals == {
+        (rules.rule, ("prompt",), "removed"),
+        (f"{rules.rule}.non_string", ("otherCompletionProviders",), "replaced"),
+    }
