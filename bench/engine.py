@@ -5,8 +5,10 @@
 
 For each batch size, identifier kind and allowlist size it times, on the same
 serialized bytes: the floor (RecordEventsRequest parse + serialize) and the guard
-(engine.record_events_bytes: parse into the kind's view, filter, serialize). Each figure is the best of several
-rounds, the floor and the guard interleaved so that machine noise hits both.
+(engine.record_events_bytes: the C fast path of policy/_wirefilter.c where it is built).
+The last columns time the engine's Python path alone (Engine(accelerate=False): parse into
+the kind's view, filter, serialize), what runs where no C compiler was at hand. Each figure
+is the best of several rounds, all interleaved so that machine noise hits them alike.
 Targets (issue 2): guard >= 60% of the floor's events/s; allowlists of 10 and
 10,000 entries within 5% of each other.
 """
@@ -25,7 +27,7 @@ import grpc
 import yaml
 
 from bench import workload
-from policy import Engine, default_policy_path, load_policy
+from policy import Engine, default_policy_path, fastpath, load_policy
 from policy.model import Policy
 from telemetrygateway.v1 import telemetrygateway_pb2 as pb
 
@@ -66,8 +68,8 @@ def best_of(rounds: int, repeat: int, fn: Callable[[], object]) -> float:
 
 
 def measure(
-    data: bytes, engines: dict[int, Engine], identifier: pb.Identifier, rounds: int, repeat: int
-) -> tuple[float, dict[int, float]]:
+    data: bytes, engines: dict[str, Engine], identifier: pb.Identifier, rounds: int, repeat: int
+) -> tuple[float, dict[str, float]]:
     """Seconds per batch: the floor, and the guard under each engine, all interleaved round by round."""
     parse = pb.RecordEventsRequest.FromString
 
@@ -93,13 +95,14 @@ def main(argv: list[str] | None = None) -> int:
     rounds = 3 if args.quick else 15
     print(
         f"# engine benchmark: Python {platform.python_version()}, protobuf {google.protobuf.__version__} "
-        f"({_backend()}), grpcio {grpc.__version__}, {platform.machine()}, best of {rounds} rounds"
+        f"({_backend()}), grpcio {grpc.__version__}, {platform.machine()}, best of {rounds} rounds, "
+        f"C fast path {'built' if fastpath.AVAILABLE else 'NOT BUILT (guard = Python path)'}"
     )
     print(
         "| batch | workload | kind | bytes/event | floor ev/s | guard ev/s (10 / 10,000 entries) "
-        "| guard/floor (10 / 10,000) | 10,000 vs 10 |"
+        "| guard/floor (10 / 10,000) | 10,000 vs 10 | Python path ev/s | Python path/floor |"
     )
-    print("|---:|---|---|---:|---:|---:|---:|---:|")
+    print("|---:|---|---|---:|---:|---:|---:|---:|---:|---:|")
     with tempfile.TemporaryDirectory() as tmp:
         policies = {size: policy_with_allowlist(size, Path(tmp)) for size in (10, 10_000)}
         for batch_size in (100, 1000):
@@ -107,13 +110,18 @@ def main(argv: list[str] | None = None) -> int:
             for scenario in ("raw", "redacted"):
                 data = workload.batch(batch_size, redacted=scenario == "redacted").SerializeToString()
                 for kind, identifier in IDENTIFIERS.items():
-                    engines = {size: Engine(policy) for size, policy in policies.items()}
+                    engines = {
+                        "10": Engine(policies[10]),
+                        "10000": Engine(policies[10_000]),
+                        "python": Engine(policies[10], accelerate=False),
+                    }
                     floor_s, guard_s = measure(data, engines, identifier, rounds, repeat)
-                    small, large = guard_s[10], guard_s[10_000]
+                    small, large, python = guard_s["10"], guard_s["10000"], guard_s["python"]
                     print(
                         f"| {batch_size} | {scenario} | {kind} | {len(data) // batch_size} | "
                         f"{batch_size / floor_s:,.0f} | {batch_size / small:,.0f} / {batch_size / large:,.0f} | "
-                        f"{floor_s / small:.0%} / {floor_s / large:.0%} | {small / large:.1%} |"
+                        f"{floor_s / small:.0%} / {floor_s / large:.0%} | {small / large:.1%} | "
+                        f"{batch_size / python:,.0f} | {floor_s / python:.0%} |"
                     )
     return 0
 

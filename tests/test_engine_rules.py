@@ -5,6 +5,8 @@ an engine made from one of the policies in testdata/policies/, and compares the 
 output message with a whole expected message (==, which in protobuf also compares
 unknown fields), plus the decision record. Every rule is covered for every identifier
 kind; the policies give each kind a different setting of the rule under test.
+
+Every test runs twice: on the C fast path (where it applies) and on the Python path alone.
 """
 
 from __future__ import annotations
@@ -28,9 +30,18 @@ KINDS = ("licensed_instance", "unlicensed_instance", "managed_service", "workspa
 PM = "parameters.private_metadata"
 
 
+ACCELERATE = [True]  # set per test by the fixture below
+
+
+@pytest.fixture(autouse=True, params=[True, False], ids=["fast-path", "python-path"])
+def engine_path(request: pytest.FixtureRequest) -> None:
+    ACCELERATE[0] = request.param
+
+
 def make_engine(name: str) -> Engine:
-    """A fresh engine for one case ('default' = the shipped default policy)."""
-    return Engine(default_policy() if name == "default" else load_policy(POLICIES / f"{name}.yaml"))
+    """A fresh engine for one case ('default' = the shipped default policy), on the path under test."""
+    policy = default_policy() if name == "default" else load_policy(POLICIES / f"{name}.yaml")
+    return Engine(policy, accelerate=ACCELERATE[0])
 
 
 def identifier(kind: str, value: str = "id-1") -> pb.Identifier:
@@ -1418,7 +1429,7 @@ def test_records_of_events_removed_whole_keep_only_their_id() -> None:
 
 def test_a_metadata_message_is_judged_by_its_own_identifier_on_both_paths() -> None:
     """A proxy passes the stream's identifier; a (second) metadata message must still be checked itself."""
-    engine = Engine(default_policy())
+    engine = make_engine("default")
     stream_identifier = identifier("licensed_instance")
     incomplete = pb.RecordEventsRequest(metadata=pb.RecordEventsRequestMetadata(identifier=pb.Identifier()))
     incomplete.metadata.identifier.workspace.external_url = "https://ws.example"  # no workspace_id
