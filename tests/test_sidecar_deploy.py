@@ -110,3 +110,9 @@ def test_the_dockerfile_copies_every_package_root() -> None:
         setuptools["package-dir"].get(p.split(".")[0], p.split(".")[0]).split("/")[0] for p in setuptools["packages"]
     }
     assert roots <= copied
+    # setup.py declares the C fast path; the build stage has the compiler it needs, and the
+    # image refuses to build without the compiled module.
+    assert re.search(r"^COPY pyproject\.toml setup\.py ", text, flags=re.M)
+    assert re.search(r"^ARG BUILD_IMAGE=python:3\.11$", text, flags=re.M)
+    assert re.search(r"^FROM \$\{BUILD_IMAGE\} AS build$", text, flags=re.M)
+    assert "fastpath.AVAILABLE" in text
