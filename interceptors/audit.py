@@ -25,6 +25,9 @@ from telemetrygateway.v1 import telemetrygateway_pb2 as pb
 
 AUDIT_LOGGER_NAME = "telemetry_guard.audit"
 
+# json.dumps(record, sort_keys=True), without building an encoder per record (one record per message).
+_encode = json.JSONEncoder(sort_keys=True).encode
+
 # The fields of each identifier kind that name the publisher (the license key is a secret).
 _IDENTITY_FIELDS: dict[str, tuple[str, ...]] = {
     "licensed_instance": ("instance_id",),
@@ -41,6 +44,23 @@ def identity(identifier: pb.Identifier | None) -> dict[str, str]:
         return {}
     member = getattr(identifier, kind)
     return {name: value for name in _IDENTITY_FIELDS[kind] if (value := getattr(member, name))}
+
+
+def removal_counts(decision: Decision) -> dict[str, int]:
+    """decision.counts() (whole events count 1, private_metadata keys 1 each), in a third of its time.
+
+    The same dict, keys in the same order; this runs once per request message.
+    """
+    counts: dict[str, int] = {}
+    get = counts.get
+    for event in decision.events:
+        if event.dropped_by is not None:
+            counts[event.dropped_by] = get(event.dropped_by, 0) + 1
+        for removal in event.removals:
+            counts[removal.rule] = get(removal.rule, 0) + (len(removal.keys) or 1)
+    for removal in decision.removals:
+        counts[removal.rule] = get(removal.rule, 0) + (len(removal.keys) or 1)
+    return counts
 
 
 def _removal(removal: Removal) -> dict[str, Any]:
@@ -63,11 +83,22 @@ class AuditLog:
         refusal: GuardError | None = None,
         request_id: str = "",
         message: int | None = None,
+        counts: dict[str, int] | None = None,
     ) -> None:
-        """One request message: what the policy did to it, or why the call was refused."""
-        record: dict[str, Any] = {"audit": "decision", "side": side, "rpc": rpc}
+        """One request message: what the policy did to it, or why the call was refused.
+
+        counts: the decision's removals per rule, when the caller has them already (removal_counts).
+        """
+        level = logging.WARNING if refusal is not None else logging.INFO
+        if not self.logger.isEnabledFor(level):
+            return  # nothing would be written (the DEBUG record needs INFO enabled too): build nothing
         kind = identifier.WhichOneof("identifier") if identifier is not None else None
-        record["kind"] = decision.kind if decision is not None and decision.kind else kind
+        record: dict[str, Any] = {
+            "audit": "decision",
+            "side": side,
+            "rpc": rpc,
+            "kind": decision.kind if decision is not None and decision.kind else kind,
+        }
         record.update(identity(identifier))
         record["request_id"] = request_id or (decision.request_id if decision is not None else "")
         if message is not None:
@@ -75,13 +106,13 @@ class AuditLog:
         if decision is not None:
             record["events_in"] = decision.events_in
             record["events_out"] = decision.events_out
-            record["removed_per_rule"] = decision.counts()
+            record["removed_per_rule"] = removal_counts(decision) if counts is None else counts
             record["dropped_event_ids"] = [clip(i) for i in decision.dropped_event_ids]
             if decision.unknown_fields:
                 record["unknown_fields"] = decision.unknown_fields
         if refusal is not None:
             record["refused"] = {"code": refusal.code.name, "rule": refusal.rule, "message": refusal.message}
-        self._emit(logging.WARNING if refusal is not None else logging.INFO, record)
+        self._emit(level, record)
         if decision is not None and self.logger.isEnabledFor(logging.DEBUG):
             self._debug_keys(record, decision)
 
@@ -102,4 +133,4 @@ class AuditLog:
 
     def _emit(self, level: int, record: dict[str, Any]) -> None:
         if self.logger.isEnabledFor(level):
-            self.logger.log(level, json.dumps(record, sort_keys=True), extra={"telemetry_guard": record})
+            self.logger.log(level, _encode(record), extra={"telemetry_guard": record})

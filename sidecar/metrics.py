@@ -20,12 +20,12 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any, cast
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 from prometheus_client.exposition import generate_latest
 
-from interceptors.audit import AuditLog
+from interceptors.audit import AuditLog, removal_counts
 from interceptors.errors import GuardError
 from policy import Decision, Policy
 from sidecar.workers import MULTIPROC_ENV
@@ -161,6 +161,7 @@ class MetricsAudit(AuditLog):
         refusal: GuardError | None = None,
         request_id: str = "",
         message: int | None = None,
+        counts: dict[str, int] | None = None,
     ) -> None:
         m = self.metrics
         kind = (decision.kind if decision is not None else None) or (
@@ -173,11 +174,10 @@ class MetricsAudit(AuditLog):
                 m.child(m.events_in, rpc, kind).inc(decision.events_in)
             if decision.events_out:
                 m.child(m.events_out, rpc, kind).inc(decision.events_out)
-            if decision.events or decision.removals:
-                counts = decision.counts()
-                for rule, count in counts.items():
-                    m.child(m.removals, rpc, kind, rule).inc(count)
-                decision = cast(Decision, _Counted(decision, counts))  # counted once, for the record too
+            if counts is None:  # counted once per message, for the metrics and the record
+                counts = removal_counts(decision) if decision.events or decision.removals else {}
+            for rule, count in counts.items():
+                m.child(m.removals, rpc, kind, rule).inc(count)
         if refusal is not None:
             m.child(m.denials, rpc, refusal.code.name, refusal.rule).inc()
         elif not self.logger.isEnabledFor(logging.INFO):
@@ -190,20 +190,5 @@ class MetricsAudit(AuditLog):
             refusal=refusal,
             request_id=request_id,
             message=message,
+            counts=counts,
         )
-
-
-class _Counted:
-    """A decision whose counts() was computed already (per-rule counting is on the per-message path)."""
-
-    __slots__ = ("_counts", "_decision")
-
-    def __init__(self, decision: Decision, counts: dict[str, int]) -> None:
-        self._decision = decision
-        self._counts = counts
-
-    def counts(self) -> dict[str, int]:
-        return self._counts
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._decision, name)
