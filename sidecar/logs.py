@@ -29,19 +29,38 @@ def fields(**values: Any) -> dict[str, Any]:
 class JsonFormatter(logging.Formatter):
     """{"time", "level", "logger", "pid", "message", ...fields} on one line."""
 
+    def __init__(self) -> None:
+        super().__init__()
+        self._stamp = (-1, "")  # (second, its time text): one attribute, replaced whole
+        self._heads: dict[tuple[str, str, int | None], str] = {}
+
+    def _head(self, record: logging.LogRecord) -> str:
+        """json.dumps(head) without its closing brace, for an audit record (one per message): the
+        time text is made once per second, the level, logger and pid part once per logger."""
+        second, stamp = self._stamp
+        if int(record.created) != second:
+            stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+            self._stamp = (int(record.created), stamp)
+        key = (record.levelname, record.name, record.process)
+        rest = self._heads.get(key)
+        if rest is None:
+            rest = self._heads[key] = json.dumps(
+                {"level": record.levelname.lower(), "logger": record.name, "pid": record.process}
+            )[1:-1]
+        return f'{{"time": "{stamp}.{int(record.msecs):03d}Z", {rest}'
+
     def format(self, record: logging.LogRecord) -> str:
+        extra = getattr(record, FIELDS, None)
+        message = record.getMessage()
+        if record.name == AUDIT_LOGGER_NAME and isinstance(extra, dict) and message.startswith("{"):
+            # The message is json.dumps(extra): splice it instead of encoding the dict again.
+            return self._head(record) + (", " + message[1:] if len(message) > 2 else "}")
         head = {
             "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
             "level": record.levelname.lower(),
             "logger": record.name,
             "pid": record.process,
         }
-        extra = getattr(record, FIELDS, None)
-        message = record.getMessage()
-        if record.name == AUDIT_LOGGER_NAME and isinstance(extra, dict) and message.startswith("{"):
-            # The message is json.dumps(extra): splice it instead of encoding the dict again.
-            text = json.dumps(head)[:-1]
-            return text + (", " + message[1:] if len(message) > 2 else "}")
         out: dict[str, Any] = {**head, "message": message}
         if isinstance(extra, dict):
             out.update((key, value) for key, value in extra.items() if key not in head)
