@@ -43,7 +43,7 @@ import grpc
 import grpc.aio
 from google.protobuf.message import DecodeError, Message
 
-from interceptors.errors import GuardError, evaluating, internal_error, wire_error
+from interceptors.errors import GuardError, internal_error, wire_error
 from interceptors.guard import Guard, UnaryGuard, authorization_from, removed_event_response, serialize
 from interceptors.stream import StreamGuard
 from policy.engine import PUBLISH_USER_METADATA, RECORD_EVENT, RECORD_EVENTS
@@ -51,7 +51,6 @@ from policy.kinds import SERVICE, method_path
 from sidecar import wire
 from sidecar.logs import fields
 from sidecar.metrics import NO_KIND, Metrics
-from telemetrygateway.v1 import telemetrygateway_pb2 as pb
 
 if TYPE_CHECKING:
     Context: TypeAlias = grpc.aio.ServicerContext[Any, Any]
@@ -223,25 +222,25 @@ class Forwarder:
             return None if message is None else stream.pass_on(serialize, message)
         index = stream.take_index()  # numbered like the messages accept() sees
         guard = stream.guard
-        try:
-            with evaluating(stream.rpc):
-                try:
-                    outcome = guard.engine.record_events_bytes(raw, stream.identifier, detailed=guard.detailed)
-                except DecodeError:
-                    raise wire_error(stream.rpc) from None
-                if outcome.denial is not None:
-                    raise GuardError.from_denial(outcome.denial)
-                decision = outcome.decision
+        try:  # fail closed as interceptors.errors.evaluating does, without a context manager per payload
+            try:
+                outcome = guard.engine.record_events_bytes(raw, stream.identifier, detailed=guard.detailed)
+            except DecodeError:
+                raise wire_error(stream.rpc) from None
+            if outcome.denial is not None:
+                raise GuardError.from_denial(outcome.denial)
+            decision = outcome.decision
+            if stream.acks is not None:
                 dropped = decision.dropped_event_ids
-                kept: Any = ()
-                if dropped:  # an id both removed and forwarded must not be acknowledged by us
-                    kept = pb.RecordEventsRequest.FromString(outcome.request or b"").events.events
-                if stream.acks is not None:
-                    stream.acks.forwarded(kept, dropped)
-                stream.audit(decision, index)
-                return outcome.request
+                # An id both removed and forwarded must not be acknowledged by us: read the forwarded
+                # ids from the bytes that leave, only when something was removed whole.
+                stream.acks.forwarded(wire.events_by_id(outcome.request or b"") if dropped else (), dropped)
+            stream.audit(decision, index)
+            return outcome.request
         except GuardError as exc:
             raise stream.refuse(exc, message=index) from None
+        except Exception as exc:
+            raise stream.refuse(internal_error(stream.rpc, exc), message=index) from None
 
     async def record_events(self, requests: AsyncIterator[bytes], context: Context) -> AsyncIterator[bytes]:
         metadata = context.invocation_metadata()
@@ -259,6 +258,7 @@ class Forwarder:
             payloads = _Payloads(self._window)
             pump = asyncio.create_task(self._pump_events(stream, first, requests, call, payloads))
             pump.add_done_callback(_retrieve)
+            latency = self.metrics.child(self.metrics.upstream_latency, RECORD_EVENTS)
             failure: grpc.aio.AioRpcError | None = None
             try:
                 while True:
@@ -275,7 +275,7 @@ class Forwarder:
                         break
                     waited = payloads.answered()
                     if waited is not None:
-                        self.metrics.child(self.metrics.upstream_latency, RECORD_EVENTS).observe(waited)
+                        latency.observe(waited)
                     try:
                         merged = stream.merge(response)
                     except GuardError:
@@ -294,10 +294,10 @@ class Forwarder:
         self, stream: StreamGuard, first: Message, requests: AsyncIterator[bytes], call: Any, payloads: _Payloads
     ) -> None:
         """Client -> upstream, one message at a time."""
-        kind = stream.kind
+        sent = self.metrics.child(self.metrics.requests_out, RECORD_EVENTS, stream.kind or NO_KIND)
         try:
             await call.write(stream.pass_on(serialize, first))
-            self._sent(RECORD_EVENTS, kind)
+            sent.inc()
             async for raw in requests:
                 out = self._filter_events(stream, raw)
                 if out is None:
@@ -306,7 +306,7 @@ class Forwarder:
                 if call.done():
                     return  # the upstream ended the call: its status is read by the handler
                 await call.write(out)
-                self._sent(RECORD_EVENTS, kind)
+                sent.inc()
             await _settle()
             await call.done_writing()
         except GuardError:  # refused and audited (stream.error): nothing more goes upstream
