@@ -19,7 +19,9 @@ marketing and private metadata included, so the default policy has work to do), 
 in flight per stream (send, wait for its acknowledgement, send the next), over one connection
 per stream (so that --workers can spread them). For every combination of batch size (100,
 1,000), streams (1, 8) and proxy workers (1, 2) it reports events/s and the p50/p99 round trip
-of a payload, and what the proxy adds to the direct path's. Then the memory run: one stream of
+of a payload, what the proxy adds to the direct path's, and the CPU time the proxy's processes
+spent per payload (user + system, every thread and worker, warm-up included): a figure that
+moves far less from run to run than events/s, which the shared cores make noisy. Then the memory run: one stream of
 --memory-events events in batches of 1,000 through one sidecar worker, its RSS at the start
 and at the end.
 
@@ -150,6 +152,17 @@ class Process:
     def target(self) -> str:
         return f"{HOST}:{self.port}"
 
+    def cpu_seconds(self) -> float:
+        """User + system CPU of this process and its children (workers), every thread, so far."""
+        total = 0.0
+        for pid in [self.process.pid, *_children(self.process.pid)]:
+            try:
+                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            total += (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+        return total
+
     def rss_kib(self) -> int:
         for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
             if line.startswith("VmRSS:"):
@@ -164,6 +177,23 @@ class Process:
             except subprocess.TimeoutExpired:
                 os.killpg(self.process.pid, signal.SIGKILL)
                 self.process.wait(5)
+
+
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        tasks = list(Path(f"/proc/{pid}/task").iterdir())
+    except OSError:
+        return []
+    out: list[int] = []
+    for task in tasks:
+        try:
+            out += [int(child) for child in (task / "children").read_text().split()]
+        except OSError:
+            continue
+    return out
 
 
 def _module(*args: str) -> list[str]:
@@ -197,6 +227,12 @@ class Result:
     events: int
     seconds: float
     latencies: list[float]
+    payloads: int = 0  # sent, warm-up included
+    cpu: float | None = None  # CPU seconds of the proxy's processes over the whole cell
+
+    @property
+    def cpu_per_payload(self) -> str:
+        return f"{self.cpu / self.payloads * 1e6:,.0f}" if self.cpu is not None and self.payloads else ""
 
     @property
     def rate(self) -> float:
@@ -217,18 +253,22 @@ METADATA = pb.RecordEventsRequest(
 ).SerializeToString()
 
 
-async def _stream(target: str, data: bytes, size: int, stop_at: float, warm_until: float) -> tuple[int, list[float]]:
+async def _stream(
+    target: str, data: bytes, size: int, stop_at: float, warm_until: float
+) -> tuple[int, list[float], int]:
     options = [("grpc.use_local_subchannel_pool", 1), ("grpc.max_send_message_length", -1)]
     async with grpc.aio.insecure_channel(target, options=options) as channel:
         call: Any = channel.stream_stream(RECORD_EVENTS)(timeout=600)
         await call.write(METADATA)
         events = 0
+        payloads = 0
         latencies: list[float] = []
         while True:
             start = time.perf_counter()
             if start >= stop_at:
                 break
             await call.write(data)
+            payloads += 1
             response = await call.read()
             if response is grpc.aio.EOF:
                 raise RuntimeError(f"stream ended early: {await call.code()} {await call.details()}")
@@ -238,15 +278,25 @@ async def _stream(target: str, data: bytes, size: int, stop_at: float, warm_unti
         await call.done_writing()
         while await call.read() is not grpc.aio.EOF:
             pass
-        return events, latencies
+        return events, latencies, payloads
 
 
-async def drive(target: str, batch: int, streams: int, seconds: float, warmup: float) -> Result:
+async def drive(
+    target: str, batch: int, streams: int, seconds: float, warmup: float, proxies: Sequence[Process] = ()
+) -> Result:
     data = workload.batch(batch).SerializeToString()
+    cpu = sum(p.cpu_seconds() for p in proxies)
     now = time.perf_counter()
     warm_until, stop_at = now + warmup, now + warmup + seconds
     done = await asyncio.gather(*(_stream(target, data, batch, stop_at, warm_until) for _ in range(streams)))
-    return Result(sum(d[0] for d in done), seconds, [lat for d in done for lat in d[1]])
+    cpu = sum(p.cpu_seconds() for p in proxies) - cpu
+    return Result(
+        sum(d[0] for d in done),
+        seconds,
+        [lat for d in done for lat in d[1]],
+        sum(d[2] for d in done),
+        cpu if proxies else None,
+    )
 
 
 async def memory_run(target: str, total: int, sidecar: Process) -> tuple[int, int, float]:
@@ -318,7 +368,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             try:
                 for batch in (100, 1000):
                     for streams in (1, 8):
-                        result = asyncio.run(drive(proxies[0].target, batch, streams, seconds, warmup))
+                        result = asyncio.run(drive(proxies[0].target, batch, streams, seconds, warmup, proxies))
                         floor[(workers, batch, streams)] = result
                         rows.append(("pass-through", workers, batch, streams, result))
             finally:
@@ -328,14 +378,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             try:
                 for batch in (100, 1000):
                     for streams in (1, 8):
-                        result = asyncio.run(drive(sidecar.target, batch, streams, seconds, warmup))
+                        result = asyncio.run(drive(sidecar.target, batch, streams, seconds, warmup, [sidecar]))
                         rows.append(("sidecar", workers, batch, streams, result))
             finally:
                 sidecar.stop()
 
         print()
-        print("| path | workers | batch | streams | events/s | vs pass-through | p50 ms | p99 ms | +p50 ms | +p99 ms |")
-        print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+        print(
+            "| path | workers | batch | streams | events/s | vs pass-through | p50 ms | p99 ms | +p50 ms | +p99 ms "
+            "| proxy CPU us/payload |"
+        )
+        print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
         verdicts = []
         for path, workers, batch, streams, result in rows:
             base = direct[(batch, streams)]
@@ -349,7 +402,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             added99 = _ms(result.percentile(0.99) - base.percentile(0.99)) if path != "direct" else ""
             print(
                 f"| {path} | {workers or ''} | {batch:,} | {streams} | {result.rate:,.0f} | {vs} | "
-                f"{_ms(result.percentile(0.5))} | {_ms(result.percentile(0.99))} | {added50} | {added99} |"
+                f"{_ms(result.percentile(0.5))} | {_ms(result.percentile(0.99))} | {added50} | {added99} | "
+                f"{result.cpu_per_payload} |"
             )
         worst = min(verdicts)
         print(
