@@ -46,23 +46,6 @@ def identity(identifier: pb.Identifier | None) -> dict[str, str]:
     return {name: value for name in _IDENTITY_FIELDS[kind] if (value := getattr(member, name))}
 
 
-def removal_counts(decision: Decision) -> dict[str, int]:
-    """decision.counts() (whole events count 1, private_metadata keys 1 each), in a third of its time.
-
-    The same dict, keys in the same order; this runs once per request message.
-    """
-    counts: dict[str, int] = {}
-    get = counts.get
-    for event in decision.events:
-        if event.dropped_by is not None:
-            counts[event.dropped_by] = get(event.dropped_by, 0) + 1
-        for removal in event.removals:
-            counts[removal.rule] = get(removal.rule, 0) + (len(removal.keys) or 1)
-    for removal in decision.removals:
-        counts[removal.rule] = get(removal.rule, 0) + (len(removal.keys) or 1)
-    return counts
-
-
 def _removal(removal: Removal) -> dict[str, Any]:
     return {"rule": removal.rule, "path": removal.path, "action": removal.action, "keys": list(removal.keys)}
 
@@ -87,7 +70,7 @@ class AuditLog:
     ) -> None:
         """One request message: what the policy did to it, or why the call was refused.
 
-        counts: the decision's removals per rule, when the caller has them already (removal_counts).
+        counts: decision.counts(), when the caller has it already.
         """
         level = logging.WARNING if refusal is not None else logging.INFO
         if not self.logger.isEnabledFor(level):
@@ -106,7 +89,7 @@ class AuditLog:
         if decision is not None:
             record["events_in"] = decision.events_in
             record["events_out"] = decision.events_out
-            record["removed_per_rule"] = removal_counts(decision) if counts is None else counts
+            record["removed_per_rule"] = decision.counts() if counts is None else counts
             record["dropped_event_ids"] = [clip(i) for i in decision.dropped_event_ids]
             if decision.unknown_fields:
                 record["unknown_fields"] = decision.unknown_fields

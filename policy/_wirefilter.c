@@ -32,6 +32,7 @@ enum { REC_MARKETING = 1, REC_PRIVATE_WHOLE = 2 };
 #define MAX_KEYS 48    /* map entries checked for duplicates; more: fallback */
 #define MAX_TYPES 64   /* event types remembered per call */
 #define MAX_MESSAGES 64
+#define MAX_REMEMBERED 4096 /* event types kept in Plan.types; then it starts afresh */
 
 #define OK 0
 #define FALLBACK 1
@@ -47,6 +48,7 @@ typedef struct {
 typedef struct {
     int max;
     int strict; /* map entries: an unknown field means fallback */
+    int clean;  /* nothing inside is ever dropped or read by a rule: copied as it came, once checked */
     Field fields[MAX_FIELD + 1];
 } Msg;
 
@@ -57,6 +59,7 @@ typedef struct {
     int drop_marketing, private_mode, merge_legacy, discard_unknown, drop_invalid;
     PyObject *replacement; /* bytes, or NULL: a non-string value is removed */
     PyObject *invalid_rule; /* str */
+    PyObject *types;        /* what resolve said per event type, across calls: {bytes: tuple} */
 } Plan;
 
 typedef struct { const uint8_t *p; Py_ssize_t n; } Slice;
@@ -73,6 +76,10 @@ typedef struct {
     Py_ssize_t pos, cap;
     PyObject *records;
     Py_ssize_t events_in, events_out;
+    /* the call's totals, for a decision's counts without its records */
+    Py_ssize_t n_marketing, n_private_whole, n_gone, n_wrong, n_drops[64];
+    PyObject *dropped_ids;   /* list of str: events removed whole */
+    PyObject *dropped_rules; /* {rule: count} */
     int saw_unknown;
     /* the event being written */
     unsigned flags;
@@ -141,7 +148,7 @@ static void close_len(Ctx *c, Py_ssize_t mark) {
 
 /* ---- input ------------------------------------------------------------------------- */
 
-static inline int read_varint(const uint8_t **pp, const uint8_t *end, uint64_t *out) {
+static int read_varint_long(const uint8_t **pp, const uint8_t *end, uint64_t *out) {
     const uint8_t *p = *pp;
     uint64_t v = 0;
     for (int i = 0; i < 10; i++) {
@@ -156,6 +163,17 @@ static inline int read_varint(const uint8_t **pp, const uint8_t *end, uint64_t *
         }
     }
     return 0;
+}
+
+/* Most tags and lengths here are one byte. */
+static inline int read_varint(const uint8_t **pp, const uint8_t *end, uint64_t *out) {
+    const uint8_t *p = *pp;
+    if (p < end && *p < 0x80) {
+        *out = *p;
+        *pp = p + 1;
+        return 1;
+    }
+    return read_varint_long(pp, end, out);
 }
 
 static inline int read_tag(const uint8_t **pp, const uint8_t *end, uint32_t *num, uint32_t *wt) {
@@ -253,6 +271,40 @@ static int map_key(const uint8_t *p, const uint8_t *end, Slice *key) {
     return OK;
 }
 
+/* A map entry in the form every encoder writes: key, then a scalar or string value, each
+ * with one-byte lengths, nothing else. Checked here without a walk (1 = it is; key set). */
+static int plain_entry(const Msg *entry, const uint8_t *v, const uint8_t *end, Slice *key) {
+    if (end - v < 2 || v[0] != 0x0a || v[1] >= 0x80 || v[1] > end - v - 2) return 0;
+    *key = (Slice){v + 2, v[1]};
+    const uint8_t *q = v + 2 + v[1];
+    if (q < end) {
+        const Field *f = &entry->fields[2];
+        if (!f->known) return 0;
+        switch (f->type) {
+        case T_STRING:
+        case T_BYTES:
+            if (end - q < 2 || q[0] != 0x12 || q[1] >= 0x80 || q + 2 + q[1] != end) return 0;
+            if (f->type == T_STRING && !utf8_valid(q + 2, q[1])) return 0;
+            break;
+        case T_FIXED64:
+            if (q[0] != 0x11 || end - q != 9) return 0;
+            break;
+        case T_FIXED32:
+            if (q[0] != 0x15 || end - q != 5) return 0;
+            break;
+        case T_VARINT: {
+            uint64_t x;
+            q++;
+            if (v[2 + v[1]] != 0x10 || !read_varint(&q, end, &x) || q != end) return 0;
+            break;
+        }
+        default:
+            return 0;
+        }
+    }
+    return utf8_valid(key->p, key->n);
+}
+
 /* Whether a dropped field counts as removed: as the Python remover sees it (HasField, a
  * non-default value for implicit presence, a non-empty repeated field). */
 static int is_set(const Field *f, const uint8_t *v, const uint8_t *end) {
@@ -347,11 +399,28 @@ static int walk(Ctx *c, int mi, const uint8_t *p, const uint8_t *end, int depth,
         } else if (f->type == T_MESSAGE) {
             if (f->flags & F_MAP) { /* one entry; a key given twice would shadow a value */
                 Slice key;
-                if (map_key(v, p, &key) != OK || nkeys == MAX_KEYS) return FALLBACK;
+                int plain = plain_entry(&plan->msgs[f->child], v, p, &key);
+                if ((!plain && map_key(v, p, &key) != OK) || nkeys == MAX_KEYS) return FALLBACK;
                 for (int k = 0; k < nkeys; k++)
                     if (key_maps[k] == num && same(keys[k], key.p, key.n)) return FALLBACK;
                 key_maps[nkeys] = num;
                 keys[nkeys++] = key;
+                if (plain) {
+                    if (keep && put(c, start, p - start) < 0) return FAIL;
+                    continue;
+                }
+            }
+            if (keep && plan->msgs[f->child].clean) { /* checked, then copied as it came */
+                int saw = c->saw_unknown;
+                c->saw_unknown = 0;
+                int r = walk(c, f->child, v, p, depth + 1, 0);
+                if (r != OK) return r;
+                int rewrite = c->saw_unknown && plan->discard_unknown;
+                c->saw_unknown |= saw;
+                if (!rewrite) {
+                    if (put(c, start, p - start) < 0) return FAIL;
+                    continue;
+                }
             }
             if (keep) {
                 Py_ssize_t mark;
@@ -384,18 +453,46 @@ static int resolve(Ctx *c, Slice feature, Slice action, PyObject **out) {
         }
     }
     if (!utf8_valid(feature.p, feature.n) || !utf8_valid(action.p, action.n)) return FALLBACK;
-    PyObject *f = decode(feature), *a = f ? decode(action) : NULL;
-    PyObject *r = a ? PyObject_CallFunctionObjArgs(c->resolve, f, a, NULL) : NULL;
-    Py_XDECREF(f);
-    Py_XDECREF(a);
-    if (r == NULL) return FAIL;
-    if (!PyTuple_Check(r) || PyTuple_GET_SIZE(r) != 3 ||
-        (PyTuple_GET_ITEM(r, 0) != Py_None && !PyUnicode_Check(PyTuple_GET_ITEM(r, 0))) ||
-        (PyTuple_GET_ITEM(r, 2) != Py_None && !PyAnySet_Check(PyTuple_GET_ITEM(r, 2)))) {
-        Py_DECREF(r);
-        PyErr_SetString(PyExc_TypeError, "resolve must return (dropped_by: str | None, invalid, keys: frozenset | None)");
+    /* Plan.types: keyed by the feature's length (4 bytes), the feature and the action */
+    PyObject *key = PyBytes_FromStringAndSize(NULL, 4 + feature.n + action.n);
+    if (key == NULL) return FAIL;
+    uint8_t *k = (uint8_t *)PyBytes_AS_STRING(key);
+    uint32_t fn = (uint32_t)feature.n;
+    memcpy(k, &fn, 4);
+    memcpy(k + 4, feature.p, (size_t)feature.n);
+    memcpy(k + 4 + feature.n, action.p, (size_t)action.n);
+    PyObject *r = PyDict_GetItemWithError(c->plan->types, key);
+    if (r != NULL) {
+        Py_INCREF(r);
+    } else if (PyErr_Occurred()) {
+        Py_DECREF(key);
         return FAIL;
+    } else {
+        PyObject *f = decode(feature), *a = f ? decode(action) : NULL;
+        r = a ? PyObject_CallFunctionObjArgs(c->resolve, f, a, NULL) : NULL;
+        Py_XDECREF(f);
+        Py_XDECREF(a);
+        if (r == NULL) {
+            Py_DECREF(key);
+            return FAIL;
+        }
+        if (!PyTuple_Check(r) || PyTuple_GET_SIZE(r) != 3 ||
+            (PyTuple_GET_ITEM(r, 0) != Py_None && !PyUnicode_Check(PyTuple_GET_ITEM(r, 0))) ||
+            (PyTuple_GET_ITEM(r, 2) != Py_None && !PyAnySet_Check(PyTuple_GET_ITEM(r, 2)))) {
+            Py_DECREF(r);
+            Py_DECREF(key);
+            PyErr_SetString(PyExc_TypeError,
+                            "resolve must return (dropped_by: str | None, invalid, keys: frozenset | None)");
+            return FAIL;
+        }
+        if (PyDict_GET_SIZE(c->plan->types) >= MAX_REMEMBERED) PyDict_Clear(c->plan->types);
+        if (PyDict_SetItem(c->plan->types, key, r) < 0) {
+            Py_DECREF(r);
+            Py_DECREF(key);
+            return FAIL;
+        }
     }
+    Py_DECREF(key);
     /* Full memo: the last slot is reused (its old type is no longer in use: one event at a time). */
     int slot = c->nmemo < MAX_TYPES ? c->nmemo++ : MAX_TYPES - 1;
     if (slot == MAX_TYPES - 1 && c->memo[slot].resolved != NULL) Py_DECREF(c->memo[slot].resolved);
@@ -428,17 +525,32 @@ static int add_record(Ctx *c, Py_ssize_t index, Slice id, Slice feature, Slice a
     PyObject *gone = sa && c->ngone ? key_tuple(c->gone, c->ngone) : Py_NewRef(Py_None);
     PyObject *wrong = gone && c->nwrong ? key_tuple(c->wrong, c->nwrong) : Py_NewRef(Py_None);
     PyObject *rec = NULL;
-    if (sa && gone && wrong)
-        rec = Py_BuildValue("(nOOOOIOOK)", index, sid, sf, sa, dropped_by ? dropped_by : Py_None, c->flags, gone,
-                            wrong, (unsigned long long)c->drops);
+    if (sa && gone && wrong && (rec = PyTuple_New(9)) != NULL) {
+        PyObject *items[9] = {PyLong_FromSsize_t(index), sid, sf, sa, dropped_by ? dropped_by : Py_None,
+                              PyLong_FromUnsignedLong(c->flags), gone, wrong,
+                              PyLong_FromUnsignedLongLong((unsigned long long)c->drops)};
+        for (int i = 0; i < 9; i++) {
+            if (i != 0 && i != 5 && i != 8) Py_INCREF(items[i]);
+            PyTuple_SET_ITEM(rec, i, items[i]);
+        }
+        if (items[0] == NULL || items[5] == NULL || items[8] == NULL) Py_CLEAR(rec);
+    }
+    int r = rec == NULL ? FAIL : PyList_Append(c->records, rec);
+    if (r == 0 && dropped_by != NULL) {
+        PyObject *n = PyDict_GetItemWithError(c->dropped_rules, dropped_by);
+        Py_ssize_t count = n == NULL ? 0 : PyLong_AsSsize_t(n);
+        PyObject *more = PyErr_Occurred() ? NULL : PyLong_FromSsize_t(count + 1);
+        r = more == NULL || PyDict_SetItem(c->dropped_rules, dropped_by, more) < 0 || PyList_Append(c->dropped_ids, sid) < 0
+                ? FAIL
+                : 0;
+        Py_XDECREF(more);
+    }
     Py_XDECREF(sid);
     Py_XDECREF(sf);
     Py_XDECREF(sa);
     Py_XDECREF(gone);
     Py_XDECREF(wrong);
-    if (rec == NULL) return FAIL;
-    int r = PyList_Append(c->records, rec);
-    Py_DECREF(rec);
+    Py_XDECREF(rec);
     return r < 0 ? FAIL : OK;
 }
 
@@ -492,8 +604,14 @@ static int event(Ctx *c, const Field *f, const uint8_t *tag, const uint8_t *tag_
     if (put(c, tag, tag_end - tag) < 0 || open_len(c, &mark) < 0) return FAIL;
     if ((r = walk(c, f->child, v, end, 2, 1)) != OK) return r;
     close_len(c, mark);
-    if (c->flags || c->drops || c->ngone || c->nwrong) return add_record(c, index, id, feature, action, NULL);
-    return OK;
+    if (!(c->flags || c->drops || c->ngone || c->nwrong)) return OK;
+    c->n_marketing += (c->flags & REC_MARKETING) != 0;
+    c->n_private_whole += (c->flags & REC_PRIVATE_WHOLE) != 0;
+    c->n_gone += c->ngone;
+    c->n_wrong += c->nwrong;
+    for (int bit = 0; bit < 64; bit++)
+        if (c->drops >> bit & 1) c->n_drops[bit]++;
+    return add_record(c, index, id, feature, action, NULL);
 }
 
 /* An entry {key, Value{string_value: s}}, written anew. */
@@ -555,9 +673,8 @@ static int private_allowlist(Ctx *c, const uint8_t *tag, const uint8_t *tag_end,
             c->saw_unknown |= saw;
             const uint8_t *vp = value.p, *vv = NULL, *vend = value.p + value.n;
             while (vp < vend) { /* the walk allowed one kind at most */
-                uint32_t vn, vw;
-                read_tag(&vp, vend, &vn, &vw);
-                skip_value(&vp, vend, vw, &vv);
+                uint32_t vn = 0, vw = 0;
+                if (!read_tag(&vp, vend, &vn, &vw) || !skip_value(&vp, vend, vw, &vv)) return FALLBACK;
                 if (vn == 3 && vw == 2) string = (Slice){vv, vp - vv};
             }
         }
@@ -591,6 +708,7 @@ static void plan_dealloc(Plan *self) {
     PyMem_Free(self->msgs);
     Py_XDECREF(self->replacement);
     Py_XDECREF(self->invalid_rule);
+    Py_XDECREF(self->types);
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
@@ -605,10 +723,11 @@ static int parse_messages(Plan *self, PyObject *messages) {
     for (int i = 0; i < self->nmsgs; i++) {
         PyObject *spec = PyList_GET_ITEM(messages, i);
         PyObject *fields;
-        int strict;
-        if (!PyArg_ParseTuple(spec, "Op", &fields, &strict)) return -1;
+        int strict, clean;
+        if (!PyArg_ParseTuple(spec, "Opp", &fields, &strict, &clean)) return -1;
         Msg *m = &self->msgs[i];
         m->strict = strict;
+        m->clean = clean;
         PyObject *seq = PySequence_Fast(fields, "fields: a sequence");
         if (seq == NULL) return -1;
         for (Py_ssize_t k = 0; k < PySequence_Fast_GET_SIZE(seq); k++) {
@@ -670,11 +789,15 @@ static PyObject *plan_new(PyTypeObject *type, PyObject *args, PyObject *kwargs) 
     self->drop_invalid = drop_invalid;
     self->replacement = replacement == Py_None ? NULL : Py_NewRef(replacement);
     self->invalid_rule = Py_NewRef(invalid_rule);
+    if ((self->types = PyDict_New()) == NULL) {
+        Py_DECREF(self);
+        return NULL;
+    }
     return (PyObject *)self;
 }
 
 PyDoc_STRVAR(plan_filter_doc,
-             "filter(data, resolve) -> (bytes, events_in, events_out, records) or None\n\n"
+             "filter(data, resolve) -> (bytes, events_in, events_out, records, totals) or None\n\n"
              "data: a serialized RecordEventsRequest. resolve(feature, action) -> (dropped_by, invalid, keys).\n"
              "None: the bytes are not in the canonical form this path takes; run the Python engine.");
 
@@ -696,15 +819,28 @@ static PyObject *plan_filter(Plan *self, PyObject *args) {
     c->cap = data.len + 64;
     c->out = PyBytes_FromStringAndSize(NULL, c->cap);
     c->records = PyList_New(0);
+    c->dropped_ids = PyList_New(0);
+    c->dropped_rules = PyDict_New();
     int r = FAIL;
-    if (c->out != NULL && c->records != NULL)
+    if (c->out != NULL && c->records != NULL && c->dropped_ids != NULL && c->dropped_rules != NULL)
         r = walk(c, self->root, data.buf, (const uint8_t *)data.buf + data.len, 0, 1);
     if (r == OK && _PyBytes_Resize(&c->out, c->pos) < 0) r = FAIL;
-    PyObject *result = NULL;
-    if (r == OK)
-        result = Py_BuildValue("(OnnO)", c->out, c->events_in, c->events_out, c->records);
+    PyObject *result = NULL, *drops = NULL;
+    if (r == OK && (drops = PyTuple_New(64)) != NULL) {
+        for (int bit = 0; bit < 64 && drops != NULL; bit++) {
+            PyObject *n = PyLong_FromSsize_t(c->n_drops[bit]);
+            if (n == NULL) Py_CLEAR(drops);
+            else PyTuple_SET_ITEM(drops, bit, n);
+        }
+    }
+    if (r == OK && drops != NULL)
+        result = Py_BuildValue("(OnnO(nnnnOOO))", c->out, c->events_in, c->events_out, c->records, c->n_marketing,
+                               c->n_private_whole, c->n_gone, c->n_wrong, drops, c->dropped_ids, c->dropped_rules);
     else if (r == FALLBACK)
         result = Py_NewRef(Py_None);
+    Py_XDECREF(drops);
+    Py_XDECREF(c->dropped_ids);
+    Py_XDECREF(c->dropped_rules);
     for (int i = 0; i < c->nmemo; i++) Py_DECREF(c->memo[i].resolved);
     Py_XDECREF(c->out);
     Py_XDECREF(c->records);

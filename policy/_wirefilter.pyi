@@ -3,11 +3,13 @@
 from collections.abc import Callable, Sequence
 
 Record = tuple[int, str, str, str, str | None, int, tuple[str, ...] | None, tuple[str, ...] | None, int]
+# marketing, private_metadata whole, keys gone, non-string values, per drop bit, dropped ids, {rule: events dropped}
+Totals = tuple[int, int, int, int, tuple[int, ...], list[str], dict[str, int]]
 
 class Plan:
     def __init__(
         self,
-        messages: Sequence[tuple[Sequence[tuple[int, int, int, int, int, int, int]], bool]],
+        messages: Sequence[tuple[Sequence[tuple[int, int, int, int, int, int, int]], bool, bool]],
         root: int,
         value: int,
         drop_marketing: bool,
@@ -20,4 +22,4 @@ class Plan:
     ) -> None: ...
     def filter(
         self, data: bytes, resolve: Callable[[str, str], tuple[str | None, bool, frozenset[bytes] | None]], /
-    ) -> tuple[bytes, int, int, list[Record]] | None: ...
+    ) -> tuple[bytes, int, int, list[Record], Totals] | None: ...

@@ -8,7 +8,6 @@ above debug level).
 
 from __future__ import annotations
 
-from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -66,33 +65,109 @@ class EventRecord:
     dropped_by: str | None = None  # rule that removed the whole event
 
 
-@dataclass(slots=True)
 class Decision:
-    rpc: str
-    kind: str | None = None
-    request_id: str = ""
-    denial: Denial | None = None
-    events: list[EventRecord] = field(default_factory=list)
-    removals: list[Removal] = field(default_factory=list)  # outside events (user metadata, unknown fields)
-    unknown_fields: Literal["discarded", "kept", ""] = ""
-    events_in: int = 0
-    events_out: int = 0
+    """What the engine decided about one request message.
+
+    The per-event records of a payload filtered on the C fast path are built only when
+    `events` is first read (most callers need only `counts()` and `dropped_event_ids`,
+    which are known without them): see `defer`.
+    """
+
+    __slots__ = (
+        "_events",
+        "_later",
+        "_later_counts",
+        "_later_dropped",
+        "denial",
+        "events_in",
+        "events_out",
+        "kind",
+        "removals",
+        "request_id",
+        "rpc",
+        "unknown_fields",
+    )
+
+    def __init__(
+        self,
+        rpc: str,
+        kind: str | None = None,
+        request_id: str = "",
+        denial: Denial | None = None,
+        events: list[EventRecord] | None = None,
+        removals: list[Removal] | None = None,  # outside events (user metadata, unknown fields)
+        unknown_fields: Literal["discarded", "kept", ""] = "",
+        events_in: int = 0,
+        events_out: int = 0,
+    ) -> None:
+        self.rpc = rpc
+        self.kind = kind
+        self.request_id = request_id
+        self.denial = denial
+        self._events = [] if events is None else events
+        self.removals = [] if removals is None else removals
+        self.unknown_fields = unknown_fields
+        self.events_in = events_in
+        self.events_out = events_out
+        self._later: Callable[[], list[EventRecord]] | None = None
+        self._later_counts: dict[str, int] = {}
+        self._later_dropped: list[str] = []
+
+    @property
+    def events(self) -> list[EventRecord]:
+        """One record per event something happened to, in the order of the request."""
+        if self._later is not None:
+            later, self._later = self._later, None
+            self._events.extend(later())
+            self._later_counts, self._later_dropped = {}, []
+        return self._events
+
+    def defer(self, records: Callable[[], list[EventRecord]], counts: dict[str, int], dropped: list[str]) -> None:
+        """Records to be appended when first read; their counts() and dropped ids, known now."""
+        self.events  # noqa: B018 (one pending batch at a time: an earlier one is built first)
+        self._later, self._later_counts, self._later_dropped = records, counts, dropped
 
     @property
     def dropped_event_ids(self) -> list[str]:
-        return [e.event_id for e in self.events if e.dropped_by is not None]
+        return [e.event_id for e in self._events if e.dropped_by is not None] + self._later_dropped
 
     def counts(self) -> dict[str, int]:
-        """Removals per rule: whole events count 1, private_metadata keys 1 each."""
-        counter: Counter[str] = Counter()
-        for event in self.events:
+        """Removals per rule: whole events count 1, private_metadata keys 1 each. Once per message: kept lean."""
+        counts: dict[str, int] = {}
+        get = counts.get
+        for event in self._events:
             if event.dropped_by is not None:
-                counter[event.dropped_by] += 1
+                counts[event.dropped_by] = get(event.dropped_by, 0) + 1
             for removal in event.removals:
-                counter[removal.rule] += removal.count
+                counts[removal.rule] = get(removal.rule, 0) + (len(removal.keys) or 1)
+        for rule, count in self._later_counts.items():
+            counts[rule] = get(rule, 0) + count
         for removal in self.removals:
-            counter[removal.rule] += removal.count
-        return dict(counter)
+            counts[removal.rule] = get(removal.rule, 0) + (len(removal.keys) or 1)
+        return counts
+
+    def _fields(self) -> tuple[Any, ...]:
+        return (
+            self.rpc,
+            self.kind,
+            self.request_id,
+            self.denial,
+            self.events,
+            self.removals,
+            self.unknown_fields,
+            self.events_in,
+            self.events_out,
+        )
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Decision) and self._fields() == other._fields()
+
+    __hash__ = None  # type: ignore[assignment]  # mutable, as the dataclass it replaces
+
+    def __repr__(self) -> str:
+        names = ("rpc", "kind", "request_id", "denial", "events", "removals", "unknown_fields")
+        shown = ", ".join(f"{n}={v!r}" for n, v in zip(names, self._fields(), strict=False))
+        return f"Decision({shown}, events_in={self.events_in}, events_out={self.events_out})"
 
     def to_dict(self, with_keys: bool = False) -> dict[str, Any]:
         """A JSON-ready summary for audit logs; key names only when with_keys."""

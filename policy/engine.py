@@ -174,12 +174,11 @@ class Engine:
             if plan.fast is not None and not detailed:
                 fast = plan.fast.filter(data, self._resolvers[kind])
                 if fast is not None:
-                    filtered, events_in, events_out, records = fast
-                    decision.events_in += events_in
-                    decision.events_out += events_out
-                    decision.events.extend(records)
+                    decision.events_in += fast.events_in
+                    decision.events_out += fast.events_out
+                    decision.defer(fast.records, fast.counts, fast.dropped_ids)
                     decision.unknown_fields = "discarded" if plan.discard_unknown else "kept"
-                    return Outcome(filtered, decision)
+                    return Outcome(fast.data, decision)
             view: Any = plan.view.FromString(data)
             payload = view.WhichOneof("payload")
             if payload != "metadata":

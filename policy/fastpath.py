@@ -17,7 +17,7 @@ without a C compiler everything runs on the Python path, only slower.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, NamedTuple
 
 from google.protobuf import struct_pb2
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
@@ -95,7 +95,7 @@ def _messages(root: Descriptor) -> list[Descriptor]:
     return list(found.values())
 
 
-def _tables(drops: dict[tuple[str, str], int]) -> tuple[list[tuple[list[FieldSpec], bool]], int, int]:
+def _tables(drops: dict[tuple[str, str], int]) -> tuple[list[tuple[list[FieldSpec], bool, bool]], int, int]:
     """(messages, root index, Value index) for the C Plan; drops: (message, field) -> rule bit."""
     messages = _messages(pb.RecordEventsRequest.DESCRIPTOR)
     index = {d.full_name: i for i, d in enumerate(messages)}
@@ -123,8 +123,21 @@ def _tables(drops: dict[tuple[str, str], int]) -> tuple[list[tuple[list[FieldSpe
             key = (descriptor.full_name, fd.name)
             fields.append((fd.number, kind, flags, _ROLES.get(key, R_NONE), oneof, drops.get(key, -1), child))
         strict = bool(descriptor.GetOptions().map_entry)
-        tables.append((fields, strict))
+        tables.append((fields, strict, _clean(descriptor, drops)))
     return tables, 0, index[struct_pb2.Value.DESCRIPTOR.full_name]
+
+
+def _clean(descriptor: Descriptor, drops: dict[tuple[str, str], int], seen: frozenset[str] = frozenset()) -> bool:
+    """Nothing inside (at any depth) is dropped or read by a rule: the walk may copy it whole."""
+    if descriptor.full_name in seen:
+        return True  # a cycle (Struct, Value, ListValue) adds nothing new
+    for fd in descriptor.fields:
+        key = (descriptor.full_name, fd.name)
+        if key in _ROLES or key in drops:
+            return False
+        if fd.message_type is not None and not _clean(fd.message_type, drops, seen | {descriptor.full_name}):
+            return False
+    return True
 
 
 def _paths_to(descriptor: Descriptor, root: Descriptor = _EVENT, seen: tuple[str, ...] = ()) -> int:
@@ -167,6 +180,17 @@ def _drop_bits(paths: Iterable[str]) -> dict[tuple[str, str], int] | None:
     return bits
 
 
+class Filtered(NamedTuple):
+    """A payload through the fast path: the bytes that leave and the makings of its decision."""
+
+    data: bytes
+    events_in: int
+    events_out: int
+    records: Callable[[], list[EventRecord]]  # built when the decision's events are first read
+    counts: dict[str, int]  # Decision.counts() of those records
+    dropped_ids: list[str]  # the ids of the events removed whole, in order
+
+
 class FastPlan:
     """A kind's rules for the C walk, and the way back from its records to EventRecords."""
 
@@ -195,13 +219,29 @@ class FastPlan:
         self._non_string_rule = f"{pm.rule}.non_string"
         self._non_string_action: Any = "replaced" if pm.non_string == "replace" else "removed"
 
-    def filter(self, data: bytes, resolve: Resolver) -> tuple[bytes, int, int, list[EventRecord]] | None:
-        """(bytes that may leave, events in, events out, records), or None: use the Python path."""
+    def filter(self, data: bytes, resolve: Resolver) -> Filtered | None:
+        """The bytes that may leave and what to put in the decision, or None: use the Python path."""
         got = self._plan.filter(data, resolve)
         if got is None:
             return None
-        out, events_in, events_out, raw = got
-        return out, events_in, events_out, [self._record(*r) for r in raw]
+        out, events_in, events_out, raw, totals = got
+        return Filtered(out, events_in, events_out, lambda: [self._record(*r) for r in raw], *self._totals(totals))
+
+    def _totals(self, totals: _wirefilter.Totals) -> tuple[dict[str, int], list[str]]:
+        """Decision.counts() of the records, and the ids of the events removed whole, without the records."""
+        marketing, private_whole, gone, wrong, drops, dropped_ids, dropped_rules = totals
+        counts = dict(dropped_rules)
+        for rule, count in (
+            (self._marketing.rule, marketing),
+            (self._private_rule, private_whole + gone),
+            (self._non_string_rule, wrong),
+        ):
+            if count:
+                counts[rule] = counts.get(rule, 0) + count
+        for bit, removal in enumerate(self._droppers):
+            if drops[bit]:
+                counts[removal.rule] = counts.get(removal.rule, 0) + drops[bit]
+        return counts, dropped_ids
 
     def _record(
         self,

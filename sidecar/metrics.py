@@ -25,7 +25,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 from prometheus_client.exposition import generate_latest
 
-from interceptors.audit import AuditLog, removal_counts
+from interceptors.audit import AuditLog
 from interceptors.errors import GuardError
 from policy import Decision, Policy
 from sidecar.workers import MULTIPROC_ENV
@@ -175,7 +175,7 @@ class MetricsAudit(AuditLog):
             if decision.events_out:
                 m.child(m.events_out, rpc, kind).inc(decision.events_out)
             if counts is None:  # counted once per message, for the metrics and the record
-                counts = removal_counts(decision) if decision.events or decision.removals else {}
+                counts = decision.counts()  # known without building per-event records
             for rule, count in counts.items():
                 m.child(m.removals, rpc, kind, rule).inc(count)
         if refusal is not None:

@@ -58,6 +58,10 @@ def assert_same(name: str, data: bytes, ident: pb.Identifier | None) -> Outcome[
     if isinstance(slow, str) or isinstance(fast, str):
         assert fast == slow, (fast, slow)
         return fast
+    # What the fast path knows before its per-event records are built (all the sidecar reads at info)...
+    assert fast.decision.counts() == slow.decision.counts()
+    assert fast.decision.dropped_event_ids == slow.decision.dropped_event_ids
+    # ...and the records themselves, once built.
     assert fast.decision == slow.decision
     assert canonical(fast.request) == canonical(slow.request)
     return fast

@@ -3,7 +3,8 @@ takes for speed give exactly what the slower forms gave.
 
 - the forwarded ids for the acknowledgement ledger, read from the bytes that leave (wire.events_by_id),
   are the ids a full parse gives, and acknowledgements stay exact;
-- removals per rule (audit.removal_counts) equal Decision.counts(), keys in the same order;
+- removals per rule and removed ids, known before a decision's per-event records are built,
+  equal what those records say once built;
 - the audit trail builds no record when its logger would write none;
 - the JSON formatter's cached head gives the same line as encoding the head each time.
 """
@@ -20,7 +21,7 @@ import pytest
 from google.protobuf.message import DecodeError
 from test_sidecar_support import POLICY, dropped, event, identifier, invalid, metadata, payload, sensitive
 
-from interceptors.audit import AUDIT_LOGGER_NAME, AuditLog, removal_counts
+from interceptors.audit import AUDIT_LOGGER_NAME, AuditLog
 from interceptors.guard import Guard
 from interceptors.stream import StreamGuard
 from policy import Decision, Engine, load_policy
@@ -122,11 +123,21 @@ def _decisions(engine: Engine) -> list[Decision]:
     return out
 
 
-def test_removal_counts_are_decision_counts_in_the_same_order(engine: Engine) -> None:
+def test_counts_and_removed_ids_known_up_front_match_the_records(engine: Engine) -> None:
     decisions = _decisions(engine)
     assert any(d.counts() for d in decisions)
     for decision in decisions:
-        assert list(removal_counts(decision).items()) == list(decision.counts().items())
+        counts, removed = decision.counts(), decision.dropped_event_ids  # before the records exist
+        by_records: dict[str, int] = {}
+        for record in decision.events:
+            if record.dropped_by is not None:
+                by_records[record.dropped_by] = by_records.get(record.dropped_by, 0) + 1
+            for removal in record.removals:
+                by_records[removal.rule] = by_records.get(removal.rule, 0) + removal.count
+        for removal in decision.removals:
+            by_records[removal.rule] = by_records.get(removal.rule, 0) + removal.count
+        assert counts == by_records
+        assert removed == [r.event_id for r in decision.events if r.dropped_by is not None]
 
 
 class _Untouchable:
