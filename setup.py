@@ -12,7 +12,7 @@ setup(
             "policy._wirefilter",
             sources=["policy/_wirefilter.c"],
             optional=True,
-            extra_compile_args=["-O2", "-std=c11", "-Wall", "-Wextra", "-Wno-missing-field-initializers"],
+            extra_compile_args=["-O3", "-std=c11", "-Wall", "-Wextra", "-Wno-missing-field-initializers"],
         )
     ]
 )

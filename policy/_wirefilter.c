@@ -35,6 +35,7 @@ enum { REC_MARKETING = 1, REC_PRIVATE_WHOLE = 2 };
 #define MAX_REMEMBERED 4096 /* event types kept in Plan.types; then it starts afresh */
 
 #define OK 0
+#define INLINE static inline __attribute__((always_inline))
 #define FALLBACK 1
 #define FAIL (-1) /* a Python exception is set */
 
@@ -93,7 +94,7 @@ typedef struct {
 
 /* ---- output ------------------------------------------------------------------------ */
 
-static int reserve(Ctx *c, Py_ssize_t n) {
+INLINE int reserve(Ctx *c, Py_ssize_t n) {
     if (c->pos + n <= c->cap) return OK;
     Py_ssize_t cap = c->cap * 2;
     if (cap < c->pos + n) cap = c->pos + n + 256;
@@ -104,7 +105,7 @@ static int reserve(Ctx *c, Py_ssize_t n) {
 
 static inline uint8_t *at(Ctx *c) { return (uint8_t *)PyBytes_AS_STRING(c->out) + c->pos; }
 
-static int put(Ctx *c, const uint8_t *p, Py_ssize_t n) {
+INLINE int put(Ctx *c, const uint8_t *p, Py_ssize_t n) {
     if (reserve(c, n) < 0) return FAIL;
     memcpy(at(c), p, (size_t)n);
     c->pos += n;
@@ -129,21 +130,30 @@ static int put_varint(Ctx *c, uint64_t v) {
     return OK;
 }
 
-/* A length prefix written once the content is known: 5 bytes held, then closed up. */
-static int open_len(Ctx *c, Py_ssize_t *mark) {
-    if (reserve(c, 5) < 0) return FAIL;
-    *mark = c->pos;
-    c->pos += 5;
+/* A length prefix written once the content is known. As many bytes are held as the input's
+ * length took: the content moves only when its length needs another number of bytes. */
+typedef struct {
+    Py_ssize_t at;
+    int held;
+} Len;
+
+static int open_len(Ctx *c, Len *len, Py_ssize_t input_length) {
+    len->held = varint_size((uint64_t)input_length);
+    if (reserve(c, len->held) < 0) return FAIL;
+    len->at = c->pos;
+    c->pos += len->held;
     return OK;
 }
 
-static void close_len(Ctx *c, Py_ssize_t mark) {
+static int close_len(Ctx *c, const Len *len) {
+    Py_ssize_t size = c->pos - len->at - len->held;
+    int n = varint_size((uint64_t)size);
+    if (n > len->held && reserve(c, n - len->held) < 0) return FAIL; /* grown (replaced values) */
     uint8_t *base = (uint8_t *)PyBytes_AS_STRING(c->out);
-    Py_ssize_t len = c->pos - mark - 5;
-    int n = varint_size((uint64_t)len);
-    write_varint(base + mark, (uint64_t)len);
-    memmove(base + mark + n, base + mark + 5, (size_t)len);
-    c->pos -= 5 - n;
+    if (n != len->held) memmove(base + len->at + n, base + len->at + len->held, (size_t)size);
+    write_varint(base + len->at, (uint64_t)size);
+    c->pos += n - len->held;
+    return OK;
 }
 
 /* ---- input ------------------------------------------------------------------------- */
@@ -166,7 +176,7 @@ static int read_varint_long(const uint8_t **pp, const uint8_t *end, uint64_t *ou
 }
 
 /* Most tags and lengths here are one byte. */
-static inline int read_varint(const uint8_t **pp, const uint8_t *end, uint64_t *out) {
+INLINE int read_varint(const uint8_t **pp, const uint8_t *end, uint64_t *out) {
     const uint8_t *p = *pp;
     if (p < end && *p < 0x80) {
         *out = *p;
@@ -176,7 +186,7 @@ static inline int read_varint(const uint8_t **pp, const uint8_t *end, uint64_t *
     return read_varint_long(pp, end, out);
 }
 
-static inline int read_tag(const uint8_t **pp, const uint8_t *end, uint32_t *num, uint32_t *wt) {
+INLINE int read_tag(const uint8_t **pp, const uint8_t *end, uint32_t *num, uint32_t *wt) {
     uint64_t tag;
     if (!read_varint(pp, end, &tag) || tag > 0xffffffffu || (tag >> 3) == 0) return 0;
     *num = (uint32_t)(tag >> 3);
@@ -185,7 +195,7 @@ static inline int read_tag(const uint8_t **pp, const uint8_t *end, uint32_t *num
 }
 
 /* Past one value of wire type wt; v..*vend is a length-delimited payload. Groups: no. */
-static inline int skip_value(const uint8_t **pp, const uint8_t *end, uint32_t wt, const uint8_t **v) {
+INLINE int skip_value(const uint8_t **pp, const uint8_t *end, uint32_t wt, const uint8_t **v) {
     uint64_t x;
     switch (wt) {
     case 0:
@@ -240,7 +250,20 @@ static int utf8_valid(const uint8_t *s, Py_ssize_t n) {
     return 1;
 }
 
-static inline int wire_type(uint8_t type) {
+/* Most strings here are ASCII: checked a word at a time, the rest by utf8_valid. */
+INLINE int utf8_ok(const uint8_t *s, Py_ssize_t n) {
+    Py_ssize_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        uint64_t w;
+        memcpy(&w, s + i, 8);
+        if (w & 0x8080808080808080ull) return utf8_valid(s + i, n - i);
+    }
+    for (; i < n; i++)
+        if (s[i] & 0x80) return utf8_valid(s + i, n - i);
+    return 1;
+}
+
+INLINE int wire_type(uint8_t type) {
     switch (type) {
     case T_VARINT: return 0;
     case T_FIXED64: return 1;
@@ -249,17 +272,18 @@ static inline int wire_type(uint8_t type) {
     }
 }
 
-static inline int same(Slice a, const uint8_t *p, Py_ssize_t n) { return a.n == n && memcmp(a.p, p, (size_t)n) == 0; }
+INLINE int same(Slice a, const uint8_t *p, Py_ssize_t n) { return a.n == n && memcmp(a.p, p, (size_t)n) == 0; }
 
 /* ---- the walk ---------------------------------------------------------------------- */
 
 static int walk(Ctx *c, int mi, const uint8_t *p, const uint8_t *end, int depth, int emit);
+static int check(Ctx *c, int mi, const uint8_t *p, const uint8_t *end, int depth);
 static int event(Ctx *c, const Field *f, const uint8_t *tag, const uint8_t *tag_end, const uint8_t *v,
                  const uint8_t *end, Py_ssize_t index);
 static int private_allowlist(Ctx *c, const uint8_t *tag, const uint8_t *tag_end, const uint8_t *p, const uint8_t *end);
 
 /* A map entry's key (the entry itself is checked by walking it as a message). */
-static int map_key(const uint8_t *p, const uint8_t *end, Slice *key) {
+INLINE int map_key(const uint8_t *p, const uint8_t *end, Slice *key) {
     key->p = p;
     key->n = 0;
     while (p < end) {
@@ -273,7 +297,7 @@ static int map_key(const uint8_t *p, const uint8_t *end, Slice *key) {
 
 /* A map entry in the form every encoder writes: key, then a scalar or string value, each
  * with one-byte lengths, nothing else. Checked here without a walk (1 = it is; key set). */
-static int plain_entry(const Msg *entry, const uint8_t *v, const uint8_t *end, Slice *key) {
+INLINE int plain_entry(const Msg *entry, const uint8_t *v, const uint8_t *end, Slice *key) {
     if (end - v < 2 || v[0] != 0x0a || v[1] >= 0x80 || v[1] > end - v - 2) return 0;
     *key = (Slice){v + 2, v[1]};
     const uint8_t *q = v + 2 + v[1];
@@ -284,7 +308,7 @@ static int plain_entry(const Msg *entry, const uint8_t *v, const uint8_t *end, S
         case T_STRING:
         case T_BYTES:
             if (end - q < 2 || q[0] != 0x12 || q[1] >= 0x80 || q + 2 + q[1] != end) return 0;
-            if (f->type == T_STRING && !utf8_valid(q + 2, q[1])) return 0;
+            if (f->type == T_STRING && !utf8_ok(q + 2, q[1])) return 0;
             break;
         case T_FIXED64:
             if (q[0] != 0x11 || end - q != 9) return 0;
@@ -302,12 +326,12 @@ static int plain_entry(const Msg *entry, const uint8_t *v, const uint8_t *end, S
             return 0;
         }
     }
-    return utf8_valid(key->p, key->n);
+    return utf8_ok(key->p, key->n);
 }
 
 /* Whether a dropped field counts as removed: as the Python remover sees it (HasField, a
  * non-default value for implicit presence, a non-empty repeated field). */
-static int is_set(const Field *f, const uint8_t *v, const uint8_t *end) {
+INLINE int is_set(const Field *f, const uint8_t *v, const uint8_t *end) {
     if (!(f->flags & F_IMPLICIT) || (f->flags & F_REPEATED)) return 1;
     switch (f->type) {
     case T_VARINT: {
@@ -330,48 +354,120 @@ static int is_set(const Field *f, const uint8_t *v, const uint8_t *end) {
     }
 }
 
+/* What a message's walk remembers of its fields: singular ones, oneofs, map keys. */
+typedef struct {
+    uint64_t seen;
+    uint32_t oneofs;
+    int nkeys;
+    uint32_t key_maps[MAX_KEYS]; /* keys[i] is a key of the map field key_maps[i] */
+    Slice keys[MAX_KEYS];
+} Seen;
+
+/* One field: start..tag_end its tag, v..end its value (a length-delimited one's content). */
+typedef struct {
+    const uint8_t *start, *tag_end, *v, *end;
+    const Field *f; /* NULL: a field number the message does not know */
+    uint32_t num;
+} Head;
+
+/* The next field, read, bounded and checked against the message's table: its wire type, a
+ * singular field or oneof given twice, a string's UTF-8. */
+INLINE int next_field(const Msg *m, const uint8_t *p, const uint8_t *end, Seen *s, Head *h) {
+    uint32_t wt;
+    h->start = p;
+    if (!read_tag(&p, end, &h->num, &wt)) return FALLBACK;
+    h->tag_end = p;
+    const Field *f = h->num <= (uint32_t)m->max && m->fields[h->num].known ? &m->fields[h->num] : NULL;
+    h->f = f;
+    if (f == NULL) {
+        if (m->strict || !skip_value(&p, end, wt, &h->v)) return FALLBACK;
+        h->end = p;
+        return OK;
+    }
+    if (wt != (uint32_t)wire_type(f->type) || !skip_value(&p, end, wt, &h->v)) return FALLBACK;
+    h->end = p;
+    if (!(f->flags & F_REPEATED)) {
+        if (s->seen & (1ull << h->num)) return FALLBACK;
+        s->seen |= 1ull << h->num;
+    }
+    if (f->oneof >= 0) {
+        if (s->oneofs & (1u << f->oneof)) return FALLBACK;
+        s->oneofs |= 1u << f->oneof;
+    }
+    if (f->type == T_STRING && !utf8_ok(h->v, h->end - h->v)) return FALLBACK;
+    return OK;
+}
+
+/* A map entry's key, against the keys of the same map seen before (a key given twice would
+ * shadow a value). *plain: the entry was checked whole here; otherwise it is walked. */
+INLINE int map_entry_key(const Plan *plan, const Head *h, Seen *s, int *plain) {
+    Slice key;
+    *plain = plain_entry(&plan->msgs[h->f->child], h->v, h->end, &key);
+    if ((!*plain && map_key(h->v, h->end, &key) != OK) || s->nkeys == MAX_KEYS) return FALLBACK;
+    for (int k = 0; k < s->nkeys; k++)
+        if (s->key_maps[k] == h->num && same(s->keys[k], key.p, key.n)) return FALLBACK;
+    s->key_maps[s->nkeys] = h->num;
+    s->keys[s->nkeys++] = key;
+    return OK;
+}
+
+/* A message nothing inside of which is governed by a rule: checked as a parser would, no output. */
+static int check(Ctx *c, int mi, const uint8_t *p, const uint8_t *end, int depth) {
+    if (depth > MAX_DEPTH) return FALLBACK;
+    const Plan *plan = c->plan;
+    const Msg *m = &plan->msgs[mi];
+    Seen s;
+    s.seen = 0;
+    s.oneofs = 0;
+    s.nkeys = 0;
+    Head h;
+    while (p < end) {
+        int r = next_field(m, p, end, &s, &h);
+        if (r != OK) return r;
+        p = h.end;
+        if (h.f == NULL) {
+            c->saw_unknown = 1;
+            continue;
+        }
+        if (h.f->type != T_MESSAGE) continue;
+        int plain = 0;
+        if ((h.f->flags & F_MAP) && (r = map_entry_key(plan, &h, &s, &plain)) != OK) return r;
+        if (!plain && (r = check(c, h.f->child, h.v, h.end, depth + 1)) != OK) return r;
+    }
+    return OK;
+}
+
+/* A message, field by field: copied, skipped or rewritten (emit), or only checked (!emit). */
 static int walk(Ctx *c, int mi, const uint8_t *p, const uint8_t *end, int depth, int emit) {
     if (depth > MAX_DEPTH) return FALLBACK;
     const Plan *plan = c->plan;
     const Msg *m = &plan->msgs[mi];
-    uint64_t seen = 0;
-    uint32_t oneofs = 0;
-    Slice keys[MAX_KEYS]; /* map keys seen, of the map field key_maps[i] */
-    uint32_t key_maps[MAX_KEYS];
-    int nkeys = 0;
+    if (!emit && m->clean) return check(c, mi, p, end, depth);
+    Seen s;
+    s.seen = 0;
+    s.oneofs = 0;
+    s.nkeys = 0;
+    Head h;
     Py_ssize_t index = 0;
     while (p < end) {
-        const uint8_t *start = p, *v;
-        uint32_t num, wt;
-        if (!read_tag(&p, end, &num, &wt)) return FALLBACK;
-        const uint8_t *tag_end = p;
-        const Field *f = num <= (uint32_t)m->max ? &m->fields[num] : NULL;
-        if (f == NULL || !f->known) {
-            if (m->strict || !skip_value(&p, end, wt, &v)) return FALLBACK;
+        int r = next_field(m, p, end, &s, &h);
+        if (r != OK) return r;
+        p = h.end;
+        const Field *f = h.f;
+        if (f == NULL) {
             c->saw_unknown = 1;
-            if (emit && !plan->discard_unknown && put(c, start, p - start) < 0) return FAIL;
+            if (emit && !plan->discard_unknown && put(c, h.start, h.end - h.start) < 0) return FAIL;
             continue;
         }
-        if (wt != (uint32_t)wire_type(f->type) || !skip_value(&p, end, wt, &v)) return FALLBACK;
-        if (!(f->flags & F_REPEATED)) {
-            if (seen & (1ull << num)) return FALLBACK;
-            seen |= 1ull << num;
-        }
-        if (f->oneof >= 0) {
-            if (oneofs & (1u << f->oneof)) return FALLBACK;
-            oneofs |= 1u << f->oneof;
-        }
         int keep = emit && f->drop < 0;
-        if (emit && f->drop >= 0 && is_set(f, v, p)) c->drops |= 1ull << f->drop;
+        if (emit && f->drop >= 0 && is_set(f, h.v, h.end)) c->drops |= 1ull << f->drop;
         switch (f->role) {
         case R_FALLBACK:
             return FALLBACK;
-        case R_EVENT: {
+        case R_EVENT:
             if (!emit) return FALLBACK;
-            int r = event(c, f, start, tag_end, v, p, index++);
-            if (r != OK) return r;
+            if ((r = event(c, f, h.start, h.tag_end, h.v, h.end, index++)) != OK) return r;
             continue;
-        }
         case R_MARKETING:
             if (plan->drop_marketing) { /* a dropped field is not read (as the view's bytes field) */
                 if (emit) c->flags |= REC_MARKETING;
@@ -384,8 +480,7 @@ static int walk(Ctx *c, int mi, const uint8_t *p, const uint8_t *end, int depth,
         case R_PRIVATE:
             if (!emit || plan->private_mode == MODE_KEEP) break;
             if (plan->private_mode == MODE_ALLOWLIST && c->keys != NULL) {
-                int r = private_allowlist(c, start, tag_end, v, p);
-                if (r != OK) return r;
+                if ((r = private_allowlist(c, h.start, h.tag_end, h.v, h.end)) != OK) return r;
                 continue;
             }
             c->flags |= REC_PRIVATE_WHOLE;
@@ -394,47 +489,35 @@ static int walk(Ctx *c, int mi, const uint8_t *p, const uint8_t *end, int depth,
         default:
             break;
         }
-        if (f->type == T_STRING) {
-            if (!utf8_valid(v, p - v)) return FALLBACK;
-        } else if (f->type == T_MESSAGE) {
-            if (f->flags & F_MAP) { /* one entry; a key given twice would shadow a value */
-                Slice key;
-                int plain = plain_entry(&plan->msgs[f->child], v, p, &key);
-                if ((!plain && map_key(v, p, &key) != OK) || nkeys == MAX_KEYS) return FALLBACK;
-                for (int k = 0; k < nkeys; k++)
-                    if (key_maps[k] == num && same(keys[k], key.p, key.n)) return FALLBACK;
-                key_maps[nkeys] = num;
-                keys[nkeys++] = key;
-                if (plain) {
-                    if (keep && put(c, start, p - start) < 0) return FAIL;
-                    continue;
-                }
-            }
-            if (keep && plan->msgs[f->child].clean) { /* checked, then copied as it came */
-                int saw = c->saw_unknown;
-                c->saw_unknown = 0;
-                int r = walk(c, f->child, v, p, depth + 1, 0);
-                if (r != OK) return r;
-                int rewrite = c->saw_unknown && plan->discard_unknown;
-                c->saw_unknown |= saw;
-                if (!rewrite) {
-                    if (put(c, start, p - start) < 0) return FAIL;
-                    continue;
-                }
-            }
-            if (keep) {
-                Py_ssize_t mark;
-                if (put(c, start, tag_end - start) < 0 || open_len(c, &mark) < 0) return FAIL;
-                int r = walk(c, f->child, v, p, depth + 1, 1);
-                if (r != OK) return r;
-                close_len(c, mark);
-                continue;
-            }
-            int r = walk(c, f->child, v, p, depth + 1, 0);
-            if (r != OK) return r;
+        if (f->type != T_MESSAGE) {
+            if (keep && put(c, h.start, h.end - h.start) < 0) return FAIL;
             continue;
         }
-        if (keep && put(c, start, p - start) < 0) return FAIL;
+        int plain = 0;
+        if ((f->flags & F_MAP) && (r = map_entry_key(plan, &h, &s, &plain)) != OK) return r;
+        if (plain) {
+            if (keep && put(c, h.start, h.end - h.start) < 0) return FAIL;
+            continue;
+        }
+        if (keep && plan->msgs[f->child].clean) { /* checked, then copied as it came */
+            int saw = c->saw_unknown;
+            c->saw_unknown = 0;
+            if ((r = check(c, f->child, h.v, h.end, depth + 1)) != OK) return r;
+            int rewrite = c->saw_unknown && plan->discard_unknown;
+            c->saw_unknown |= saw;
+            if (!rewrite) {
+                if (put(c, h.start, h.end - h.start) < 0) return FAIL;
+                continue;
+            }
+        }
+        if (keep) {
+            Len len;
+            if (put(c, h.start, h.tag_end - h.start) < 0 || open_len(c, &len, h.end - h.v) < 0) return FAIL;
+            if ((r = walk(c, f->child, h.v, h.end, depth + 1, 1)) != OK) return r;
+            if (close_len(c, &len) < 0) return FAIL;
+            continue;
+        }
+        if ((r = walk(c, f->child, h.v, h.end, depth + 1, 0)) != OK) return r;
     }
     return OK;
 }
@@ -452,7 +535,7 @@ static int resolve(Ctx *c, Slice feature, Slice action, PyObject **out) {
             return OK;
         }
     }
-    if (!utf8_valid(feature.p, feature.n) || !utf8_valid(action.p, action.n)) return FALLBACK;
+    if (!utf8_ok(feature.p, feature.n) || !utf8_ok(action.p, action.n)) return FALLBACK;
     /* Plan.types: keyed by the feature's length (4 bytes), the feature and the action */
     PyObject *key = PyBytes_FromStringAndSize(NULL, 4 + feature.n + action.n);
     if (key == NULL) return FAIL;
@@ -520,7 +603,7 @@ static PyObject *key_tuple(const Slice *keys, int n) {
 /* A record for an event something happened to:
  * (index, id, feature, action, dropped_by, flags, gone keys, wrong keys, drop bits). */
 static int add_record(Ctx *c, Py_ssize_t index, Slice id, Slice feature, Slice action, PyObject *dropped_by) {
-    if (!utf8_valid(id.p, id.n)) return FALLBACK; /* the reference refuses it */
+    if (!utf8_ok(id.p, id.n)) return FALLBACK; /* the reference refuses it */
     PyObject *sid = decode(id), *sf = sid ? decode(feature) : NULL, *sa = sf ? decode(action) : NULL;
     PyObject *gone = sa && c->ngone ? key_tuple(c->gone, c->ngone) : Py_NewRef(Py_None);
     PyObject *wrong = gone && c->nwrong ? key_tuple(c->wrong, c->nwrong) : Py_NewRef(Py_None);
@@ -600,10 +683,10 @@ static int event(Ctx *c, const Field *f, const uint8_t *tag, const uint8_t *tag_
         return add_record(c, index, id, feature, action, dropped_by);
     }
     c->events_out++;
-    Py_ssize_t mark;
-    if (put(c, tag, tag_end - tag) < 0 || open_len(c, &mark) < 0) return FAIL;
+    Len len;
+    if (put(c, tag, tag_end - tag) < 0 || open_len(c, &len, end - v) < 0) return FAIL;
     if ((r = walk(c, f->child, v, end, 2, 1)) != OK) return r;
-    close_len(c, mark);
+    if (close_len(c, &len) < 0) return FAIL;
     if (!(c->flags || c->drops || c->ngone || c->nwrong)) return OK;
     c->n_marketing += (c->flags & REC_MARKETING) != 0;
     c->n_private_whole += (c->flags & REC_PRIVATE_WHOLE) != 0;
@@ -631,8 +714,8 @@ static int put_string_entry(Ctx *c, Slice key, const uint8_t *s, Py_ssize_t n) {
  * Struct is checked as a parser would, and unknown fields go when the kind discards them. */
 static int private_allowlist(Ctx *c, const uint8_t *tag, const uint8_t *tag_end, const uint8_t *p, const uint8_t *end) {
     const Plan *plan = c->plan;
-    Py_ssize_t mark;
-    if (put(c, tag, tag_end - tag) < 0 || open_len(c, &mark) < 0) return FAIL;
+    Len len;
+    if (put(c, tag, tag_end - tag) < 0 || open_len(c, &len, end - p) < 0) return FAIL;
     Slice keys[MAX_KEYS];
     int nkeys = 0;
     while (p < end) {
@@ -657,7 +740,7 @@ static int private_allowlist(Ctx *c, const uint8_t *tag, const uint8_t *tag_end,
             if (fn == 1) key = (Slice){fv, q - fv};
             else value = (Slice){fv, q - fv};
         }
-        if (!utf8_valid(key.p, key.n) || nkeys == MAX_KEYS) return FALLBACK;
+        if (!utf8_ok(key.p, key.n) || nkeys == MAX_KEYS) return FALLBACK;
         for (int k = 0; k < nkeys; k++)
             if (same(keys[k], key.p, key.n)) return FALLBACK;
         keys[nkeys++] = key;
@@ -698,8 +781,7 @@ static int private_allowlist(Ctx *c, const uint8_t *tag, const uint8_t *tag_end,
                 return FAIL;
         }
     }
-    close_len(c, mark);
-    return OK;
+    return close_len(c, &len);
 }
 
 /* ---- the Plan type ----------------------------------------------------------------- */

@@ -80,5 +80,11 @@ def configure(level: str = "info", stream: IO[str] | None = None) -> None:
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level.upper())
+    # These lines carry no thread name, multiprocessing name or caller (file, function, line): let
+    # logging not gather them for every record (the logging HOWTO's "Optimization"; an audit record
+    # is written per message). The pid stays: it is in every line.
+    logging.logThreads = False
+    logging.logMultiprocessing = False
+    logging._srcfile = None
     # grpc's own logger can quote call details at debug level; keep it at warning.
     logging.getLogger("grpc").setLevel(max(logging.WARNING, root.level))
