@@ -232,3 +232,34 @@ def test_allowlisted_private_metadata_is_filtered_byte_for_byte() -> None:
         (rules.rule, ("prompt",), "removed"),
         (f"{rules.rule}.non_string", ("otherCompletionProviders",), "replaced"),
     }
+
+
+@pytest.mark.parametrize("pad", range(100, 140))
+def test_lengths_that_change_size_across_a_varint_boundary(pad: int) -> None:
+    """Events, parameters and Structs near 128 bytes, grown by a replaced value or shrunk by a removal."""
+    entries = ((b"languageId", field(3, b"x" * (pad - 100))), (b"otherCompletionProviders", NUMBER))
+    grown = event(private(*entries), feature=b"cody.completion", action=b"accepted")
+    shrunk = event(field(9, field(1, b"m" * (pad - 90))), feature=b"cody.completion", action=b"accepted")
+    data = payload(grown, shrunk, grown)
+    assert took_fast_path("properties", "licensed_instance", data)
+    got = assert_same("properties", data, LICENSED)
+    assert not isinstance(got, str) and got.request is not None
+    out = pb.RecordEventsRequest.FromString(got.request).events.events
+    assert [e.HasField("marketing_tracking") for e in out] == [False, False, False]
+    assert out[0].parameters.private_metadata["otherCompletionProviders"] == "(not a string)"
+
+
+@pytest.mark.parametrize(
+    "entry",
+    [
+        b"\x12\x04true" + field(1, b"flag"),  # value before key
+        field(1, b"f" * 200) + field(2, b"true"),  # a key of 200 bytes (a two-byte length)
+        field(1, b"flag"),  # no value: the default
+        field(2, b"true"),  # no key: the empty key
+    ],
+)
+def test_map_entries_in_other_forms_are_walked_not_refused(entry: bytes) -> None:
+    data = payload(event(field(8, field(1, entry))))  # feature_flags.flags
+    assert took_fast_path("default", "licensed_instance", data)
+    got = assert_same("default", data, LICENSED)
+    assert not isinstance(got, str) and got.request is not None
