@@ -77,7 +77,11 @@ def measure(
         return parse(data).SerializeToString()
 
     def guard(engine: Engine) -> Callable[[], object]:
-        return lambda: engine.record_events_bytes(data, identifier).request  # parse + filter + serialize
+        def run() -> object:  # parse + filter + serialize, and what the sidecar's audit at info reads
+            outcome = engine.record_events_bytes(data, identifier)
+            return outcome.request, outcome.decision.counts(), outcome.decision.dropped_event_ids
+
+        return run
 
     floor_s = float("inf")
     guard_s = dict.fromkeys(engines, float("inf"))

@@ -70,12 +70,26 @@ typedef struct {
     PyObject *resolved; /* borrowed from the memo */
 } TypeMemo;
 
+/* What happened to one event, as slices of the payload (kept alive by the Records object). */
+typedef struct {
+    Py_ssize_t index;
+    Slice id, feature, action;
+    PyObject *dropped_by; /* a reference, or NULL */
+    unsigned flags;
+    uint64_t drops;
+    Py_ssize_t keys_at; /* gone keys, then wrong keys, in Ctx.keys / Records.keys */
+    int ngone, nwrong;
+} Rec;
+
 typedef struct {
     const Plan *plan;
     PyObject *resolve;
     PyObject *out;
     Py_ssize_t pos, cap;
-    PyObject *records;
+    Rec *recs; /* one per event something happened to; Python objects only when asked (Records) */
+    Py_ssize_t nrecs, caprecs;
+    Slice *rec_keys; /* the gone and wrong keys of every record, in turn */
+    Py_ssize_t nrec_keys, caprec_keys;
     Py_ssize_t events_in, events_out;
     /* the call's totals, for a decision's counts without its records */
     Py_ssize_t n_marketing, n_private_whole, n_gone, n_wrong, n_drops[64];
@@ -600,42 +614,116 @@ static PyObject *key_tuple(const Slice *keys, int n) {
     return t;
 }
 
-/* A record for an event something happened to:
- * (index, id, feature, action, dropped_by, flags, gone keys, wrong keys, drop bits). */
+static int grow(void **array, Py_ssize_t *cap, Py_ssize_t need, size_t size) {
+    if (need <= *cap) return OK;
+    Py_ssize_t more = *cap ? *cap * 2 : 64;
+    while (more < need) more *= 2;
+    void *bigger = PyMem_Realloc(*array, (size_t)more * size);
+    if (bigger == NULL) {
+        PyErr_NoMemory();
+        return FAIL;
+    }
+    *array = bigger;
+    *cap = more;
+    return OK;
+}
+
+/* A record for an event something happened to; an event removed whole also gives its id now. */
 static int add_record(Ctx *c, Py_ssize_t index, Slice id, Slice feature, Slice action, PyObject *dropped_by) {
     if (!utf8_ok(id.p, id.n)) return FALLBACK; /* the reference refuses it */
-    PyObject *sid = decode(id), *sf = sid ? decode(feature) : NULL, *sa = sf ? decode(action) : NULL;
-    PyObject *gone = sa && c->ngone ? key_tuple(c->gone, c->ngone) : Py_NewRef(Py_None);
-    PyObject *wrong = gone && c->nwrong ? key_tuple(c->wrong, c->nwrong) : Py_NewRef(Py_None);
-    PyObject *rec = NULL;
-    if (sa && gone && wrong && (rec = PyTuple_New(9)) != NULL) {
-        PyObject *items[9] = {PyLong_FromSsize_t(index), sid, sf, sa, dropped_by ? dropped_by : Py_None,
-                              PyLong_FromUnsignedLong(c->flags), gone, wrong,
-                              PyLong_FromUnsignedLongLong((unsigned long long)c->drops)};
-        for (int i = 0; i < 9; i++) {
-            if (i != 0 && i != 5 && i != 8) Py_INCREF(items[i]);
-            PyTuple_SET_ITEM(rec, i, items[i]);
-        }
-        if (items[0] == NULL || items[5] == NULL || items[8] == NULL) Py_CLEAR(rec);
-    }
-    int r = rec == NULL ? FAIL : PyList_Append(c->records, rec);
-    if (r == 0 && dropped_by != NULL) {
-        PyObject *n = PyDict_GetItemWithError(c->dropped_rules, dropped_by);
-        Py_ssize_t count = n == NULL ? 0 : PyLong_AsSsize_t(n);
-        PyObject *more = PyErr_Occurred() ? NULL : PyLong_FromSsize_t(count + 1);
-        r = more == NULL || PyDict_SetItem(c->dropped_rules, dropped_by, more) < 0 || PyList_Append(c->dropped_ids, sid) < 0
+    if (grow((void **)&c->recs, &c->caprecs, c->nrecs + 1, sizeof(Rec)) < 0 ||
+        grow((void **)&c->rec_keys, &c->caprec_keys, c->nrec_keys + c->ngone + c->nwrong, sizeof(Slice)) < 0)
+        return FAIL;
+    Rec *rec = &c->recs[c->nrecs++];
+    *rec = (Rec){index, id, feature, action, NULL, c->flags, c->drops, c->nrec_keys, c->ngone, c->nwrong};
+    memcpy(c->rec_keys + c->nrec_keys, c->gone, (size_t)c->ngone * sizeof(Slice));
+    memcpy(c->rec_keys + c->nrec_keys + c->ngone, c->wrong, (size_t)c->nwrong * sizeof(Slice));
+    c->nrec_keys += c->ngone + c->nwrong;
+    if (dropped_by == NULL) return OK;
+    rec->dropped_by = Py_NewRef(dropped_by);
+    PyObject *sid = decode(id);
+    if (sid == NULL) return FAIL;
+    PyObject *n = PyDict_GetItemWithError(c->dropped_rules, dropped_by);
+    Py_ssize_t count = n == NULL ? 0 : PyLong_AsSsize_t(n);
+    PyObject *more = PyErr_Occurred() ? NULL : PyLong_FromSsize_t(count + 1);
+    int r = more == NULL || PyDict_SetItem(c->dropped_rules, dropped_by, more) < 0 || PyList_Append(c->dropped_ids, sid) < 0
                 ? FAIL
-                : 0;
-        Py_XDECREF(more);
-    }
-    Py_XDECREF(sid);
-    Py_XDECREF(sf);
-    Py_XDECREF(sa);
-    Py_XDECREF(gone);
-    Py_XDECREF(wrong);
-    Py_XDECREF(rec);
-    return r < 0 ? FAIL : OK;
+                : OK;
+    Py_XDECREF(more);
+    Py_DECREF(sid);
+    return r;
 }
+
+/* ---- the Records type: a call's records, built as Python objects only when asked ---- */
+
+typedef struct {
+    PyObject_HEAD
+    PyObject *data; /* the payload the slices point into */
+    Rec *recs;
+    Py_ssize_t nrecs;
+    Slice *keys;
+} Records;
+
+static void records_dealloc(Records *self) {
+    for (Py_ssize_t i = 0; i < self->nrecs; i++) Py_XDECREF(self->recs[i].dropped_by);
+    PyMem_Free(self->recs);
+    PyMem_Free(self->keys);
+    Py_XDECREF(self->data);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyObject *records_tuple(const Records *self, const Rec *rec) {
+    PyObject *items[9] = {
+        PyLong_FromSsize_t(rec->index),
+        decode(rec->id),
+        decode(rec->feature),
+        decode(rec->action),
+        Py_NewRef(rec->dropped_by ? rec->dropped_by : Py_None),
+        PyLong_FromUnsignedLong(rec->flags),
+        rec->ngone ? key_tuple(self->keys + rec->keys_at, rec->ngone) : Py_NewRef(Py_None),
+        rec->nwrong ? key_tuple(self->keys + rec->keys_at + rec->ngone, rec->nwrong) : Py_NewRef(Py_None),
+        PyLong_FromUnsignedLongLong((unsigned long long)rec->drops),
+    };
+    PyObject *t = PyTuple_New(9);
+    for (int i = 0; i < 9; i++) {
+        if (items[i] == NULL) Py_CLEAR(t);
+        if (t != NULL) PyTuple_SET_ITEM(t, i, items[i]);
+        else Py_XDECREF(items[i]);
+    }
+    return t;
+}
+
+PyDoc_STRVAR(records_build_doc,
+             "build() -> list of (index, id, feature, action, dropped_by, flags, gone, wrong, drops)");
+
+static PyObject *records_build(Records *self, PyObject *Py_UNUSED(ignored)) {
+    PyObject *out = PyList_New(self->nrecs);
+    for (Py_ssize_t i = 0; out != NULL && i < self->nrecs; i++) {
+        PyObject *t = records_tuple(self, &self->recs[i]);
+        if (t == NULL) Py_CLEAR(out);
+        else PyList_SET_ITEM(out, i, t);
+    }
+    return out;
+}
+
+static Py_ssize_t records_len(Records *self) { return self->nrecs; }
+
+static PyMethodDef records_methods[] = {
+    {"build", (PyCFunction)records_build, METH_NOARGS, records_build_doc},
+    {NULL, NULL, 0, NULL},
+};
+
+static PySequenceMethods records_sequence = {.sq_length = (lenfunc)records_len};
+
+static PyTypeObject RecordsType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "policy._wirefilter.Records",
+    .tp_basicsize = sizeof(Records),
+    .tp_dealloc = (destructor)records_dealloc,
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "The records of one filter call, as slices of its payload until build() is called.",
+    .tp_methods = records_methods,
+    .tp_as_sequence = &records_sequence,
+};
 
 /* The event's own fields that decide its fate, read before anything of it is written. */
 static int event_header(const uint8_t *p, const uint8_t *end, Slice *id, Slice *feature, Slice *action, int *stamped) {
@@ -884,30 +972,25 @@ PyDoc_STRVAR(plan_filter_doc,
              "None: the bytes are not in the canonical form this path takes; run the Python engine.");
 
 static PyObject *plan_filter(Plan *self, PyObject *args) {
-    Py_buffer data;
-    PyObject *resolver;
-    if (!PyArg_ParseTuple(args, "y*O", &data, &resolver)) return NULL;
-    if (data.len >= INT32_MAX) {
-        PyBuffer_Release(&data);
-        Py_RETURN_NONE;
-    }
+    PyObject *data, *resolver;
+    if (!PyArg_ParseTuple(args, "SO", &data, &resolver)) return NULL;
+    Py_ssize_t size = PyBytes_GET_SIZE(data);
+    if (size >= INT32_MAX) Py_RETURN_NONE;
     Ctx *c = PyMem_Calloc(1, sizeof(Ctx));
-    if (c == NULL) {
-        PyBuffer_Release(&data);
-        return PyErr_NoMemory();
-    }
+    if (c == NULL) return PyErr_NoMemory();
     c->plan = self;
     c->resolve = resolver;
-    c->cap = data.len + 64;
+    c->cap = size + 64;
     c->out = PyBytes_FromStringAndSize(NULL, c->cap);
-    c->records = PyList_New(0);
     c->dropped_ids = PyList_New(0);
     c->dropped_rules = PyDict_New();
+    const uint8_t *bytes = (const uint8_t *)PyBytes_AS_STRING(data);
     int r = FAIL;
-    if (c->out != NULL && c->records != NULL && c->dropped_ids != NULL && c->dropped_rules != NULL)
-        r = walk(c, self->root, data.buf, (const uint8_t *)data.buf + data.len, 0, 1);
+    if (c->out != NULL && c->dropped_ids != NULL && c->dropped_rules != NULL)
+        r = walk(c, self->root, bytes, bytes + size, 0, 1);
     if (r == OK && _PyBytes_Resize(&c->out, c->pos) < 0) r = FAIL;
     PyObject *result = NULL, *drops = NULL;
+    Records *records = NULL;
     if (r == OK && (drops = PyTuple_New(64)) != NULL) {
         for (int bit = 0; bit < 64 && drops != NULL; bit++) {
             PyObject *n = PyLong_FromSsize_t(c->n_drops[bit]);
@@ -915,19 +998,29 @@ static PyObject *plan_filter(Plan *self, PyObject *args) {
             else PyTuple_SET_ITEM(drops, bit, n);
         }
     }
-    if (r == OK && drops != NULL)
-        result = Py_BuildValue("(OnnO(nnnnOOO))", c->out, c->events_in, c->events_out, c->records, c->n_marketing,
+    if (r == OK && drops != NULL && (records = PyObject_New(Records, &RecordsType)) != NULL) {
+        records->data = Py_NewRef(data);
+        records->recs = c->recs; /* handed over, with the references of their dropped_by */
+        records->nrecs = c->nrecs;
+        records->keys = c->rec_keys;
+        c->recs = NULL;
+        c->rec_keys = NULL;
+        c->nrecs = 0;
+        result = Py_BuildValue("(OnnO(nnnnOOO))", c->out, c->events_in, c->events_out, records, c->n_marketing,
                                c->n_private_whole, c->n_gone, c->n_wrong, drops, c->dropped_ids, c->dropped_rules);
-    else if (r == FALLBACK)
+    } else if (r == FALLBACK) {
         result = Py_NewRef(Py_None);
+    }
+    Py_XDECREF(records);
     Py_XDECREF(drops);
     Py_XDECREF(c->dropped_ids);
     Py_XDECREF(c->dropped_rules);
+    for (Py_ssize_t i = 0; i < c->nrecs; i++) Py_XDECREF(c->recs[i].dropped_by);
+    PyMem_Free(c->recs);
+    PyMem_Free(c->rec_keys);
     for (int i = 0; i < c->nmemo; i++) Py_DECREF(c->memo[i].resolved);
     Py_XDECREF(c->out);
-    Py_XDECREF(c->records);
     PyMem_Free(c);
-    PyBuffer_Release(&data);
     return result;
 }
 
@@ -951,7 +1044,7 @@ static struct PyModuleDef module = {
 };
 
 PyMODINIT_FUNC PyInit__wirefilter(void) {
-    if (PyType_Ready(&PlanType) < 0) return NULL;
+    if (PyType_Ready(&PlanType) < 0 || PyType_Ready(&RecordsType) < 0) return NULL;
     PyObject *m = PyModule_Create(&module);
     if (m == NULL) return NULL;
     if (PyModule_AddObjectRef(m, "Plan", (PyObject *)&PlanType) < 0) { Py_DECREF(m); return NULL; }

@@ -6,6 +6,12 @@ Record = tuple[int, str, str, str, str | None, int, tuple[str, ...] | None, tupl
 # marketing, private_metadata whole, keys gone, non-string values, per drop bit, dropped ids, {rule: events dropped}
 Totals = tuple[int, int, int, int, tuple[int, ...], list[str], dict[str, int]]
 
+class Records:
+    """One call's records, as slices of its payload until built."""
+
+    def build(self) -> list[Record]: ...
+    def __len__(self) -> int: ...
+
 class Plan:
     def __init__(
         self,
@@ -22,4 +28,4 @@ class Plan:
     ) -> None: ...
     def filter(
         self, data: bytes, resolve: Callable[[str, str], tuple[str | None, bool, frozenset[bytes] | None]], /
-    ) -> tuple[bytes, int, int, list[Record], Totals] | None: ...
+    ) -> tuple[bytes, int, int, Records, Totals] | None: ...

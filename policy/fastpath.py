@@ -3,9 +3,10 @@
 A kind's rules become a `_wirefilter.Plan`: one table per message type reachable from
 RecordEventsRequest, built from the generated descriptors (field number, wire type,
 presence, oneof, map), with the kind's rules marked on the fields they govern. The C
-walk copies, skips or rewrites fields in one pass over the bytes and reports, per
-event something happened to, a compact record that `records()` turns into the same
-EventRecords as the Python engine's.
+walk copies, skips or rewrites fields in one pass over the bytes and reports the
+removals per rule and the ids of the events removed whole at once, and per event
+something happened to a compact record that becomes the Python engine's EventRecord
+only when the decision's events are read (`Decision.defer`).
 
 The fast path takes only what it fully understands and says None otherwise; the
 engine then runs its Python path (the reference), so both always agree. A kind whose
@@ -225,7 +226,9 @@ class FastPlan:
         if got is None:
             return None
         out, events_in, events_out, raw, totals = got
-        return Filtered(out, events_in, events_out, lambda: [self._record(*r) for r in raw], *self._totals(totals))
+        return Filtered(
+            out, events_in, events_out, lambda: [self._record(*r) for r in raw.build()], *self._totals(totals)
+        )
 
     def _totals(self, totals: _wirefilter.Totals) -> tuple[dict[str, int], list[str]]:
         """Decision.counts() of the records, and the ids of the events removed whole, without the records."""
