@@ -636,8 +636,8 @@ static int add_record(Ctx *c, Py_ssize_t index, Slice id, Slice feature, Slice a
         return FAIL;
     Rec *rec = &c->recs[c->nrecs++];
     *rec = (Rec){index, id, feature, action, NULL, c->flags, c->drops, c->nrec_keys, c->ngone, c->nwrong};
-    memcpy(c->rec_keys + c->nrec_keys, c->gone, (size_t)c->ngone * sizeof(Slice));
-    memcpy(c->rec_keys + c->nrec_keys + c->ngone, c->wrong, (size_t)c->nwrong * sizeof(Slice));
+    if (c->ngone) memcpy(c->rec_keys + c->nrec_keys, c->gone, (size_t)c->ngone * sizeof(Slice));
+    if (c->nwrong) memcpy(c->rec_keys + c->nrec_keys + c->ngone, c->wrong, (size_t)c->nwrong * sizeof(Slice));
     c->nrec_keys += c->ngone + c->nwrong;
     if (dropped_by == NULL) return OK;
     rec->dropped_by = Py_NewRef(dropped_by);
