@@ -67,7 +67,8 @@ typedef struct { const uint8_t *p; Py_ssize_t n; } Slice;
 
 typedef struct {
     Slice feature, action;
-    PyObject *resolved; /* borrowed from the memo */
+    uint32_t hash;
+    PyObject *resolved; /* a reference, released when the call ends */
 } TypeMemo;
 
 /* What happened to one event, as slices of the payload (kept alive by the Records object). */
@@ -104,6 +105,8 @@ typedef struct {
     int ngone, nwrong;
     TypeMemo memo[MAX_TYPES];
     int nmemo;
+    uint8_t slots[2 * MAX_TYPES]; /* hash table of memo: index + 1, 0 = empty */
+    PyObject *overflow;           /* the type of the current event when the memo is full */
 } Ctx;
 
 /* ---- output ------------------------------------------------------------------------ */
@@ -541,10 +544,19 @@ static int walk(Ctx *c, int mi, const uint8_t *p, const uint8_t *end, int depth,
 static PyObject *decode(Slice s) { return PyUnicode_DecodeUTF8((const char *)s.p, s.n, "strict"); }
 
 /* (dropped_by, invalid, keys) for an event type: asked of Python once per type and call. */
+static uint32_t type_hash(Slice feature, Slice action) {
+    uint32_t h = 2166136261u; /* FNV-1a over feature, a separator, action */
+    for (Py_ssize_t i = 0; i < feature.n; i++) h = (h ^ feature.p[i]) * 16777619u;
+    h = (h ^ 0xffu) * 16777619u;
+    for (Py_ssize_t i = 0; i < action.n; i++) h = (h ^ action.p[i]) * 16777619u;
+    return h;
+}
+
 static int resolve(Ctx *c, Slice feature, Slice action, PyObject **out) {
-    for (int i = 0; i < c->nmemo; i++) {
-        TypeMemo *t = &c->memo[i];
-        if (same(t->feature, feature.p, feature.n) && same(t->action, action.p, action.n)) {
+    uint32_t h = type_hash(feature, action), mask = 2 * MAX_TYPES - 1, i = h & mask;
+    for (; c->slots[i]; i = (i + 1) & mask) {
+        TypeMemo *t = &c->memo[c->slots[i] - 1];
+        if (t->hash == h && same(t->feature, feature.p, feature.n) && same(t->action, action.p, action.n)) {
             *out = t->resolved;
             return OK;
         }
@@ -590,13 +602,13 @@ static int resolve(Ctx *c, Slice feature, Slice action, PyObject **out) {
         }
     }
     Py_DECREF(key);
-    /* Full memo: the last slot is reused (its old type is no longer in use: one event at a time). */
-    int slot = c->nmemo < MAX_TYPES ? c->nmemo++ : MAX_TYPES - 1;
-    if (slot == MAX_TYPES - 1 && c->memo[slot].resolved != NULL) Py_DECREF(c->memo[slot].resolved);
-    c->memo[slot].feature = feature;
-    c->memo[slot].action = action;
-    c->memo[slot].resolved = r; /* owned by the memo */
     *out = r;
+    if (c->nmemo == MAX_TYPES) { /* full: kept only while its event is processed (one at a time) */
+        Py_XSETREF(c->overflow, r);
+        return OK;
+    }
+    c->memo[c->nmemo] = (TypeMemo){feature, action, h, r};
+    c->slots[i] = (uint8_t)++c->nmemo; /* i: the empty slot the search ended on */
     return OK;
 }
 
@@ -1019,6 +1031,7 @@ static PyObject *plan_filter(Plan *self, PyObject *args) {
     PyMem_Free(c->recs);
     PyMem_Free(c->rec_keys);
     for (int i = 0; i < c->nmemo; i++) Py_DECREF(c->memo[i].resolved);
+    Py_XDECREF(c->overflow);
     Py_XDECREF(c->out);
     PyMem_Free(c);
     return result;

@@ -263,3 +263,14 @@ def test_map_entries_in_other_forms_are_walked_not_refused(entry: bytes) -> None
     assert took_fast_path("default", "licensed_instance", data)
     got = assert_same("default", data, LICENSED)
     assert not isinstance(got, str) and got.request is not None
+
+
+def test_more_event_types_in_one_payload_than_the_walk_remembers() -> None:
+    """Past 64 distinct types a payload's types are looked up anew; the answers stay the same."""
+    names = [f"cody.f{chr(97 + i // 26)}{chr(97 + i % 26)}" for i in range(90)]
+    events = [event(private((b"languageId", STRING)), feature=n.encode()) for n in names]
+    events += [event(private((b"languageId", NUMBER)), feature=b"cody.completion") for _ in range(3)]
+    data = payload(*events, *events[:10])
+    assert took_fast_path("properties", "licensed_instance", data)
+    got = assert_same("properties", data, LICENSED)
+    assert not isinstance(got, str) and got.decision.events_in == len(events) + 10
