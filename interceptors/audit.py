@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from typing import Any
 
 from interceptors.errors import GuardError
@@ -50,11 +51,21 @@ def _removal(removal: Removal) -> dict[str, Any]:
     return {"rule": removal.rule, "path": removal.path, "action": removal.action, "keys": list(removal.keys)}
 
 
-class AuditLog:
-    """Writes decisions and refusals. One instance may serve several interceptors."""
+# Writes one encoded audit record at a level, in place of logger.log (see AuditLog).
+Sink = Callable[[int, str], None]
 
-    def __init__(self, logger: logging.Logger | None = None) -> None:
+
+class AuditLog:
+    """Writes decisions and refusals. One instance may serve several interceptors.
+
+    sink: a process that owns its log stream (the sidecar) writes the encoded records there
+    itself, the same line as through logging, without a LogRecord per message; the logger
+    still decides which levels are written.
+    """
+
+    def __init__(self, logger: logging.Logger | None = None, *, sink: Sink | None = None) -> None:
         self.logger = logger or logging.getLogger(AUDIT_LOGGER_NAME)
+        self._sink = sink
 
     def record(
         self,
@@ -116,4 +127,7 @@ class AuditLog:
 
     def _emit(self, level: int, record: dict[str, Any]) -> None:
         if self.logger.isEnabledFor(level):
-            self.logger.log(level, _encode(record), extra={"telemetry_guard": record})
+            if self._sink is not None:
+                self._sink(level, _encode(record))
+            else:
+                self.logger.log(level, _encode(record), extra={"telemetry_guard": record})

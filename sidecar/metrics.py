@@ -25,7 +25,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 from prometheus_client.exposition import generate_latest
 
-from interceptors.audit import AuditLog
+from interceptors.audit import AuditLog, Sink
 from interceptors.errors import GuardError
 from policy import Decision, Policy
 from sidecar.workers import MULTIPROC_ENV
@@ -147,8 +147,8 @@ class Metrics:
 class MetricsAudit(AuditLog):
     """The audit log, counting what it records: requests, events, removals per rule, denials."""
 
-    def __init__(self, metrics: Metrics, logger: Any = None) -> None:
-        super().__init__(logger)
+    def __init__(self, metrics: Metrics, logger: Any = None, *, sink: Sink | None = None) -> None:
+        super().__init__(logger, sink=sink)
         self.metrics = metrics
 
     def record(

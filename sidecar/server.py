@@ -32,7 +32,7 @@ from interceptors.credentials import BearerPresent, CredentialVerifier, TokenInt
 from interceptors.guard import Guard
 from policy import Engine
 from policy.kinds import SERVICE
-from sidecar import gateway
+from sidecar import gateway, logs
 from sidecar.forward import DEFAULT_FORWARD_METADATA, DEFAULT_WINDOW, Forwarder
 from sidecar.logs import fields
 from sidecar.metrics import Metrics, MetricsAudit, multiprocess
@@ -124,7 +124,7 @@ class Sidecar:
         self.metrics = metrics or Metrics()
         self._sink = sink
         self._reuse_port = reuse_port
-        audit = MetricsAudit(self.metrics)
+        audit = MetricsAudit(self.metrics, sink=logs.audit_sink())
         verify = verifier(config)
 
         def make_guard(engine: Engine) -> Guard:

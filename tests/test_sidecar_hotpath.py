@@ -17,11 +17,13 @@ import time
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
 from google.protobuf.message import DecodeError
 from test_sidecar_support import POLICY, dropped, event, identifier, invalid, metadata, payload, sensitive
 
 from interceptors.audit import AUDIT_LOGGER_NAME, AuditLog
+from interceptors.errors import GuardError
 from interceptors.guard import Guard
 from interceptors.stream import StreamGuard
 from policy import Decision, Engine, load_policy
@@ -200,3 +202,63 @@ def test_the_json_formatter_keeps_other_records_whole() -> None:
     )
     line = json.loads(JsonFormatter().format(record))
     assert (line["message"], line["port"], line["level"], line["logger"]) == ("serving", 1, "info", record.name)
+
+
+@pytest.fixture
+def configured_logs() -> Any:
+    """sidecar.logs.configure() into a StringIO, everything it changes in logging put back after."""
+    import io
+
+    from sidecar import logs
+
+    root = logging.getLogger()
+    saved = (
+        list(root.handlers),
+        root.level,
+        logging.getLogger("grpc").level,
+        logging.logThreads,
+        logging.logMultiprocessing,
+        logging._srcfile,
+    )
+    out = io.StringIO()
+    logs.configure("debug", out)
+    try:
+        yield out
+    finally:
+        for handler in list(root.handlers):
+            root.removeHandler(handler)
+        handlers, level, grpc_level, threads, multiprocessing, srcfile = saved
+        for handler in handlers:
+            root.addHandler(handler)
+        root.setLevel(level)
+        logging.getLogger("grpc").setLevel(grpc_level)
+        logging.logThreads, logging.logMultiprocessing, logging._srcfile = threads, multiprocessing, srcfile
+        logs._configured.clear()
+
+
+def test_the_audit_sink_writes_the_lines_logging_writes(engine: Engine, configured_logs: Any) -> None:
+    """The sidecar's audit trail skips logging's machinery, not a character of its lines."""
+    from sidecar import logs
+
+    sink = logs.audit_sink()
+    assert sink is not None
+    decisions = _decisions(engine)
+    refusal = GuardError(grpc.StatusCode.PERMISSION_DENIED, "access.RecordEvents", 'kind "x" refused')
+    for via in (None, sink):
+        audit = AuditLog(sink=via)
+        for index, decision in enumerate(decisions):
+            audit.record(
+                side="server",
+                rpc="RecordEvents",
+                identifier=identifier("licensed_instance"),
+                decision=decision,
+                message=index,
+            )
+        audit.record(side="server", rpc="RecordEvents", identifier=None, refusal=refusal)
+    lines = configured_logs.getvalue().splitlines()
+    assert len(lines) % 2 == 0 and len(lines) > 2 * len(decisions)  # DEBUG adds the removed-keys records
+    by_logging, by_sink = lines[: len(lines) // 2], lines[len(lines) // 2 :]
+    for old, new in zip(by_logging, by_sink, strict=True):
+        assert old.split(", ", 1)[1] == new.split(", ", 1)[1]  # all but the time
+        assert json.loads(old).keys() == json.loads(new).keys()
+    assert {json.loads(line)["level"] for line in by_sink} == {"info", "debug", "warning"}
