@@ -35,9 +35,10 @@ enum { REC_MARKETING = 1, REC_PRIVATE_WHOLE = 2 };
 #define MAX_REMEMBERED 4096 /* event types kept in Plan.types; then it starts afresh */
 
 #define OK 0
-#define INLINE static inline __attribute__((always_inline))
 #define FALLBACK 1
 #define FAIL (-1) /* a Python exception is set */
+
+#define INLINE static inline __attribute__((always_inline)) /* the helpers of the per-field loop */
 
 typedef struct {
     uint8_t known, type, flags, role;
@@ -78,7 +79,7 @@ typedef struct {
     PyObject *dropped_by; /* a reference, or NULL */
     unsigned flags;
     uint64_t drops;
-    Py_ssize_t keys_at; /* gone keys, then wrong keys, in Ctx.keys / Records.keys */
+    Py_ssize_t keys_at; /* its gone keys, then its wrong keys, in Ctx.rec_keys / Records.keys */
     int ngone, nwrong;
 } Rec;
 
