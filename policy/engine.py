@@ -71,7 +71,7 @@ class _KindPlan:
         self.private_rule = pm.rule
         self.replace_non_string = pm.non_string == "replace"
         self.replacement = pm.replacement
-        self.non_string_rule = f"{pm.rule}.non_string"
+        self.non_string_rule = pm.non_string_rule
         self.drop_invalid = rules.invalid_events.value == "drop"
         self.invalid_rule = rules.invalid_events.rule
         self.merge_legacy = rules.legacy_metadata.value == "merge"
@@ -392,7 +392,7 @@ class Engine:
 
         Key names in the record are sorted, so that records do not depend on map order.
         """
-        path = "parameters.private_metadata"
+        path = fastpath.PRIVATE_PATH
         raw = params.private_metadata.SerializeToString()  # a RawStruct serializes as the Struct it stands for
         if entry is None or plan.private_mode == "drop":
             names = tuple(sorted(struct_pb2.Struct.FromString(raw).fields)) if detailed else ()

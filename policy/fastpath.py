@@ -41,7 +41,7 @@ R_NONE, R_FALLBACK, R_EVENT, R_ID, R_FEATURE, R_ACTION, R_TIMESTAMP, R_MARKETING
 MODES = {"keep": 0, "drop": 1, "allowlist": 2}
 REC_MARKETING, REC_PRIVATE_WHOLE = 1, 2
 
-PRIVATE_PATH = "parameters.private_metadata"
+PRIVATE_PATH = "parameters.private_metadata"  # the path decision records name (both engine paths)
 
 _FD = FieldDescriptor
 _TYPES = {
@@ -217,7 +217,7 @@ class FastPlan:
         self._marketing = marketing
         self._private_whole = Removal(pm.rule, PRIVATE_PATH)
         self._private_rule = pm.rule
-        self._non_string_rule = f"{pm.rule}.non_string"
+        self._non_string_rule = pm.non_string_rule
         self._non_string_action: Any = "replaced" if pm.non_string == "replace" else "removed"
 
     def filter(self, data: bytes, resolve: Resolver) -> Filtered | None:

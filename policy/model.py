@@ -89,6 +89,11 @@ class PrivateMetadataRule:
     replacement: str
     rule: str
 
+    @property
+    def non_string_rule(self) -> str:
+        """The rule a decision record names for a non-string value dropped or replaced."""
+        return f"{self.rule}.non_string"
+
 
 @dataclass(frozen=True, slots=True)
 class KindRules:
