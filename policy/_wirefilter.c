@@ -52,6 +52,7 @@ typedef struct {
     int strict; /* map entries: an unknown field means fallback */
     int clean;  /* nothing inside is ever dropped or read by a rule: copied as it came, once checked */
     Field fields[MAX_FIELD + 1];
+    uint8_t tag1[128]; /* 1: this one-byte tag is a known field (numbers 1-15) with its own wire type */
 } Msg;
 
 typedef struct {
@@ -70,7 +71,11 @@ typedef struct {
     Slice feature, action;
     uint32_t hash;
     PyObject *resolved; /* a reference, released when the call ends */
+    int nallowed;       /* its allowlisted keys, in Ctx.allowed from allowed_at; -1: ask the set */
+    Py_ssize_t allowed_at;
 } TypeMemo;
+
+#define MAX_ALLOWED 16 /* allowlisted keys of a type compared in C; more: the frozenset is asked */
 
 /* What happened to one event, as slices of the payload (kept alive by the Records object). */
 typedef struct {
@@ -102,6 +107,12 @@ typedef struct {
     unsigned flags;
     uint64_t drops;
     PyObject *keys; /* frozenset of allowed keys (bytes) or NULL */
+    const Slice *allowed; /* the same keys as slices of those bytes (nallowed >= 0), else NULL */
+    const uint64_t *allowed_prints;
+    int nallowed;
+    Slice *allowed_keys; /* every memoized type's allowed keys, in turn, and their fingerprints */
+    uint64_t *allowed_fp;
+    Py_ssize_t nallowed_keys, capallowed_keys, capallowed_fp;
     Slice gone[MAX_KEYS], wrong[MAX_KEYS];
     int ngone, nwrong;
     TypeMemo memo[MAX_TYPES];
@@ -268,17 +279,27 @@ static int utf8_valid(const uint8_t *s, Py_ssize_t n) {
     return 1;
 }
 
-/* Most strings here are ASCII: checked a word at a time, the rest by utf8_valid. */
+/* Most strings here are ASCII: their bytes are OR-ed a word at a time and the high bits tested
+ * once (the last word overlaps the one before it); the rest go to utf8_valid. */
 INLINE int utf8_ok(const uint8_t *s, Py_ssize_t n) {
-    Py_ssize_t i = 0;
-    for (; i + 8 <= n; i += 8) {
-        uint64_t w;
-        memcpy(&w, s + i, 8);
-        if (w & 0x8080808080808080ull) return utf8_valid(s + i, n - i);
+    uint64_t acc = 0, w;
+    if (n >= 8) {
+        Py_ssize_t i = 0;
+        for (; i + 8 < n; i += 8) {
+            memcpy(&w, s + i, 8);
+            acc |= w;
+        }
+        memcpy(&w, s + n - 8, 8);
+        acc |= w;
+    } else if (n >= 4) {
+        uint32_t a, b;
+        memcpy(&a, s, 4);
+        memcpy(&b, s + n - 4, 4);
+        acc = a | b;
+    } else {
+        for (Py_ssize_t i = 0; i < n; i++) acc |= s[i];
     }
-    for (; i < n; i++)
-        if (s[i] & 0x80) return utf8_valid(s + i, n - i);
-    return 1;
+    return (acc & 0x8080808080808080ull) ? utf8_valid(s, n) : 1;
 }
 
 INLINE int wire_type(uint8_t type) {
@@ -378,6 +399,7 @@ typedef struct {
     uint32_t oneofs;
     int nkeys;
     uint32_t key_maps[MAX_KEYS]; /* keys[i] is a key of the map field key_maps[i] */
+    uint64_t prints[MAX_KEYS];   /* keys[i]'s fingerprint: compared before the bytes */
     Slice keys[MAX_KEYS];
 } Seen;
 
@@ -392,17 +414,28 @@ typedef struct {
  * singular field or oneof given twice, a string's UTF-8. */
 INLINE int next_field(const Msg *m, const uint8_t *p, const uint8_t *end, Seen *s, Head *h) {
     uint32_t wt;
+    const Field *f;
     h->start = p;
-    if (!read_tag(&p, end, &h->num, &wt)) return FALLBACK;
-    h->tag_end = p;
-    const Field *f = h->num <= (uint32_t)m->max && m->fields[h->num].known ? &m->fields[h->num] : NULL;
-    h->f = f;
-    if (f == NULL) {
-        if (m->strict || !skip_value(&p, end, wt, &h->v)) return FALLBACK;
-        h->end = p;
-        return OK;
+    if (*p < 0x80 && m->tag1[*p]) { /* the common case: p < end, as every caller's loop has it */
+        h->num = *p >> 3;
+        wt = *p & 7;
+        f = &m->fields[h->num];
+        p++;
+    } else {
+        if (!read_tag(&p, end, &h->num, &wt)) return FALLBACK;
+        f = h->num <= (uint32_t)m->max && m->fields[h->num].known ? &m->fields[h->num] : NULL;
+        if (f == NULL) {
+            h->tag_end = p;
+            h->f = NULL;
+            if (m->strict || !skip_value(&p, end, wt, &h->v)) return FALLBACK;
+            h->end = p;
+            return OK;
+        }
+        if (wt != (uint32_t)wire_type(f->type)) return FALLBACK;
     }
-    if (wt != (uint32_t)wire_type(f->type) || !skip_value(&p, end, wt, &h->v)) return FALLBACK;
+    h->tag_end = p;
+    h->f = f;
+    if (!skip_value(&p, end, wt, &h->v)) return FALLBACK;
     h->end = p;
     if (!(f->flags & F_REPEATED)) {
         if (s->seen & (1ull << h->num)) return FALLBACK;
@@ -416,15 +449,30 @@ INLINE int next_field(const Msg *m, const uint8_t *p, const uint8_t *end, Seen *
     return OK;
 }
 
+/* Equal keys of the same map have equal fingerprints: the map's number, the length, and the
+ * first and last (up to) 8 bytes. */
+INLINE uint64_t fingerprint(uint32_t num, Slice key) {
+    uint64_t head = 0, tail = 0;
+    if (key.n >= 8) {
+        memcpy(&head, key.p, 8);
+        memcpy(&tail, key.p + key.n - 8, 8);
+    } else {
+        memcpy(&head, key.p, (size_t)key.n);
+    }
+    return (head * 0x9e3779b97f4a7c15ull) ^ tail ^ ((uint64_t)key.n << 48) ^ num;
+}
+
 /* A map entry's key, against the keys of the same map seen before (a key given twice would
  * shadow a value). *plain: the entry was checked whole here; otherwise it is walked. */
 INLINE int map_entry_key(const Plan *plan, const Head *h, Seen *s, int *plain) {
     Slice key;
     *plain = plain_entry(&plan->msgs[h->f->child], h->v, h->end, &key);
     if ((!*plain && map_key(h->v, h->end, &key) != OK) || s->nkeys == MAX_KEYS) return FALLBACK;
+    uint64_t print = fingerprint(h->num, key);
     for (int k = 0; k < s->nkeys; k++)
-        if (s->key_maps[k] == h->num && same(s->keys[k], key.p, key.n)) return FALLBACK;
+        if (s->prints[k] == print && s->key_maps[k] == h->num && same(s->keys[k], key.p, key.n)) return FALLBACK;
     s->key_maps[s->nkeys] = h->num;
+    s->prints[s->nkeys] = print;
     s->keys[s->nkeys++] = key;
     return OK;
 }
@@ -546,19 +594,23 @@ static PyObject *decode(Slice s) { return PyUnicode_DecodeUTF8((const char *)s.p
 
 /* (dropped_by, invalid, keys) for an event type: asked of Python once per type and call. */
 static uint32_t type_hash(Slice feature, Slice action) {
-    uint32_t h = 2166136261u; /* FNV-1a over feature, a separator, action */
-    for (Py_ssize_t i = 0; i < feature.n; i++) h = (h ^ feature.p[i]) * 16777619u;
-    h = (h ^ 0xffu) * 16777619u;
-    for (Py_ssize_t i = 0; i < action.n; i++) h = (h ^ action.p[i]) * 16777619u;
-    return h;
+    uint64_t x = fingerprint(1, feature) * 0x9e3779b97f4a7c15ull ^ fingerprint(2, action);
+    x ^= x >> 33; /* murmur3's finalizer: every input bit reaches the low bits the table uses */
+    x *= 0xff51afd7ed558ccdull;
+    x ^= x >> 33;
+    return (uint32_t)x;
 }
 
-static int resolve(Ctx *c, Slice feature, Slice action, PyObject **out) {
+static int remember_allowed(Ctx *c, TypeMemo *t);
+static int grow(void **array, Py_ssize_t *cap, Py_ssize_t need, size_t size);
+
+static int resolve(Ctx *c, Slice feature, Slice action, PyObject **out, const TypeMemo **memo) {
     uint32_t h = type_hash(feature, action), mask = 2 * MAX_TYPES - 1, i = h & mask;
     for (; c->slots[i]; i = (i + 1) & mask) {
         TypeMemo *t = &c->memo[c->slots[i] - 1];
         if (t->hash == h && same(t->feature, feature.p, feature.n) && same(t->action, action.p, action.n)) {
             *out = t->resolved;
+            *memo = t;
             return OK;
         }
     }
@@ -606,10 +658,39 @@ static int resolve(Ctx *c, Slice feature, Slice action, PyObject **out) {
     *out = r;
     if (c->nmemo == MAX_TYPES) { /* full: kept only while its event is processed (one at a time) */
         Py_XSETREF(c->overflow, r);
+        *memo = NULL;
         return OK;
     }
-    c->memo[c->nmemo] = (TypeMemo){feature, action, h, r};
+    TypeMemo *t = &c->memo[c->nmemo];
+    *t = (TypeMemo){feature, action, h, r, -1, 0};
     c->slots[i] = (uint8_t)++c->nmemo; /* i: the empty slot the search ended on */
+    *memo = t;
+    return remember_allowed(c, t);
+}
+
+/* A memoized type's allowlisted keys as slices of the frozenset's bytes (alive as long as the
+ * memo holds the type): compared in C, without a bytes object and a hash per key. */
+static int remember_allowed(Ctx *c, TypeMemo *t) {
+    PyObject *keys = PyTuple_GET_ITEM(t->resolved, 2);
+    if (keys == Py_None || PySet_GET_SIZE(keys) > MAX_ALLOWED) return OK;
+    Py_ssize_t need = c->nallowed_keys + PySet_GET_SIZE(keys);
+    if (grow((void **)&c->allowed_keys, &c->capallowed_keys, need, sizeof(Slice)) < 0 ||
+        grow((void **)&c->allowed_fp, &c->capallowed_fp, need, sizeof(uint64_t)) < 0)
+        return FAIL;
+    Py_ssize_t pos = 0, at = c->nallowed_keys;
+    Py_hash_t hash;
+    PyObject *key;
+    while (_PySet_NextEntry(keys, &pos, &key, &hash)) {
+        if (!PyBytes_Check(key)) { /* not bytes: the set decides */
+            c->nallowed_keys = at;
+            return OK;
+        }
+        Slice k = {(const uint8_t *)PyBytes_AS_STRING(key), PyBytes_GET_SIZE(key)};
+        c->allowed_keys[c->nallowed_keys] = k;
+        c->allowed_fp[c->nallowed_keys++] = fingerprint(0, k);
+    }
+    t->allowed_at = at;
+    t->nallowed = (int)(c->nallowed_keys - at);
     return OK;
 }
 
@@ -766,7 +847,8 @@ static int event(Ctx *c, const Field *f, const uint8_t *tag, const uint8_t *tag_
     int r = event_header(v, end, &id, &feature, &action, &stamped);
     if (r != OK) return r;
     PyObject *type;
-    if ((r = resolve(c, feature, action, &type)) != OK) return r;
+    const TypeMemo *memo;
+    if ((r = resolve(c, feature, action, &type, &memo)) != OK) return r;
     PyObject *dropped_by = PyTuple_GET_ITEM(type, 0);
     if (dropped_by == Py_None) dropped_by = NULL;
     if (dropped_by == NULL && plan->drop_invalid) {
@@ -778,6 +860,9 @@ static int event(Ctx *c, const Field *f, const uint8_t *tag, const uint8_t *tag_
     c->drops = 0;
     c->ngone = c->nwrong = 0;
     c->keys = PyTuple_GET_ITEM(type, 2) == Py_None ? NULL : PyTuple_GET_ITEM(type, 2);
+    c->nallowed = memo == NULL ? -1 : memo->nallowed;
+    c->allowed = c->nallowed < 0 ? NULL : c->allowed_keys + memo->allowed_at;
+    c->allowed_prints = c->nallowed < 0 ? NULL : c->allowed_fp + memo->allowed_at;
     c->events_in++;
     if (dropped_by != NULL) { /* checked as the reference parses it, then left out */
         if ((r = walk(c, f->child, v, end, 2, 0)) != OK) return r;
@@ -793,8 +878,7 @@ static int event(Ctx *c, const Field *f, const uint8_t *tag, const uint8_t *tag_
     c->n_private_whole += (c->flags & REC_PRIVATE_WHOLE) != 0;
     c->n_gone += c->ngone;
     c->n_wrong += c->nwrong;
-    for (int bit = 0; bit < 64; bit++)
-        if (c->drops >> bit & 1) c->n_drops[bit]++;
+    for (uint64_t d = c->drops; d; d &= d - 1) c->n_drops[__builtin_ctzll(d)]++;
     return add_record(c, index, id, feature, action, NULL);
 }
 
@@ -862,11 +946,18 @@ static int private_allowlist(Ctx *c, const uint8_t *tag, const uint8_t *tag_end,
                 if (vn == 3 && vw == 2) string = (Slice){vv, vp - vv};
             }
         }
-        PyObject *kb = PyBytes_FromStringAndSize((const char *)key.p, key.n);
-        if (kb == NULL) return FAIL;
-        int allowed = PySet_Contains(c->keys, kb);
-        Py_DECREF(kb);
-        if (allowed < 0) return FAIL;
+        int allowed = 0;
+        if (c->nallowed >= 0) {
+            uint64_t print = fingerprint(0, key);
+            for (int k = 0; k < c->nallowed && !allowed; k++)
+                allowed = c->allowed_prints[k] == print && same(c->allowed[k], key.p, key.n);
+        } else {
+            PyObject *kb = PyBytes_FromStringAndSize((const char *)key.p, key.n);
+            if (kb == NULL) return FAIL;
+            allowed = PySet_Contains(c->keys, kb);
+            Py_DECREF(kb);
+            if (allowed < 0) return FAIL;
+        }
         if (!allowed) {
             c->gone[c->ngone++] = key;
         } else if (string.p != NULL) {
@@ -935,6 +1026,7 @@ static int parse_messages(Plan *self, PyObject *messages) {
             f->drop = (int8_t)drop;
             f->child = (int16_t)child;
             if (num > m->max) m->max = num;
+            if (num < 16) m->tag1[(num << 3) | wire_type(f->type)] = 1;
         }
         Py_DECREF(seq);
     }
@@ -1031,6 +1123,8 @@ static PyObject *plan_filter(Plan *self, PyObject *args) {
     for (Py_ssize_t i = 0; i < c->nrecs; i++) Py_XDECREF(c->recs[i].dropped_by);
     PyMem_Free(c->recs);
     PyMem_Free(c->rec_keys);
+    PyMem_Free(c->allowed_keys);
+    PyMem_Free(c->allowed_fp);
     for (int i = 0; i < c->nmemo; i++) Py_DECREF(c->memo[i].resolved);
     Py_XDECREF(c->overflow);
     Py_XDECREF(c->out);

@@ -274,3 +274,36 @@ def test_more_event_types_in_one_payload_than_the_walk_remembers() -> None:
     assert took_fast_path("properties", "licensed_instance", data)
     got = assert_same("properties", data, LICENSED)
     assert not isinstance(got, str) and got.decision.events_in == len(events) + 10
+
+
+def test_allowlisted_keys_are_matched_exactly_however_many(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Up to 16 keys an entry's keys are compared in C, more are asked of its set: the same answers,
+    including keys that agree in length and in their first and last eight bytes (one fingerprint)."""
+    few = [f"settings.{c}.languageId" for c in "ab"]  # equal length, first and last 8 bytes
+    many = [f"key{i:02d}" for i in range(20)]
+    (tmp_path / "keys.yaml").write_text(
+        "version: 1\nowner: tests\nentries:\n"
+        f"  - {{feature: cody.few, action: used, keys: [{', '.join(few)}], reason: r}}\n"
+        f"  - {{feature: cody.many, action: used, keys: [{', '.join(many)}], reason: r}}\n"
+    )
+    (tmp_path / "policy.yaml").write_text(
+        "version: 1\nallowlists: [keys.yaml]\naccess: {RecordEvents: [licensed_instance]}\n"
+        "defaults: {private_metadata: {mode: allowlist, non_string: drop}}\n"
+    )
+    policy = load_policy(tmp_path / "policy.yaml")
+    monkeypatch.setitem(FAST, "keys", Engine(policy))
+    monkeypatch.setitem(SLOW, "keys", Engine(policy, accelerate=False))
+    sent = {
+        b"cody.few": [*few, "settings.c.languageId", "settings.a.languageI"],
+        b"cody.many": [*many[::3], "key20", "key0", "key19x"],
+    }
+    events = [
+        event(private(*((k.encode(), field(3, b"v")) for k in keys)), feature=feature, action=b"used")
+        for feature, keys in sent.items()
+    ]
+    data = payload(*events)
+    assert took_fast_path("keys", "licensed_instance", data)
+    got = assert_same("keys", data, LICENSED)
+    assert not isinstance(got, str) and got.request is not None
+    out = pb.RecordEventsRequest.FromString(got.request).events.events
+    assert [sorted(e.parameters.private_metadata) for e in out] == [sorted(few), sorted(many[::3])]
