@@ -44,6 +44,11 @@ class AckLedger:
         with self._lock:
             self._pending.append(ids)
 
+    def forwarded_none_removed(self) -> None:
+        """forwarded() for a payload no event of which was removed whole: nothing to add to its answer."""
+        with self._lock:
+            self._pending.append(())
+
     def merge(self, response: Any) -> Any:
         """The response to the oldest unanswered payload, its removed ids added.
 

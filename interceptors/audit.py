@@ -10,6 +10,10 @@ Names of removed private_metadata keys can say something about the data themselv
 go only to a second record at DEBUG level, emitted only when the logger is enabled for
 DEBUG. Each record's message is the JSON text; the same dict is attached to the LogRecord
 as the attribute `telemetry_guard` for structured handlers.
+
+A process that writes the records itself (a sink: the sidecar) can have a call's decision
+records encoded from a template made once per call (DecisionLines, AuditLog.write_decision):
+the same text, without building and encoding the dict of constant fields for every message.
 """
 
 from __future__ import annotations
@@ -28,6 +32,10 @@ AUDIT_LOGGER_NAME = "telemetry_guard.audit"
 
 # json.dumps(record, sort_keys=True), without building an encoder per record (one record per message).
 _encode = json.JSONEncoder(sort_keys=True).encode
+_encode_str = json.encoder.encode_basestring_ascii  # what _encode writes for a str (ensure_ascii), key or value
+
+# The fields of a decision record that change from message to message, in sorted order (a %s each in a template).
+_VARIABLE = ("dropped_event_ids", "events_in", "events_out", "message", "removed_per_rule", "unknown_fields")
 
 # The fields of each identifier kind that name the publisher (the license key is a secret).
 _IDENTITY_FIELDS: dict[str, tuple[str, ...]] = {
@@ -53,6 +61,102 @@ def _removal(removal: Removal) -> dict[str, Any]:
 
 # Writes one encoded audit record at a level, in place of logger.log (see AuditLog).
 Sink = Callable[[int, str], None]
+
+
+def _variable(with_message: bool, with_unknown: bool) -> tuple[str, ...]:
+    """The variable fields of a decision record, in sorted order: message and unknown_fields only when given."""
+    left_out = {"message"} if not with_message else set()
+    if not with_unknown:
+        left_out.add("unknown_fields")
+    return tuple(name for name in _VARIABLE if name not in left_out)
+
+
+def _template(constant: dict[str, Any], variable: tuple[str, ...]) -> str:
+    """_encode of a record with these constant fields as a %-format, a %s for each variable field's JSON."""
+    fields = []
+    for key in sorted([*constant, *variable]):  # the order sort_keys gives: keys are distinct strings
+        if key in constant:
+            fields.append(_encode({key: constant[key]})[1:-1].replace("%", "%%"))
+        else:
+            fields.append(f"{_encode_str(key)}: %s")
+    return "{" + ", ".join(fields) + "}"
+
+
+class DecisionLines:
+    """One call's decision records as JSON text: what AuditLog.record encodes, its constant part encoded once.
+
+    side, rpc, kind, the publisher id and request_id are the same for every message of a call; only the
+    message index, the counts and the ids change. encode() gives the exact text of _encode(record) for the
+    dict AuditLog.record builds (tests compare them on generated decisions), or None when a decision
+    does not fit the template (a kind or request_id of its own, numbers that are not ints): the caller
+    then encodes the dict.
+    """
+
+    __slots__ = ("_rules", "_templates", "identifier", "kind", "request_id", "rpc", "side")
+
+    def __init__(self, side: str, rpc: str, identifier: pb.Identifier | None, request_id: str) -> None:
+        self.side = side
+        self.rpc = rpc
+        self.identifier = identifier
+        self.request_id = request_id
+        self.kind = identifier.WhichOneof("identifier") if identifier is not None else None
+        constant: dict[str, Any] = {"audit": "decision", "side": side, "rpc": rpc, "kind": self.kind}
+        constant.update(identity(identifier))
+        constant["request_id"] = request_id
+        # Indexed by (message given) * 2 + (unknown_fields given): the two optional fields of a record.
+        self._templates = tuple(
+            _template(constant, _variable(with_message, with_unknown))
+            for with_message in (False, True)
+            for with_unknown in (False, True)
+        )
+        self._rules: dict[str, str] = {}  # rule name -> its JSON key and separator, for removed_per_rule
+
+    def encode(
+        self, decision: Decision, message: int | None = None, counts: dict[str, int] | None = None
+    ) -> str | None:
+        """_encode of the record AuditLog.record builds for this decision of the call, or None (see the class)."""
+        if decision.kind and decision.kind != self.kind:
+            return None
+        if decision.request_id and not self.request_id:
+            return None
+        events_in = decision.events_in
+        events_out = decision.events_out
+        if type(events_in) is not int or type(events_out) is not int:
+            return None  # bool or float: the encoder writes them its own way
+        ids = decision.dropped_event_ids
+        dropped = _encode([clip(i) for i in ids]) if ids else "[]"
+        removed = self._counts(decision.counts() if counts is None else counts)
+        if removed is None:
+            return None
+        given = decision.unknown_fields
+        unknown = (_encode_str(given) if type(given) is str else _encode(given)) if given else ""
+        if message is None:
+            if unknown:
+                return self._templates[1] % (dropped, events_in, events_out, removed, unknown)
+            return self._templates[0] % (dropped, events_in, events_out, removed)
+        if type(message) is not int:
+            return None
+        if unknown:
+            return self._templates[3] % (dropped, events_in, events_out, message, removed, unknown)
+        return self._templates[2] % (dropped, events_in, events_out, message, removed)
+
+    def _counts(self, counts: dict[str, int]) -> str | None:
+        """_encode(counts) for rule names and int counts (rule keys encoded once per call); None otherwise."""
+        if not counts:
+            return "{}"
+        rules = self._rules
+        parts = []
+        for rule in sorted(counts):
+            count = counts[rule]
+            if type(count) is not int:
+                return None
+            key = rules.get(rule)
+            if key is None:
+                if type(rule) is not str:
+                    return None
+                key = rules[rule] = f"{_encode_str(rule)}: "
+            parts.append(f"{key}{count}")
+        return "{" + ", ".join(parts) + "}"
 
 
 class AuditLog:
@@ -109,6 +213,30 @@ class AuditLog:
         self._emit(level, record)
         if decision is not None and self.logger.isEnabledFor(logging.DEBUG):
             self._debug_keys(record, decision)
+
+    def write_decision(
+        self, lines: DecisionLines, decision: Decision, message: int | None = None, counts: dict[str, int] | None = None
+    ) -> None:
+        """What AuditLog.record writes for a decision of the call `lines` was made for (and nothing a
+        subclass adds to record): with a sink, the INFO line encoded from the call's template."""
+        logger = self.logger
+        if self._sink is not None and not logger.isEnabledFor(logging.DEBUG):
+            if not logger.isEnabledFor(logging.INFO):
+                return
+            line = lines.encode(decision, message, counts)
+            if line is not None:
+                self._sink(logging.INFO, line)
+                return
+        AuditLog.record(
+            self,
+            side=lines.side,
+            rpc=lines.rpc,
+            identifier=lines.identifier,
+            decision=decision,
+            request_id=lines.request_id,
+            message=message,
+            counts=counts,
+        )
 
     def _debug_keys(self, base: dict[str, Any], decision: Decision) -> None:
         """Key names removed, per event (by index and id) and outside events. DEBUG only."""

@@ -23,7 +23,7 @@ from typing import Any
 
 from google.protobuf.message import DecodeError, Message
 
-from interceptors.audit import AuditLog
+from interceptors.audit import AuditLog, DecisionLines
 from interceptors.credentials import BearerPresent, CredentialVerifier
 from interceptors.errors import GuardError, evaluating, wire_error
 from policy import RPCS, Decision, Engine, Policy, default_policy
@@ -165,6 +165,7 @@ class CallGuard:
         self.error: GuardError | None = None
         self._token: str | None = None  # to verify before anything is passed on
         self._verified = False
+        self._lines: DecisionLines | None = None
 
     def _admit(self, identifier: pb.Identifier | None) -> None:
         """Identifier, kind and token presence; remembers who is calling (audited even if refused)."""
@@ -203,6 +204,13 @@ class CallGuard:
             request_id=self.request_id,
             message=message,
         )
+
+    def decision_lines(self) -> DecisionLines:
+        """The audit template of this call's decisions (made again if the identifier or request_id changed)."""
+        lines = self._lines
+        if lines is None or lines.identifier is not self.identifier or lines.request_id != self.request_id:
+            lines = self._lines = DecisionLines(self.guard.side, self.rpc, self.identifier, self.request_id)
+        return lines
 
     def _scope(self) -> str:
         return self.guard.engine.policy.credentials_scope

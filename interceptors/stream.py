@@ -28,7 +28,7 @@ from typing import Any
 from google.protobuf.message import Message
 
 from interceptors.acks import AckLedger
-from interceptors.errors import GuardError, protocol_error
+from interceptors.errors import GuardError, internal_error, protocol_error
 from interceptors.guard import CallGuard, Encode, Guard
 from policy import Outcome
 from policy.engine import RECORD_EVENTS
@@ -145,8 +145,15 @@ class StreamGuard(CallGuard):
     # -- responses ----------------------------------------------------------------------
 
     def merge(self, response: Any) -> Any:
-        """RecordEvents: the response with the removed-whole ids of its payload acknowledged."""
+        """RecordEvents: the response with the removed-whole ids of its payload acknowledged.
+
+        As judging() does, without a context manager per response (one per events payload).
+        """
         if self.acks is None:
             return response
-        with self.judging():
+        try:
             return self.acks.merge(response)
+        except GuardError as exc:
+            raise self.refuse(exc) from None
+        except Exception as exc:
+            raise self.refuse(internal_error(self.rpc, exc)) from None

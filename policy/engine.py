@@ -170,25 +170,50 @@ class Engine:
         decision = Decision(RECORD_EVENTS)
         kind = None if identifier is None else self._admit(RECORD_EVENTS, identifier, decision)
         if kind is not None:
-            plan = self._plans[kind]
-            if plan.fast is not None and not detailed:
-                fast = plan.fast.filter(data, self._resolvers[kind])
-                if fast is not None:
-                    decision.events_in += fast.events_in
-                    decision.events_out += fast.events_out
-                    decision.defer(fast.records, fast.counts, fast.dropped_ids)
-                    decision.unknown_fields = "discarded" if plan.discard_unknown else "kept"
-                    return Outcome(fast.data, decision)
-            view: Any = plan.view.FromString(data)
-            payload = view.WhichOneof("payload")
-            if payload != "metadata":
-                if payload == "events":
-                    self._filter_events(plan, view.events.events, decision, detailed)
-                self._unknown(plan, view, decision)
-                return Outcome(view.SerializeToString(), decision)
+            out = self._payload_bytes(data, kind, decision, detailed)
+            if out is not None:
+                return out
         elif identifier is not None:
             return Outcome(None, decision)  # the stream's identifier is refused
-        # A metadata message is judged by its own identifier, whatever the stream's (rare: once a stream).
+        return self._metadata_bytes(data, decision)
+
+    def record_events_admitted(self, data: bytes, kind: str, *, detailed: bool = False) -> Outcome[bytes]:
+        """record_events_bytes for a stream whose identifier check_access admitted, as `kind`, under this engine.
+
+        The same outcome as record_events_bytes(data, that identifier), without judging the identifier
+        again for every payload (the stream's identifier does not change): a proxy's per-payload call.
+        A kind the policy does not allow RecordEvents is denied as record_events_bytes denies it.
+        """
+        decision = Decision(RECORD_EVENTS, kind)
+        if kind not in self.policy.access[RECORD_EVENTS]:
+            decision.denial = access.check_kind(self.policy, RECORD_EVENTS, kind)
+            return Outcome(None, decision)
+        out = self._payload_bytes(data, kind, decision, detailed)
+        return self._metadata_bytes(data, decision) if out is None else out
+
+    def _payload_bytes(self, data: bytes, kind: str, decision: Decision, detailed: bool) -> Outcome[bytes] | None:
+        """A message of an admitted kind's stream, but for a metadata message (None: see _metadata_bytes)."""
+        plan = self._plans[kind]
+        if plan.fast is not None and not detailed:
+            fast = plan.fast.filter(data, self._resolvers[kind])
+            if fast is not None:
+                decision.events_in += fast.events_in
+                decision.events_out += fast.events_out
+                decision.defer(fast.records, fast.counts, fast.dropped_ids)
+                decision.unknown_fields = "discarded" if plan.discard_unknown else "kept"
+                return Outcome(fast.data, decision)
+        view: Any = plan.view.FromString(data)
+        payload = view.WhichOneof("payload")
+        if payload == "metadata":
+            return None
+        if payload == "events":
+            self._filter_events(plan, view.events.events, decision, detailed)
+        self._unknown(plan, view, decision)
+        return Outcome(view.SerializeToString(), decision)
+
+    def _metadata_bytes(self, data: bytes, decision: Decision) -> Outcome[bytes]:
+        """A metadata message, judged by its own identifier, whatever the stream's (rare: once a stream);
+        anything else reaching here has no identifier at all (decision: the one to deny)."""
         request = pb.RecordEventsRequest.FromString(data)
         if request.WhichOneof("payload") != "metadata":
             self._admit(RECORD_EVENTS, None, decision)  # no identifier at all: the denial says so

@@ -24,6 +24,12 @@ Acknowledgements: an upstream response goes back unchanged, except that the ids 
 the policy removed whole from the payload it answers are added (interceptors/acks.py). An id
 the upstream did not acknowledge is never added.
 
+Audit and metrics of an events payload: its audit line is written before it is forwarded (a
+forwarded payload always has its record first), from a template of the stream's constant fields;
+its counters (requests, events, removals per rule) are incremented once it is written upstream,
+and its round trip observed once the response is on its way to the client: off the round trip's
+critical path, with the same totals. Refusals are audited and counted as before they are raised.
+
 Errors, in order of precedence: a refusal by the guard (its status, the call upstream
 cancelled: nothing more is forwarded); an upstream error (its code and details, unchanged;
 an unreachable upstream is UNAVAILABLE); anything else: INTERNAL, naming only the type.
@@ -50,7 +56,7 @@ from policy.engine import PUBLISH_USER_METADATA, RECORD_EVENT, RECORD_EVENTS
 from policy.kinds import SERVICE, method_path
 from sidecar import wire
 from sidecar.logs import fields
-from sidecar.metrics import NO_KIND, Metrics
+from sidecar.metrics import NO_KIND, Metrics, MetricsAudit, StreamTally
 
 if TYPE_CHECKING:
     Context: TypeAlias = grpc.aio.ServicerContext[Any, Any]
@@ -215,8 +221,20 @@ class Forwarder:
 
     # -- RecordEvents -------------------------------------------------------------------
 
-    def _filter_events(self, stream: StreamGuard, raw: bytes) -> bytes | None:
-        """The bytes to send upstream for one message of the stream (None: skip it); raises GuardError."""
+    def _tally(self, stream: StreamGuard) -> StreamTally | None:
+        """The stream's decision counters, when its audit log is this sidecar's MetricsAudit (else None:
+        the audit log counts, as record does for every other message)."""
+        audit = stream.guard.audit
+        if type(audit) is MetricsAudit and audit.metrics is self.metrics:
+            return StreamTally(self.metrics, stream.rpc, stream.kind)
+        return None
+
+    def _filter_events(self, stream: StreamGuard, raw: bytes, tally: StreamTally | None = None) -> bytes | None:
+        """The bytes to send upstream for one message of the stream (None: skip it); raises GuardError.
+
+        tally (see _tally): an events payload's audit line is written here, before the payload leaves,
+        and its counting held in the tally, for the pump to do once the payload is written upstream.
+        """
         if stream.kind is None or wire.payload(raw) != wire.EVENTS:
             message = stream.accept(raw)  # metadata again, empty, irregular: the protocol's rules
             return None if message is None else stream.pass_on(serialize, message)
@@ -224,7 +242,8 @@ class Forwarder:
         guard = stream.guard
         try:  # fail closed as interceptors.errors.evaluating does, without a context manager per payload
             try:
-                outcome = guard.engine.record_events_bytes(raw, stream.identifier, detailed=guard.detailed)
+                # The stream's identifier was admitted as stream.kind by this engine: not judged again per payload.
+                outcome = guard.engine.record_events_admitted(raw, stream.kind, detailed=guard.detailed)
             except DecodeError:
                 raise wire_error(stream.rpc) from None
             if outcome.denial is not None:
@@ -232,10 +251,18 @@ class Forwarder:
             decision = outcome.decision
             if stream.acks is not None:
                 dropped = decision.dropped_event_ids
-                # An id both removed and forwarded must not be acknowledged by us: read the forwarded
-                # ids from the bytes that leave, only when something was removed whole.
-                stream.acks.forwarded(wire.events_by_id(outcome.request or b"") if dropped else (), dropped)
-            stream.audit(decision, index)
+                if dropped:
+                    # An id both removed and forwarded must not be acknowledged by us: read the forwarded
+                    # ids from the bytes that leave, only when something was removed whole.
+                    stream.acks.forwarded(wire.events_by_id(outcome.request or b""), dropped)
+                else:
+                    stream.acks.forwarded_none_removed()
+            if tally is None:
+                stream.audit(decision, index)
+            else:  # what MetricsAudit.record does, in the same order: count (held), then write the line
+                counts = decision.counts()
+                tally.hold(decision.events_in, decision.events_out, counts)
+                guard.audit.write_decision(stream.decision_lines(), decision, index, counts)
             return outcome.request
         except GuardError as exc:
             raise stream.refuse(exc, message=index) from None
@@ -260,6 +287,7 @@ class Forwarder:
             pump.add_done_callback(_retrieve)
             latency = self.metrics.child(self.metrics.upstream_latency, RECORD_EVENTS)
             failure: grpc.aio.AioRpcError | None = None
+            waited: float | None = None  # measured, observed once the response is on its way to the client
             try:
                 while True:
                     try:
@@ -274,14 +302,17 @@ class Forwarder:
                     if response is grpc.aio.EOF:
                         break
                     waited = payloads.answered()
-                    if waited is not None:
-                        latency.observe(waited)
                     try:
                         merged = stream.merge(response)
                     except GuardError:
                         break  # an answer that cannot be merged (refused, audited): stream.error ends the call
                     yield merged
+                    if waited is not None:
+                        latency.observe(waited)
+                        waited = None
             finally:  # upstream ended (or we are cancelled): nothing more can be forwarded
+                if waited is not None:
+                    latency.observe(waited)
                 if not pump.done():
                     pump.cancel()
                 if not call.done():
@@ -293,19 +324,28 @@ class Forwarder:
     async def _pump_events(
         self, stream: StreamGuard, first: Message, requests: AsyncIterator[bytes], call: Any, payloads: _Payloads
     ) -> None:
-        """Client -> upstream, one message at a time."""
+        """Client -> upstream, one message at a time.
+
+        A payload's decision is counted once the payload is written (or on any other way out of that
+        step): the upstream is already at work meanwhile. Its audit line was written before.
+        """
         sent = self.metrics.child(self.metrics.requests_out, RECORD_EVENTS, stream.kind or NO_KIND)
+        tally = self._tally(stream)
         try:
             await call.write(stream.pass_on(serialize, first))
             sent.inc()
             async for raw in requests:
-                out = self._filter_events(stream, raw)
-                if out is None:
-                    continue
-                await payloads.sending()
-                if call.done():
-                    return  # the upstream ended the call: its status is read by the handler
-                await call.write(out)
+                try:
+                    out = self._filter_events(stream, raw, tally)
+                    if out is None:
+                        continue
+                    await payloads.sending()
+                    if call.done():
+                        return  # the upstream ended the call: its status is read by the handler
+                    await call.write(out)
+                finally:
+                    if tally is not None:
+                        tally.count()
                 sent.inc()
             await _settle()
             await call.done_writing()

@@ -38,15 +38,16 @@ class JsonFormatter(logging.Formatter):
     def _head(self, levelname: str, name: str, pid: int | None, created: float) -> str:
         """json.dumps(head) without its closing brace, for an audit record (one per message): the
         time text is made once per second, the level, logger and pid part once per logger."""
+        whole = int(created)
         second, stamp = self._stamp
-        if int(created) != second:
+        if whole != second:
             stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(created))
-            self._stamp = (int(created), stamp)
+            self._stamp = (whole, stamp)
         key = (levelname, name, pid)
         rest = self._heads.get(key)
         if rest is None:
             rest = self._heads[key] = json.dumps({"level": levelname.lower(), "logger": name, "pid": pid})[1:-1]
-        msecs = int((created - int(created)) * 1000)  # as logging.LogRecord computes it
+        msecs = int((created - whole) * 1000)  # as logging.LogRecord computes it
         return f'{{"time": "{stamp}.{msecs:03d}Z", {rest}'
 
     def audit_line(self, levelname: str, name: str, pid: int | None, message: str, created: float) -> str:

@@ -8,7 +8,9 @@ Never a value from a message: a removed value cannot become a label.
 Most counters are fed by the audit log (MetricsAudit, a subclass of interceptors' AuditLog):
 it sees every request message's decision and every refusal, the same records the audit
 trail writes. The forwarder adds what only it knows: messages sent upstream, upstream
-latency and upstream errors.
+latency and upstream errors. For the events payloads of a RecordEvents stream the forwarder
+counts a decision itself (StreamTally: the same counters, children fetched once per stream),
+after the payload is written upstream, so that the counting is off the round trip's path.
 
 With --workers N the workers write their values to PROMETHEUS_MULTIPROC_DIR and the parent
 process serves the sum (prometheus_client's multiprocess mode; see workers.py). An Info
@@ -192,3 +194,51 @@ class MetricsAudit(AuditLog):
             message=message,
             counts=counts,
         )
+
+
+class StreamTally:
+    """What MetricsAudit.record counts for the decisions of one stream, its metric children fetched once.
+
+    hold() keeps a decision's numbers (before its audit line is written, as record counts before
+    writing); count() adds them, after the payload is written upstream, and is called on every way
+    out of that step (written, skipped, refused, failed or cancelled), so that every held decision
+    is counted exactly once.
+    """
+
+    __slots__ = ("_events_in", "_events_out", "_held", "_kind", "_metrics", "_removals", "_requests", "_rpc")
+
+    def __init__(self, metrics: Metrics, rpc: str, kind: str | None) -> None:
+        kind = kind or NO_KIND
+        self._metrics = metrics
+        self._rpc = rpc
+        self._kind = kind
+        self._requests = metrics.child(metrics.requests_in, rpc, kind)
+        self._events_in = metrics.child(metrics.events_in, rpc, kind)
+        self._events_out = metrics.child(metrics.events_out, rpc, kind)
+        self._removals: dict[str, Any] = {}
+        self._held: tuple[int, int, dict[str, int]] | None = None
+
+    def hold(self, events_in: int, events_out: int, counts: dict[str, int]) -> None:
+        """A decision of the stream's kind to count at the next count() (counts: decision.counts())."""
+        if self._held is not None:
+            self.count()
+        self._held = (events_in, events_out, counts)
+
+    def count(self) -> None:
+        """Count the held decision, if any."""
+        held = self._held
+        if held is None:
+            return
+        self._held = None
+        events_in, events_out, counts = held
+        self._requests.inc()
+        if events_in:
+            self._events_in.inc(events_in)
+        if events_out:
+            self._events_out.inc(events_out)
+        for rule, count in counts.items():
+            child = self._removals.get(rule)
+            if child is None:
+                m = self._metrics
+                child = self._removals[rule] = m.child(m.removals, self._rpc, self._kind, rule)
+            child.inc(count)

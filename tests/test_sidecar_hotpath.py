@@ -6,7 +6,14 @@ takes for speed give exactly what the slower forms gave.
 - removals per rule and removed ids, known before a decision's per-event records are built,
   equal what those records say once built;
 - the audit trail builds no record when its logger would write none;
-- the JSON formatter's cached head gives the same line as encoding the head each time.
+- the JSON formatter's cached head gives the same line as encoding the head each time;
+- a call's decision records encoded from its template (DecisionLines) are the text json gives for
+  the record's dict, and the forwarder's way of writing and counting an events payload (the line
+  first, the counters once the payload is written) writes the same lines and counts the same as
+  MetricsAudit.record;
+- an events payload judged under the stream's admitted kind (Engine.record_events_admitted) gets the
+  outcome record_events_bytes gives it with the stream's identifier;
+- wire.payload's shortcut for the usual payload answers as the field-by-field walk does.
 """
 
 from __future__ import annotations
@@ -20,18 +27,22 @@ from typing import Any
 import grpc
 import pytest
 from google.protobuf.message import DecodeError
+from hypothesis import given
+from hypothesis import strategies as st
+from test_properties import SETTINGS, scenarios
 from test_sidecar_support import POLICY, dropped, event, identifier, invalid, metadata, payload, sensitive
 
-from interceptors.audit import AUDIT_LOGGER_NAME, AuditLog
+from interceptors.audit import AUDIT_LOGGER_NAME, AuditLog, DecisionLines, identity
 from interceptors.errors import GuardError
 from interceptors.guard import Guard
 from interceptors.stream import StreamGuard
-from policy import Decision, Engine, load_policy
-from policy.decision import EventRecord, Removal
+from policy import Decision, Engine, default_policy, load_policy
+from policy.decision import EventRecord, Removal, clip
+from policy.engine import RECORD_EVENTS, Outcome
 from sidecar import wire
 from sidecar.forward import Forwarder
 from sidecar.logs import FIELDS, JsonFormatter
-from sidecar.metrics import Metrics, MetricsAudit
+from sidecar.metrics import Metrics, MetricsAudit, StreamTally
 from telemetrygateway.v1 import telemetrygateway_pb2 as pb
 
 
@@ -262,3 +273,327 @@ def test_the_audit_sink_writes_the_lines_logging_writes(engine: Engine, configur
         assert old.split(", ", 1)[1] == new.split(", ", 1)[1]  # all but the time
         assert json.loads(old).keys() == json.loads(new).keys()
     assert {json.loads(line)["level"] for line in by_sink} == {"info", "debug", "warning"}
+
+
+# -- decision records from a call's template ---------------------------------------------------------
+
+
+def _plain_record(
+    side: str,
+    rpc: str,
+    ident: pb.Identifier | None,
+    decision: Decision,
+    request_id: str,
+    message: int | None,
+    counts: dict[str, int] | None,
+) -> str:
+    """The record's dict as AuditLog.record documents it, encoded as json.dumps(sort_keys=True) encodes it."""
+    kind = ident.WhichOneof("identifier") if ident is not None else None
+    record: dict[str, Any] = {"audit": "decision", "side": side, "rpc": rpc, "kind": decision.kind or kind}
+    record.update(identity(ident))
+    record["request_id"] = request_id or decision.request_id
+    if message is not None:
+        record["message"] = message
+    record["events_in"] = decision.events_in
+    record["events_out"] = decision.events_out
+    record["removed_per_rule"] = decision.counts() if counts is None else counts
+    record["dropped_event_ids"] = [clip(i) for i in decision.dropped_event_ids]
+    if decision.unknown_fields:
+        record["unknown_fields"] = decision.unknown_fields
+    return json.JSONEncoder(sort_keys=True).encode(record)
+
+
+_INFO = logging.getLogger(f"{AUDIT_LOGGER_NAME}.test-lines")
+_INFO.setLevel(logging.INFO)
+
+
+def _into(lines: list[str]) -> Any:
+    """A sink that keeps the lines written."""
+    return lambda _level, text: lines.append(text)
+
+
+# Text that needs escaping in JSON, non-ASCII, %-format directives, long ids (clipped), and empty.
+texts = st.text(max_size=12) | st.sampled_from(
+    ["", "%s", "%%d", '"q"', "\\", "\u00e9", "\U0001f600", "\x00\n", "x" * 200]
+)
+names = st.sampled_from(["instance_id", "service_id", "service_environment", "workspace_id", "license_key"])
+
+
+@st.composite
+def identifiers(draw: st.DrawFn) -> pb.Identifier | None:
+    kind = draw(st.sampled_from([None, "licensed_instance", "unlicensed_instance", "managed_service", "workspace"]))
+    if kind is None:
+        return None
+    ident = pb.Identifier()
+    member = getattr(ident, kind)
+    member.SetInParent()  # the kind is set even when every field is empty
+    for name in draw(st.lists(names, unique=True)):
+        if name in member.DESCRIPTOR.fields_by_name:
+            setattr(member, name, draw(texts))
+    return ident
+
+
+@st.composite
+def decisions(draw: st.DrawFn, kind: str | None) -> Decision:
+    decision = Decision(
+        draw(texts),
+        kind=draw(st.sampled_from([None, "", kind, "workspace"])),
+        request_id=draw(st.sampled_from(["", "from-the-decision"])),
+        unknown_fields=draw(st.sampled_from(["", "kept", "discarded"])),
+        events_in=draw(st.integers(-(2**70), 2**70)),
+        events_out=draw(st.integers(0, 10**6)),
+    )
+    rules = st.sampled_from(["kinds.licensed_instance.marketing_tracking", "r%s", 'q"uote', "\u00fcml", "events"])
+    for index in range(draw(st.integers(0, 4))):
+        if draw(st.booleans()):
+            decision.events.append(EventRecord(index, draw(texts), "f", "a", [], draw(rules)))
+        else:
+            keys = tuple(draw(st.lists(texts, max_size=3)))
+            decision.events.append(EventRecord(index, draw(texts), "f", "a", [Removal(draw(rules), "p", keys)]))
+    if draw(st.booleans()):
+        decision.removals.append(Removal(draw(rules), "(unknown fields)"))
+    return decision
+
+
+@SETTINGS
+@given(
+    st.sampled_from(["server", "client"]) | texts,
+    texts,
+    identifiers(),
+    texts,
+    st.data(),
+)
+def test_decision_lines_encode_exactly_what_json_encodes(
+    side: str, rpc: str, ident: pb.Identifier | None, request_id: str, data: st.DataObject
+) -> None:
+    lines = DecisionLines(side, rpc, ident, request_id)
+    kind = ident.WhichOneof("identifier") if ident is not None else None
+    for _ in range(3):  # one template, several messages
+        decision = data.draw(decisions(kind))
+        message = data.draw(st.none() | st.integers(0, 2**40))
+        counts = data.draw(st.sampled_from([None, decision.counts()]))
+        line = lines.encode(decision, message, counts)
+        if (decision.kind and decision.kind != kind) or (decision.request_id and not request_id):
+            assert line is None  # fields of its own: the caller encodes the dict
+            continue
+        assert line == _plain_record(side, rpc, ident, decision, request_id, message, counts)
+        # ...which is also the line AuditLog.record writes.
+        written: list[str] = []
+        AuditLog(_INFO, sink=_into(written)).record(
+            side=side, rpc=rpc, identifier=ident, decision=decision, request_id=request_id, message=message
+        )
+        assert written == [line]
+
+
+@pytest.mark.parametrize(
+    "odd",
+    [
+        {"events_in": True},
+        {"events_out": 2.0},
+        {"events_in": float("nan")},
+        {"message": True},
+        {"counts": {"r": True}},
+        {"counts": {"r": 1.5}},
+        {"counts": {1: 2}},
+    ],
+)
+def test_decision_lines_leave_what_they_do_not_encode_like_json_to_the_dict(odd: dict[str, Any]) -> None:
+    decision = Decision("RecordEvents", "licensed_instance", unknown_fields="kept", events_in=3, events_out=2)
+    for name in ("events_in", "events_out"):
+        if name in odd:
+            setattr(decision, name, odd[name])
+    lines = DecisionLines("server", "RecordEvents", identifier("licensed_instance"), "req")
+    assert lines.encode(decision, odd.get("message", 1), odd.get("counts", {})) is None
+    written: list[str] = []
+    audit = AuditLog(_INFO, sink=_into(written))
+    audit.write_decision(lines, decision, odd.get("message", 1), odd.get("counts", {}))
+    audit.record(
+        side="server",
+        rpc="RecordEvents",
+        identifier=identifier("licensed_instance"),
+        decision=decision,
+        request_id="req",
+        message=odd.get("message", 1),
+        counts=odd.get("counts", {}),
+    )
+    assert len(written) == 2 and written[0] == written[1]
+
+
+def _without_created(metrics: Metrics) -> list[str]:
+    """The exposition, without the creation timestamps of the counters."""
+    return [line for line in metrics.expose().decode().splitlines() if "_created" not in line]
+
+
+@pytest.mark.parametrize("level", ["info", "debug", "warning"])
+def test_forwarder_writes_and_counts_events_payloads_as_metrics_audit_does(
+    engine: Engine, configured_logs: Any, level: str
+) -> None:
+    """The same lines and counters by either way: MetricsAudit.record (count and write at once), or the
+    forwarder's (line before the payload leaves, counters once it is written)."""
+    from sidecar import logs
+
+    logging.getLogger().setLevel(level.upper())
+    requests = [
+        payload(event("a"), event("b")),
+        payload(),
+        payload(sensitive("s1"), dropped("d1"), invalid("i1"), event("e1", unknown=True)),
+        payload(dropped("x"), dropped("x"), event("x")),
+        pb.RecordEventsRequest(),  # skipped, audited by the stream protocol
+        metadata("licensed_instance"),  # metadata twice: refused, audited and counted as a refusal
+    ]
+    outputs = []
+    for split in (False, True):
+        metrics = Metrics()
+        guard = Guard(engine, audit=MetricsAudit(metrics, sink=logs.audit_sink()), side="server")
+        forwarder = Forwarder(_NoChannel(), lambda: guard, metrics)  # type: ignore[arg-type]  # noqa: B023
+        stream = StreamGuard(guard, "RecordEvents", None)
+        assert stream.accept(metadata("unlicensed_instance", "req-split").SerializeToString()) is not None
+        tally = forwarder._tally(stream) if split else None
+        assert (tally is not None) == split
+        out = []
+        for request in requests:
+            try:
+                out.append(forwarder._filter_events(stream, request.SerializeToString(), tally))
+            except GuardError as exc:
+                out.append(exc.code.name)
+            finally:
+                if tally is not None:
+                    tally.count()
+        outputs.append((out, _without_created(metrics)))
+    assert outputs[0] == outputs[1]
+    assert outputs[0][1] != _without_created(Metrics())  # something was counted
+    lines = [line.split(", ", 1)[1] for line in configured_logs.getvalue().splitlines()]  # all but the time
+    assert len(lines) % 2 == 0 and lines[: len(lines) // 2] == lines[len(lines) // 2 :]
+    # Each way: the metadata message, the four payloads (the empty message is skipped unrecorded), the refusal.
+    assert sum('"refused"' in line for line in lines) == 2
+    assert sum('"audit": "decision"' in line for line in lines) == (12 if level != "warning" else 2)
+    assert sum('"audit": "removed_keys"' in line for line in lines) == (2 if level == "debug" else 0)  # one payload
+
+
+def test_a_tally_counts_each_held_decision_once() -> None:
+    metrics = Metrics()
+    tally = StreamTally(metrics, "RecordEvents", "workspace")
+    tally.count()  # nothing held: nothing counted
+    tally.hold(3, 2, {"r": 1})
+    tally.hold(1, 0, {})  # the first one is counted before it is replaced
+    tally.count()
+    tally.count()
+    text = metrics.expose().decode()
+    assert 'telemetry_guard_requests_received_total{kind="workspace",rpc="RecordEvents"} 2.0' in text
+    assert 'telemetry_guard_events_received_total{kind="workspace",rpc="RecordEvents"} 4.0' in text
+    assert 'telemetry_guard_events_forwarded_total{kind="workspace",rpc="RecordEvents"} 2.0' in text
+    assert 'telemetry_guard_removals_total{kind="workspace",rpc="RecordEvents",rule="r"} 1.0' in text
+
+
+def test_the_split_is_taken_only_with_this_sidecars_metrics_audit(engine: Engine) -> None:
+    metrics = Metrics()
+    for audit, split in (
+        (MetricsAudit(metrics), True),
+        (MetricsAudit(Metrics()), False),  # another registry: its own counting
+        (AuditLog(), False),
+        (type("Counting", (MetricsAudit,), {})(metrics), False),  # a subclass may add to record
+    ):
+        guard = Guard(engine, audit=audit, side="server")
+        forwarder = Forwarder(_NoChannel(), lambda: guard, metrics)  # type: ignore[arg-type]  # noqa: B023
+        stream = StreamGuard(guard, "RecordEvents", None)
+        stream.accept(metadata("unlicensed_instance").SerializeToString())
+        assert (forwarder._tally(stream) is not None) == split
+
+
+# -- the stream's admitted kind ------------------------------------------------------------------------
+
+
+def _judged(engine: Engine, data: bytes, how: Any) -> Outcome[bytes] | str:
+    try:
+        return how(data)  # type: ignore[no-any-return]
+    except DecodeError:
+        return "DecodeError"
+
+
+def _same_outcome(a: Outcome[bytes] | str, b: Outcome[bytes] | str) -> None:
+    if isinstance(a, str) or isinstance(b, str):
+        assert a == b
+        return
+    assert a.request == b.request
+    assert a.decision.counts() == b.decision.counts()
+    assert a.decision.dropped_event_ids == b.decision.dropped_event_ids
+    assert a.decision == b.decision
+
+
+@SETTINGS
+@given(scenarios(), st.data())
+def test_an_admitted_kind_gets_the_outcome_of_its_identifier(scenario: Any, data: st.DataObject) -> None:
+    engine, _kind, ident, request = scenario
+    kind = engine.check_access(RECORD_EVENTS, ident, "Bearer token")
+    if not isinstance(kind, str):
+        return  # not admitted: no stream to judge payloads for
+    raw = bytearray(request.SerializeToString())
+    for _ in range(data.draw(st.integers(0, 2))):  # now and then, bytes the parser refuses or reads otherwise
+        at = data.draw(st.integers(0, len(raw)))
+        raw[at:at] = data.draw(st.binary(min_size=1, max_size=3))
+    if data.draw(st.booleans()):
+        raw = bytearray(metadata("workspace").SerializeToString())  # metadata again: judged by its own identifier
+    slow = Engine(engine.policy, accelerate=False)
+    for judge in (engine, slow):
+        for detailed in (False, True):
+            _same_outcome(
+                _judged(judge, bytes(raw), lambda b: judge.record_events_admitted(b, kind, detailed=detailed)),  # noqa: B023
+                _judged(judge, bytes(raw), lambda b: judge.record_events_bytes(b, ident, detailed=detailed)),  # noqa: B023
+            )
+
+
+def test_a_kind_not_allowed_is_denied_as_its_identifier_is(tmp_path: Path) -> None:
+    path = tmp_path / "policy.yaml"
+    path.write_text(
+        POLICY.replace(
+            "RecordEvents: [licensed_instance, unlicensed_instance, managed_service, workspace]",
+            "RecordEvents: [workspace]",
+        )
+    )
+    engine = Engine(load_policy(path))
+    data = payload(event("a")).SerializeToString()
+    for kind in ("licensed_instance", "unlicensed_instance", "managed_service"):
+        admitted = engine.record_events_admitted(data, kind)
+        judged = engine.record_events_bytes(data, identifier(kind))
+        assert admitted.request is None and admitted.denial is not None
+        _same_outcome(admitted, judged)
+    _same_outcome(
+        engine.record_events_admitted(data, "workspace"), engine.record_events_bytes(data, identifier("workspace"))
+    )
+    default = Engine(default_policy())
+    _same_outcome(
+        default.record_events_admitted(data, "licensed_instance"),
+        default.record_events_bytes(data, identifier("licensed_instance")),
+    )
+
+
+# -- wire.payload ------------------------------------------------------------------------------------------
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        out.append((value & 0x7F) | (0x80 if value > 0x7F else 0))
+        value >>= 7
+        if not value:
+            return bytes(out)
+
+
+@st.composite
+def shaped(draw: st.DrawFn) -> bytes:
+    """Bytes that start as an events payload does, their length right, wrong, padded or too long."""
+    body = draw(st.binary(max_size=40))
+    length = _varint(len(body) + draw(st.sampled_from([0, 0, 0, -1, 1, 200])) if body else 0)
+    if draw(st.booleans()):
+        length = bytes(b | 0x80 for b in length) + b"\x80" * draw(st.integers(0, 10)) + b"\x00"  # padded varint
+    return b"\x12" + length + body + draw(st.sampled_from([b"", b"", b"\x0a\x00", b"\x12\x00", b"\x08"]))
+
+
+@SETTINGS
+@given(
+    shaped()
+    | st.binary(max_size=12)
+    | st.builds(lambda r: r.SerializeToString(), st.sampled_from(list(PAYLOADS.values())))
+)
+def test_payload_shortcut_answers_as_the_walk(data: bytes) -> None:
+    assert wire.payload(data) == wire._walk(data)
