@@ -1,7 +1,7 @@
 """The sidecar's throughput and added latency against the direct path and a bare pass-through proxy.
 
-    python -m bench.sidecar                       # the README's table (a few minutes)
-    python -m bench.sidecar --quick               # shorter cells, fewer events for the memory run
+    python -m bench.sidecar                       # the README's table (about four minutes)
+    python -m bench.sidecar --quick               # shorter cells, one round, fewer events for the memory run
     python -m bench.sidecar --memory-events 1000000
 
 Three paths, in the same run, all on 127.0.0.1, each its own process:
@@ -26,7 +26,10 @@ moves far less from run to run than events/s, which the shared cores make noisy.
 and at the end.
 
 Every process shares the machine's cores with the others (client, upstream, proxy): the figures
-are for the whole pipeline on one machine, not for the proxy alone.
+are for the whole pipeline on one machine, not for the proxy alone, and one cell's events/s
+moves by about 10% from run to run. So the pass-through and the sidecar of a worker count run
+side by side and each cell is measured in --rounds alternating rounds (pass-through, sidecar,
+pass-through, ...): events/s is the median of the rounds, latencies and CPU are over all of them.
 """
 
 from __future__ import annotations
@@ -230,6 +233,19 @@ class Result:
     payloads: int = 0  # sent, warm-up included
     cpu: float | None = None  # CPU seconds of the proxy's processes over the whole cell
 
+    @classmethod
+    def median_of(cls, rounds: Sequence[Result]) -> Result:
+        """One cell measured in several rounds: the median round's events/s, every round's latencies and CPU."""
+        middle = sorted(rounds, key=lambda r: r.rate)[len(rounds) // 2]
+        cpus = [r.cpu for r in rounds if r.cpu is not None]
+        return cls(
+            middle.events,
+            middle.seconds,
+            [lat for r in rounds for lat in r.latencies],
+            sum(r.payloads for r in rounds),
+            sum(cpus) if cpus else None,
+        )
+
     @property
     def cpu_per_payload(self) -> str:
         return f"{self.cpu / self.payloads * 1e6:,.0f}" if self.cpu is not None and self.payloads else ""
@@ -332,7 +348,8 @@ def _ms(seconds: float) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="1 s cells and 100,000 events for the memory run")
-    parser.add_argument("--seconds", type=float, default=3.0, help="measured seconds per cell (default: 3)")
+    parser.add_argument("--seconds", type=float, default=3.0, help="measured seconds per round (default: 3)")
+    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds per cell (default: 3)")
     parser.add_argument("--memory-events", type=int, default=None, help="events in the memory run (default: 300,000)")
     parser.add_argument("--sidecar-arg", action="append", default=[], help="extra argument for serve (repeat)")
     parser.add_argument("--role", choices=("upstream", "passthrough"), help=argparse.SUPPRESS)
@@ -346,12 +363,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         asyncio.run(_passthrough(args.port, args.upstream))
         return 0
     seconds = 1.0 if args.quick else args.seconds
+    rounds = 1 if args.quick else max(1, args.rounds)
     warmup = 0.5
     memory_events = args.memory_events or (100_000 if args.quick else 300_000)
 
     print(
         f"# sidecar benchmark: {os.cpu_count()} CPUs, Python {platform.python_version()}, grpcio {grpc.__version__}, "
-        f"protobuf {google.protobuf.__version__}; {seconds:g} s per cell after {warmup:g} s of warm-up"
+        f"protobuf {google.protobuf.__version__}; {seconds:g} s per round after {warmup:g} s of warm-up, "
+        f"{rounds} alternating round{'s' if rounds > 1 else ''} per cell (events/s: the median round)"
     )
     print(f"# reproduce: python -m bench.sidecar{' --quick' if args.quick else ''}")
     rows: list[tuple[str, int, int, int, Result]] = []
@@ -365,23 +384,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         floor: dict[tuple[int, int, int], Result] = {}
         for workers in (1, 2):
             proxies = start_passthrough(upstream.target, workers)
-            try:
-                for batch in (100, 1000):
-                    for streams in (1, 8):
-                        result = asyncio.run(drive(proxies[0].target, batch, streams, seconds, warmup, proxies))
-                        floor[(workers, batch, streams)] = result
-                        rows.append(("pass-through", workers, batch, streams, result))
-            finally:
-                for proxy in proxies:
-                    proxy.stop()
             sidecar = start_sidecar(upstream.target, workers, args.sidecar_arg)
+            measured: list[tuple[str, int, int, int, Result]] = []
             try:
                 for batch in (100, 1000):
                     for streams in (1, 8):
-                        result = asyncio.run(drive(sidecar.target, batch, streams, seconds, warmup, [sidecar]))
-                        rows.append(("sidecar", workers, batch, streams, result))
+                        passes: list[Result] = []
+                        sides: list[Result] = []
+                        for _ in range(rounds):
+                            passes.append(
+                                asyncio.run(drive(proxies[0].target, batch, streams, seconds, warmup, proxies))
+                            )
+                            sides.append(asyncio.run(drive(sidecar.target, batch, streams, seconds, warmup, [sidecar])))
+                        floor[(workers, batch, streams)] = Result.median_of(passes)
+                        measured.append(("sidecar", workers, batch, streams, Result.median_of(sides)))
+                        rows.append(("pass-through", workers, batch, streams, floor[(workers, batch, streams)]))
             finally:
                 sidecar.stop()
+                for proxy in proxies:
+                    proxy.stop()
+            rows += measured
 
         print()
         print(
