@@ -2,19 +2,28 @@
 
 The manifests parse; the sidecar container's arguments and the Dockerfile's CMD are accepted by
 `telemetry-guard serve`; probes, Service and Prometheus annotations point at the ports those
-arguments open; the policy of the ConfigMap loads; the Dockerfile copies every package root.
+arguments open; the policy of the ConfigMap loads; the Dockerfile copies every package root; and
+the Dockerfile's steps, replayed outside Docker (its COPY lines, its wheel build, the install of
+that wheel alone, its checks, its CMD and its HEALTHCHECK), give a sidecar that serves.
 """
 
 from __future__ import annotations
 
+import functools
 import json
+import os
 import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
 import tomllib
 from pathlib import Path
 from typing import Any
 
 import yaml
-from test_sidecar_support import ROOT
+from test_sidecar_support import HOST, ROOT, free_port, serve_upstream
 
 from policy import default_policy, load_policy
 from telemetry_guard.cli import build_parser
@@ -116,3 +125,110 @@ def test_the_dockerfile_copies_every_package_root() -> None:
     assert re.search(r"^ARG BUILD_IMAGE=python:3\.11$", text, flags=re.M)
     assert re.search(r"^FROM \$\{BUILD_IMAGE\} AS build$", text, flags=re.M)
     assert "fastpath.AVAILABLE" in text
+
+
+# -- the Dockerfile's steps, replayed without Docker ---------------------------------------------
+
+
+def _build_stage_copies() -> list[tuple[list[str], str]]:
+    """(sources, destination) of every COPY in the build stage, in order."""
+    text = (DEPLOY / "Dockerfile").read_text()
+    build = text.split("\nFROM ", 2)[1]  # the stage after the first FROM, up to the runtime stage's
+    copies = []
+    for line in build.splitlines():
+        if line.startswith("COPY ") and "--from" not in line:
+            *sources, destination = line.split()[1:]
+            copies.append((sources, destination))
+    return copies
+
+
+# This venv imports the checkout through setuptools' editable finder, which would answer for the
+# wheel's packages (the compiled module included): the replayed image's processes drop it first.
+WHEEL_ONLY = (
+    "import runpy, sys; "
+    "sys.meta_path[:] = [f for f in sys.meta_path if not getattr(f, '__module__', '').startswith('__editable__')]; "
+    "sys.path_hooks[:] = [h for h in sys.path_hooks if '__editable__' not in getattr(h, '__module__', '')]; "
+    "sys.path_importer_cache.clear(); "
+)
+
+
+def _image_command(*args: str) -> list[str]:
+    """`telemetry-guard ARGS` as the replayed image runs it: from the installed wheel only."""
+    return [sys.executable, "-c", WHEEL_ONLY + "runpy.run_module('telemetry_guard', run_name='__main__')", *args]
+
+
+def test_the_dockerfile_steps_build_an_image_that_serves(tmp_path: Path) -> None:
+    """No Docker here: the build stage's COPY lines are copied, its `pip wheel` run on them (the C
+    fast path compiled), the wheel installed alone as the runtime stage installs it, the runtime
+    stage's checks run, then its CMD (ports, upstream and policy made local) is started and its
+    HEALTHCHECK command must find it SERVING."""
+    source = tmp_path / "src"
+    source.mkdir()
+    skip = shutil.ignore_patterns("__pycache__", "*.so", "*.pyc", "build", "*.egg-info")
+    for sources, destination in _build_stage_copies():
+        for name in sources:  # COPY a b ./ puts a and b in ./; COPY a ./b puts a at ./b
+            target = source / destination / Path(name).name if destination.endswith("/") else source / destination
+            if (ROOT / name).is_dir():
+                shutil.copytree(ROOT / name, target, ignore=skip)
+            else:
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy(ROOT / name, target)
+    wheels = tmp_path / "wheels"
+    built = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "--wheel-dir", str(wheels), str(source)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert built.returncode == 0, built.stderr
+    site = tmp_path / "site"
+    (wheel,) = wheels.glob("telemetry_guard-*.whl")
+    installed = subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(site), str(wheel)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert installed.returncode == 0, installed.stderr
+    # The installed wheel, not this checkout: run from elsewhere, the wheel first on the path.
+    env = {**os.environ, "PYTHONPATH": str(site), "PYTHONDONTWRITEBYTECODE": "1"}
+    run = functools.partial(subprocess.run, capture_output=True, text=True, timeout=60, cwd=tmp_path, env=env)
+    checks = run(_image_command("serve", "--help"))
+    assert checks.returncode == 0, checks.stderr
+    checks = run([sys.executable, "-c", WHEEL_ONLY + "from policy import _wirefilter as w; print(w.__file__)"])
+    assert checks.returncode == 0 and checks.stdout.startswith(str(site / "policy")), (checks.stdout, checks.stderr)
+
+    args = _dockerfile_array("CMD")
+    listen, metrics = free_port(), free_port()
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(_documents()["ConfigMap"]["data"]["policy.yaml"])
+    upstream = serve_upstream()
+    local = {
+        "--listen": f"{HOST}:{listen}",
+        "--upstream": upstream.target,
+        "--policy": str(policy),
+        "--metrics-listen": f"{HOST}:{metrics}",
+    }
+    argv = [local.get(previous, value) for previous, value in zip(["", *args[:-1]], args, strict=True)]
+    assert set(local) <= set(args), args
+    log = tmp_path / "serve.log"
+    with open(log, "wb") as err:
+        server = subprocess.Popen(_image_command(*argv), stderr=err, cwd=tmp_path, env=env)
+    try:
+        health = [
+            part.replace(f"127.0.0.1:{_port(args[args.index('--listen') + 1])}", f"{HOST}:{listen}")
+            for part in _dockerfile_array("HEALTHCHECK")
+        ]
+        assert health[0] == "python"
+        probe = [sys.executable, *health[1:]]
+        deadline = time.monotonic() + 20
+        while (answer := run(probe)).returncode != 0:
+            assert server.poll() is None, log.read_text()
+            assert time.monotonic() < deadline, (answer.stderr, log.read_text())
+            time.sleep(0.2)
+        served = [json.loads(line) for line in log.read_text().splitlines() if '"serving"' in line]
+        assert served and served[0]["port"] == listen and served[0]["upstream"] == upstream.target
+    finally:
+        server.send_signal(signal.SIGTERM)
+        assert server.wait(15) == 0, log.read_text()
+        upstream.stop()
