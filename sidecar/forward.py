@@ -26,9 +26,11 @@ the upstream did not acknowledge is never added.
 
 Audit and metrics of an events payload: its audit line is written before it is forwarded (a
 forwarded payload always has its record first), from a template of the stream's constant fields;
-its counters (requests, events, removals per rule) are incremented once it is written upstream,
-and its round trip observed once the response is on its way to the client: off the round trip's
-critical path, with the same totals. Refusals are audited and counted as before they are raised.
+its counters (requests, events, removals per rule, messages sent) are added up in the stream
+once it is written upstream and published at least every half second and when the stream ends
+(sidecar.metrics.StreamTally), and its round trip observed once the response is on its way to
+the client: off the round trip's critical path, with the same totals. Refusals are audited and
+counted when they are raised.
 
 Errors, in order of precedence: a refusal by the guard (its status, the call upstream
 cancelled: nothing more is forwarded); an upstream error (its code and details, unchanged;
@@ -327,7 +329,8 @@ class Forwarder:
         """Client -> upstream, one message at a time.
 
         A payload's decision is counted once the payload is written (or on any other way out of that
-        step): the upstream is already at work meanwhile. Its audit line was written before.
+        step): the upstream is already at work meanwhile. Its audit line was written before. The
+        stream's counters are published when it ends, however it ends.
         """
         sent = self.metrics.child(self.metrics.requests_out, RECORD_EVENTS, stream.kind or NO_KIND)
         tally = self._tally(stream)
@@ -343,10 +346,13 @@ class Forwarder:
                     if call.done():
                         return  # the upstream ended the call: its status is read by the handler
                     await call.write(out)
+                    if tally is None:
+                        sent.inc()
+                    else:
+                        tally.sent()
                 finally:
                     if tally is not None:
                         tally.count()
-                sent.inc()
             await _settle()
             await call.done_writing()
         except GuardError:  # refused and audited (stream.error): nothing more goes upstream
@@ -356,6 +362,9 @@ class Forwarder:
         except Exception:
             call.cancel()  # the handler reports it as INTERNAL
             raise
+        finally:
+            if tally is not None:
+                tally.flush()  # the stream's counters, however it ends
 
     async def _finish(
         self,

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
@@ -197,48 +198,84 @@ class MetricsAudit(AuditLog):
 
 
 class StreamTally:
-    """What MetricsAudit.record counts for the decisions of one stream, its metric children fetched once.
+    """What MetricsAudit.record counts for the decisions of one stream, and the messages it sends
+    upstream, added up in the stream and published in batches.
 
     hold() keeps a decision's numbers (before its audit line is written, as record counts before
-    writing); count() adds them, after the payload is written upstream, and is called on every way
-    out of that step (written, skipped, refused, failed or cancelled), so that every held decision
-    is counted exactly once.
+    writing); count() adds them to the stream's totals after the payload is written upstream, and
+    is called on every way out of that step (written, skipped, refused, failed or cancelled), so
+    that every held decision is counted exactly once. The totals reach the registry at least every
+    FLUSH_SECONDS while the stream runs and when it ends (flush(), called by the forwarder): five
+    or more counter updates per payload, each a lock and with --workers an mmap write, become a
+    few per half second. Refusals are still counted by MetricsAudit.record when they happen.
     """
 
-    __slots__ = ("_events_in", "_events_out", "_held", "_kind", "_metrics", "_removals", "_requests", "_rpc")
+    FLUSH_SECONDS = 0.5
+
+    __slots__ = (
+        "_counters",
+        "_flushed",
+        "_held",
+        "_kind",
+        "_metrics",
+        "_removals",
+        "_rpc",
+        "_totals",
+    )
 
     def __init__(self, metrics: Metrics, rpc: str, kind: str | None) -> None:
         kind = kind or NO_KIND
         self._metrics = metrics
         self._rpc = rpc
         self._kind = kind
-        self._requests = metrics.child(metrics.requests_in, rpc, kind)
-        self._events_in = metrics.child(metrics.events_in, rpc, kind)
-        self._events_out = metrics.child(metrics.events_out, rpc, kind)
-        self._removals: dict[str, Any] = {}
+        # requests in, events in, events out, requests sent upstream: the counters and unpublished totals
+        self._counters = (metrics.requests_in, metrics.events_in, metrics.events_out, metrics.requests_out)
+        self._totals = [0, 0, 0, 0]
+        self._removals: dict[str, int] = {}  # rule -> removals not yet published
         self._held: tuple[int, int, dict[str, int]] | None = None
+        self._flushed = time.monotonic()
 
     def hold(self, events_in: int, events_out: int, counts: dict[str, int]) -> None:
         """A decision of the stream's kind to count at the next count() (counts: decision.counts())."""
-        if self._held is not None:
-            self.count()
+        self._add_held()
         self._held = (events_in, events_out, counts)
 
     def count(self) -> None:
-        """Count the held decision, if any."""
+        """Add the held decision, if any, to the stream's totals; publish them if it is time."""
+        self._add_held()
+        if time.monotonic() - self._flushed >= self.FLUSH_SECONDS:
+            self.flush()
+
+    def sent(self) -> None:
+        """One message written upstream."""
+        self._totals[3] += 1
+
+    def flush(self) -> None:
+        """Publish the totals, a held decision included."""
+        self._add_held()
+        self._flushed = time.monotonic()
+        m = self._metrics
+        totals = self._totals
+        for i, amount in enumerate(totals):
+            if amount:
+                m.child(self._counters[i], self._rpc, self._kind).inc(amount)
+                totals[i] = 0
+        if self._removals:
+            for rule, count in self._removals.items():
+                m.child(m.removals, self._rpc, self._kind, rule).inc(count)
+            self._removals = {}
+
+    def _add_held(self) -> None:
         held = self._held
         if held is None:
             return
         self._held = None
         events_in, events_out, counts = held
-        self._requests.inc()
-        if events_in:
-            self._events_in.inc(events_in)
-        if events_out:
-            self._events_out.inc(events_out)
-        for rule, count in counts.items():
-            child = self._removals.get(rule)
-            if child is None:
-                m = self._metrics
-                child = self._removals[rule] = m.child(m.removals, self._rpc, self._kind, rule)
-            child.inc(count)
+        totals = self._totals
+        totals[0] += 1
+        totals[1] += events_in
+        totals[2] += events_out
+        if counts:
+            removals = self._removals
+            for rule, count in counts.items():
+                removals[rule] = removals.get(rule, 0) + count

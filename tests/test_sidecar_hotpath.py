@@ -459,6 +459,8 @@ def test_forwarder_writes_and_counts_events_payloads_as_metrics_audit_does(
             finally:
                 if tally is not None:
                     tally.count()
+        if tally is not None:
+            tally.flush()  # as the pump does when the stream ends
         outputs.append((out, _without_created(metrics)))
     assert outputs[0] == outputs[1]
     assert outputs[0][1] != _without_created(Metrics())  # something was counted
@@ -470,6 +472,10 @@ def test_forwarder_writes_and_counts_events_payloads_as_metrics_audit_does(
     assert sum('"audit": "removed_keys"' in line for line in lines) == (2 if level == "debug" else 0)  # one payload
 
 
+def _tallied(metrics: Metrics) -> list[str]:
+    return [line for line in _without_created(metrics) if line.startswith("telemetry_guard_") and "workspace" in line]
+
+
 def test_a_tally_counts_each_held_decision_once() -> None:
     metrics = Metrics()
     tally = StreamTally(metrics, "RecordEvents", "workspace")
@@ -478,11 +484,32 @@ def test_a_tally_counts_each_held_decision_once() -> None:
     tally.hold(1, 0, {})  # the first one is counted before it is replaced
     tally.count()
     tally.count()
+    tally.sent()
+    assert _tallied(metrics) == []  # within FLUSH_SECONDS of the start: not published yet
+    tally.flush()
     text = metrics.expose().decode()
     assert 'telemetry_guard_requests_received_total{kind="workspace",rpc="RecordEvents"} 2.0' in text
     assert 'telemetry_guard_events_received_total{kind="workspace",rpc="RecordEvents"} 4.0' in text
     assert 'telemetry_guard_events_forwarded_total{kind="workspace",rpc="RecordEvents"} 2.0' in text
+    assert 'telemetry_guard_requests_forwarded_total{kind="workspace",rpc="RecordEvents"} 1.0' in text
     assert 'telemetry_guard_removals_total{kind="workspace",rpc="RecordEvents",rule="r"} 1.0' in text
+    published = _tallied(metrics)
+    tally.flush()  # nothing new: nothing changes
+    assert _tallied(metrics) == published
+
+
+def test_a_long_stream_publishes_its_counters_as_it_goes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A stream that never ends still reaches the registry every FLUSH_SECONDS, at its next count()."""
+    metrics = Metrics()
+    tally = StreamTally(metrics, "RecordEvents", "workspace")
+    tally.hold(5, 5, {})
+    tally.count()
+    assert _tallied(metrics) == []
+    monkeypatch.setattr(StreamTally, "FLUSH_SECONDS", 0.0)
+    tally.hold(2, 1, {"r": 3})
+    tally.count()
+    assert 'telemetry_guard_events_received_total{kind="workspace",rpc="RecordEvents"} 7.0' in _tallied(metrics)
+    assert 'telemetry_guard_removals_total{kind="workspace",rpc="RecordEvents",rule="r"} 3.0' in _tallied(metrics)
 
 
 def test_the_split_is_taken_only_with_this_sidecars_metrics_audit(engine: Engine) -> None:
