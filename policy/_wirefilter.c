@@ -398,6 +398,7 @@ typedef struct {
     uint64_t seen;
     uint32_t oneofs;
     int nkeys;
+    uint8_t slots[2 * 64];       /* the keys by fingerprint: index + 1, 0 = empty (cleared at the first key) */
     uint32_t key_maps[MAX_KEYS]; /* keys[i] is a key of the map field key_maps[i] */
     uint64_t prints[MAX_KEYS];   /* keys[i]'s fingerprint: compared before the bytes */
     Slice keys[MAX_KEYS];
@@ -469,8 +470,16 @@ INLINE int map_entry_key(const Plan *plan, const Head *h, Seen *s, int *plain) {
     *plain = plain_entry(&plan->msgs[h->f->child], h->v, h->end, &key);
     if ((!*plain && map_key(h->v, h->end, &key) != OK) || s->nkeys == MAX_KEYS) return FALLBACK;
     uint64_t print = fingerprint(h->num, key);
-    for (int k = 0; k < s->nkeys; k++)
+    if (s->nkeys == 0) memset(s->slots, 0, sizeof s->slots);
+    uint64_t x = print ^ (print >> 33); /* murmur3's finalizer: the slot depends on every byte read */
+    x *= 0xff51afd7ed558ccdull;
+    x ^= x >> 33;
+    uint32_t mask = sizeof s->slots - 1, i = (uint32_t)x & mask;
+    for (; s->slots[i]; i = (i + 1) & mask) {
+        int k = s->slots[i] - 1;
         if (s->prints[k] == print && s->key_maps[k] == h->num && same(s->keys[k], key.p, key.n)) return FALLBACK;
+    }
+    s->slots[i] = (uint8_t)(s->nkeys + 1);
     s->key_maps[s->nkeys] = h->num;
     s->prints[s->nkeys] = print;
     s->keys[s->nkeys++] = key;
