@@ -173,23 +173,14 @@ def test_the_dockerfile_steps_build_an_image_that_serves(tmp_path: Path) -> None
             else:
                 target.parent.mkdir(parents=True, exist_ok=True)
                 shutil.copy(ROOT / name, target)
-    wheels = tmp_path / "wheels"
-    built = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "--wheel-dir", str(wheels), str(source)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert built.returncode == 0, built.stderr
-    site = tmp_path / "site"
-    (wheel,) = wheels.glob("telemetry_guard-*.whl")
-    installed = subprocess.run(
-        [sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(site), str(wheel)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert installed.returncode == 0, installed.stderr
+    wheels, site = tmp_path / "wheels", tmp_path / "site"
+    for step in (["wheel", "--wheel-dir", str(wheels), str(source)], ["install", "--target", str(site)]):
+        if step[0] == "install":
+            step += [str(wheel) for wheel in wheels.glob("telemetry_guard-*.whl")]
+        done = subprocess.run(
+            [sys.executable, "-m", "pip", *step, "--no-deps", "-q"], capture_output=True, text=True, timeout=300
+        )
+        assert done.returncode == 0, done.stderr
     # The installed wheel, not this checkout: run from elsewhere, the wheel first on the path.
     env = {**os.environ, "PYTHONPATH": str(site), "PYTHONDONTWRITEBYTECODE": "1"}
     run = functools.partial(subprocess.run, capture_output=True, text=True, timeout=60, cwd=tmp_path, env=env)
