@@ -1,6 +1,6 @@
 """The sidecar's throughput and added latency against the direct path and a bare pass-through proxy.
 
-    python -m bench.sidecar                       # the README's table (about four minutes)
+    python -m bench.sidecar                       # the README's table (about six minutes)
     python -m bench.sidecar --quick               # shorter cells, one round, fewer events for the memory run
     python -m bench.sidecar --memory-events 1000000
 
@@ -349,7 +349,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="1 s cells and 100,000 events for the memory run")
     parser.add_argument("--seconds", type=float, default=3.0, help="measured seconds per round (default: 3)")
-    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds per cell (default: 3)")
+    parser.add_argument("--rounds", type=int, default=5, help="alternating rounds per cell (default: 5)")
     parser.add_argument("--memory-events", type=int, default=None, help="events in the memory run (default: 300,000)")
     parser.add_argument("--sidecar-arg", action="append", default=[], help="extra argument for serve (repeat)")
     parser.add_argument("--role", choices=("upstream", "passthrough"), help=argparse.SUPPRESS)
