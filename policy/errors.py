@@ -22,8 +22,13 @@ class Problem:
 
 
 class PolicyError(Exception):
-    """A policy could not be loaded. Carries every problem found, sorted by place."""
+    """A policy could not be loaded. Carries every problem found, sorted by place.
 
-    def __init__(self, problems: list[Problem]) -> None:
+    files: the files the load read or looked for (the policy and the allowlists it names, found
+    or not), when known: a reloader watches them, so that fixing any of them is noticed.
+    """
+
+    def __init__(self, problems: list[Problem], files: tuple[str, ...] = ()) -> None:
         self.problems = sorted(set(problems))
+        self.files = files
         super().__init__("\n".join(str(p) for p in self.problems))

@@ -103,16 +103,20 @@ def default_policy() -> Policy:
 def load_policy(path: str | Path) -> Policy:
     """Load and compile a policy; raise PolicyError listing every problem found."""
     path = Path(path)
-    doc = read(path)
+    try:
+        doc = read(path)
+    except PolicyError as exc:
+        raise PolicyError(exc.problems, files=(str(path),)) from None
     problems = schema_problems(doc, "policy.schema.json")
+    named = _named_allowlists(doc, path)
     if problems:
-        raise PolicyError(problems)
+        raise PolicyError(problems, files=(str(path), *named))
     data = doc.data
     allowlist, files, digest_parts, list_problems = _load_allowlists(doc, path)
     kinds, kind_problems = compile_kinds(doc)
     problems = list_problems + kind_problems
     if problems:
-        raise PolicyError(problems)
+        raise PolicyError(problems, files=(str(path), *named))
 
     digest = _digest([doc.text.encode("utf-8"), *digest_parts])
     access = data.get("access", {})
@@ -180,6 +184,21 @@ def explain_schema_error(error: jsonschema.ValidationError) -> str:
 
 def _listed(value: object) -> list[object]:
     return list(value) if isinstance(value, list | tuple) else [value]
+
+
+def _named_allowlists(doc: Located, policy_path: Path) -> list[str]:
+    """The allowlist files a policy document names, found or not (a reloader watches them)."""
+    refs = doc.data.get("allowlists", []) if isinstance(doc.data, dict) else []
+    if not isinstance(refs, list):
+        return []
+    named = []
+    for ref in refs:
+        if isinstance(ref, str):
+            try:
+                named.append(str(allowlist_path(ref, policy_path)))
+            except (OSError, ValueError):
+                continue
+    return named
 
 
 def _load_allowlists(doc: Located, policy_path: Path) -> tuple[Allowlist, list[str], list[bytes], list[Problem]]:

@@ -11,7 +11,8 @@ once per call), so streams in flight keep the policy they started with.
 Change detection polls os.stat() of every file the policy in force was read from (the policy
 file and its allowlists; stat follows symlinks, so the atomic symlink swap of a Kubernetes
 ConfigMap volume is seen). A change that fails to load is not retried until the files change
-again (or SIGHUP).
+again (or SIGHUP); the files that failed load looked for are watched too, so that an allowlist
+it named before it existed is picked up when it appears.
 """
 
 from __future__ import annotations
@@ -91,6 +92,7 @@ class PolicyReloader:
         self._make_guard = make_guard
         self.metrics = metrics
         self._lock = asyncio.Lock()
+        self._failed: tuple[str, ...] = ()  # the files the last refused reload looked for
         self._loaded = self._load()  # raises PolicyError: nothing to serve without a policy
         self._seen = self._loaded.signature
         metrics.policy_in_force(self._loaded.policy)
@@ -108,6 +110,7 @@ class PolicyReloader:
     def _watched(self, policy: Policy) -> tuple[str, ...]:
         names = [str(self.path)] if self.path is not None else []
         names.extend(str(f) for f in policy.files)
+        names.extend(self._failed)
         return tuple(dict.fromkeys(names))
 
     def _load(self) -> Loaded:
@@ -132,6 +135,8 @@ class PolicyReloader:
             try:
                 loaded = await asyncio.to_thread(self._load)
             except PolicyError as exc:
+                self._failed = exc.files
+                self._seen = signature(self._watched(self._loaded.policy))
                 self.metrics.child(self.metrics.reload_failures, trigger).inc()
                 LOG.error(
                     "policy reload refused; the policy in force stays",
@@ -149,6 +154,7 @@ class PolicyReloader:
                 return False
             previous = self._loaded.policy
             self._loaded = loaded
+            self._failed = ()
             self._seen = loaded.signature
             self.metrics.child(self.metrics.reloads, trigger).inc()
             self.metrics.policy_in_force(loaded.policy)

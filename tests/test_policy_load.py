@@ -203,6 +203,19 @@ def test_directory_as_allowlist_is_not_found(tmp_path: Path) -> None:
     assert "allowlist 'lists' not found" in problem.message
 
 
+def test_a_refusal_names_the_files_the_load_looked_for(tmp_path: Path) -> None:
+    """For a reloader to watch: the policy and every allowlist it names, found or not."""
+    (tmp_path / "here.yaml").write_text("version: 1\nentries: []\n")
+    policy = tmp_path / "policy.yaml"
+    policy.write_text("version: 1\nallowlists: [here.yaml, gone.yaml]\n")
+    with pytest.raises(PolicyError) as refused:
+        load_policy(policy)
+    assert refused.value.files == (str(policy), str(tmp_path / "here.yaml"), str(tmp_path / "gone.yaml"))
+    with pytest.raises(PolicyError) as unreadable:
+        load_policy(tmp_path / "none.yaml")
+    assert unreadable.value.files == (str(tmp_path / "none.yaml"),)
+
+
 def test_python_tag_never_runs(tmp_path: Path) -> None:
     marker = tmp_path / "ran"
     path = tmp_path / "policy.yaml"

@@ -163,6 +163,27 @@ def test_a_change_of_an_allowlist_file_is_picked_up_and_an_invalid_one_refused(
     assert kept_keys("k3") == {"languageId", "triggerKind"}
 
 
+def test_an_allowlist_named_before_it_exists_is_picked_up_when_it_appears(
+    tmp_path: Path, upstream: ServedUpstream, started: list[Sidecar]
+) -> None:
+    """A reload refused because a newly named allowlist is missing is tried again when it appears."""
+    allow = tmp_path / "allow.yaml"
+    allow.write_text(ALLOWLIST)
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(POLICY.replace("allowlists: [builtin:sourcegraph]", "allowlists: [allow.yaml]"))
+    sidecar = _start(
+        started, tmp_path, "--upstream", upstream.target, "--policy", str(policy), "--reload-interval", "0.1"
+    )
+    policy.write_text(POLICY.replace("allowlists: [builtin:sourcegraph]", "allowlists: [allow.yaml, more.yaml]"))
+    refused = wait_for(lambda: sidecar.logs(message="policy reload refused; the policy in force stays"), what="refusal")
+    assert any("more.yaml" in problem and "not found" in problem for problem in refused[0]["problems"])
+    assert not sidecar.logs(message="policy reloaded")
+    (tmp_path / "more.yaml").write_text(ALLOWLIST.replace("cody.completion", "cody.chat"))  # nothing else changes
+    reloaded = wait_for(lambda: sidecar.logs(message="policy reloaded", trigger="file"), what="the reload")
+    assert str(tmp_path / "more.yaml") in reloaded[0]["files"]
+    assert len(sidecar.logs(message="policy reload refused; the policy in force stays")) == 1
+
+
 # -- graceful shutdown ----------------------------------------------------------------------------
 
 
