@@ -136,9 +136,8 @@ entries:
 """
 
 
-def test_a_change_of_an_allowlist_file_is_picked_up_and_an_invalid_one_refused(
-    tmp_path: Path, upstream: ServedUpstream, started: list[Sidecar]
-) -> None:
+def _watching(tmp_path: Path, upstream: ServedUpstream, started: list[Sidecar]) -> tuple[Sidecar, Path, Path]:
+    """A sidecar polling its files every 0.1 s; its policy on allow.yaml. (sidecar, policy, allow.yaml)"""
     allow = tmp_path / "allow.yaml"
     allow.write_text(ALLOWLIST)
     policy = tmp_path / "policy.yaml"
@@ -146,6 +145,13 @@ def test_a_change_of_an_allowlist_file_is_picked_up_and_an_invalid_one_refused(
     sidecar = _start(
         started, tmp_path, "--upstream", upstream.target, "--policy", str(policy), "--reload-interval", "0.1"
     )
+    return sidecar, policy, allow
+
+
+def test_a_change_of_an_allowlist_file_is_picked_up_and_an_invalid_one_refused(
+    tmp_path: Path, upstream: ServedUpstream, started: list[Sidecar]
+) -> None:
+    sidecar, _policy, allow = _watching(tmp_path, upstream, started)
 
     def kept_keys(event_id: str) -> set[str]:
         private = {"languageId": "go", "triggerKind": "auto"}
@@ -167,13 +173,7 @@ def test_an_allowlist_named_before_it_exists_is_picked_up_when_it_appears(
     tmp_path: Path, upstream: ServedUpstream, started: list[Sidecar]
 ) -> None:
     """A reload refused because a newly named allowlist is missing is tried again when it appears."""
-    allow = tmp_path / "allow.yaml"
-    allow.write_text(ALLOWLIST)
-    policy = tmp_path / "policy.yaml"
-    policy.write_text(POLICY.replace("allowlists: [builtin:sourcegraph]", "allowlists: [allow.yaml]"))
-    sidecar = _start(
-        started, tmp_path, "--upstream", upstream.target, "--policy", str(policy), "--reload-interval", "0.1"
-    )
+    sidecar, policy, _allow = _watching(tmp_path, upstream, started)
     policy.write_text(POLICY.replace("allowlists: [builtin:sourcegraph]", "allowlists: [allow.yaml, more.yaml]"))
     refused = wait_for(lambda: sidecar.logs(message="policy reload refused; the policy in force stays"), what="refusal")
     assert any("more.yaml" in problem and "not found" in problem for problem in refused[0]["problems"])
