@@ -9,7 +9,7 @@ from setuptools import Extension, setup
 setup(
     ext_modules=[
         Extension(
-            "policy._wirefilter",
+            "telemetry_guard.policy._wirefilter",
             sources=["policy/_wirefilter.c"],
             optional=True,
             extra_compile_args=["-O3", "-std=c11", "-Wall", "-Wextra", "-Wno-missing-field-initializers"],

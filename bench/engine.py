@@ -27,8 +27,8 @@ import grpc
 import yaml
 
 from bench import workload
-from policy import Engine, default_policy_path, fastpath, load_policy
-from policy.model import Policy
+from telemetry_guard.policy import Engine, default_policy_path, fastpath, load_policy
+from telemetry_guard.policy.model import Policy
 from telemetrygateway.v1 import telemetrygateway_pb2 as pb
 
 IDENTIFIERS = {

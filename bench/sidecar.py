@@ -54,7 +54,7 @@ import grpc
 import grpc.aio
 
 from bench import workload
-from policy.kinds import SERVICE, method_path
+from telemetry_guard.policy.kinds import SERVICE, method_path
 from telemetrygateway.v1 import telemetrygateway_pb2 as pb
 
 HOST = "127.0.0.1"

@@ -15,20 +15,20 @@ judged by a CredentialVerifier (BearerPresent by default, or TokenIntrospection)
 decision goes to the audit log `telemetry_guard.audit` (AuditLog).
 """
 
-from interceptors.aio_client import (
+from telemetry_guard.interceptors.aio_client import (
     AsyncGuardStreamStreamInterceptor,
     AsyncGuardStreamUnaryInterceptor,
     AsyncGuardUnaryStreamInterceptor,
     AsyncGuardUnaryUnaryInterceptor,
     aio_client_interceptors,
 )
-from interceptors.aio_server import AsyncGuardServerInterceptor
-from interceptors.audit import AUDIT_LOGGER_NAME, AuditLog
-from interceptors.client import GuardClientInterceptor, wrap_channel
-from interceptors.credentials import BearerPresent, CredentialVerifier, TokenIntrospection
-from interceptors.errors import GuardError, GuardRpcError
-from interceptors.guard import Guard
-from interceptors.server import GuardServerInterceptor
+from telemetry_guard.interceptors.aio_server import AsyncGuardServerInterceptor
+from telemetry_guard.interceptors.audit import AUDIT_LOGGER_NAME, AuditLog
+from telemetry_guard.interceptors.client import GuardClientInterceptor, wrap_channel
+from telemetry_guard.interceptors.credentials import BearerPresent, CredentialVerifier, TokenIntrospection
+from telemetry_guard.interceptors.errors import GuardError, GuardRpcError
+from telemetry_guard.interceptors.guard import Guard
+from telemetry_guard.interceptors.server import GuardServerInterceptor
 
 __all__ = [
     "AUDIT_LOGGER_NAME",

@@ -24,10 +24,10 @@ from typing import TYPE_CHECKING, Any, TypeAlias
 import grpc
 import grpc.aio
 
-from interceptors.audit import AuditLog
-from interceptors.credentials import CredentialVerifier
-from interceptors.errors import GuardError, internal_error
-from interceptors.guard import (
+from telemetry_guard.interceptors.audit import AuditLog
+from telemetry_guard.interceptors.credentials import CredentialVerifier
+from telemetry_guard.interceptors.errors import GuardError, internal_error
+from telemetry_guard.interceptors.guard import (
     Guard,
     UnaryGuard,
     authorization_from,
@@ -35,9 +35,9 @@ from interceptors.guard import (
     rpc_for_method,
     server_encoder,
 )
-from interceptors.stream import StreamGuard
-from policy import Engine, Policy
-from policy.engine import PUBLISH_USER_METADATA, RECORD_EVENT, RECORD_EVENTS
+from telemetry_guard.interceptors.stream import StreamGuard
+from telemetry_guard.policy import Engine, Policy
+from telemetry_guard.policy.engine import PUBLISH_USER_METADATA, RECORD_EVENT, RECORD_EVENTS
 
 if TYPE_CHECKING:  # generic in the stubs only
     Handler: TypeAlias = grpc.RpcMethodHandler[Any, Any]

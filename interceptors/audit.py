@@ -23,9 +23,9 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from interceptors.errors import GuardError
-from policy import Decision, Removal
-from policy.decision import clip
+from telemetry_guard.interceptors.errors import GuardError
+from telemetry_guard.policy import Decision, Removal
+from telemetry_guard.policy.decision import clip
 from telemetrygateway.v1 import telemetrygateway_pb2 as pb
 
 AUDIT_LOGGER_NAME = "telemetry_guard.audit"

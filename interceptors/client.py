@@ -27,19 +27,19 @@ from typing import TYPE_CHECKING, Any, TypeAlias
 
 import grpc
 
-from interceptors.audit import AuditLog
-from interceptors.credentials import CredentialVerifier
-from interceptors.errors import GuardError, GuardRpcError, internal_error
-from interceptors.guard import (
+from telemetry_guard.interceptors.audit import AuditLog
+from telemetry_guard.interceptors.credentials import CredentialVerifier
+from telemetry_guard.interceptors.errors import GuardError, GuardRpcError, internal_error
+from telemetry_guard.interceptors.guard import (
     Guard,
     UnaryGuard,
     authorization_from,
     client_encoder,
     rpc_for_method,
 )
-from interceptors.stream import StreamGuard
-from policy import Engine, Policy
-from policy.engine import PUBLISH_USER_METADATA, RECORD_EVENT, RECORD_EVENTS
+from telemetry_guard.interceptors.stream import StreamGuard
+from telemetry_guard.policy import Engine, Policy
+from telemetry_guard.policy.engine import PUBLISH_USER_METADATA, RECORD_EVENT, RECORD_EVENTS
 from telemetrygateway.v1 import telemetrygateway_pb2 as pb
 
 

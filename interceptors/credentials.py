@@ -31,7 +31,7 @@ from typing import Any
 import grpc
 from cachetools import TTLCache
 
-from interceptors.errors import GuardError
+from telemetry_guard.interceptors.errors import GuardError
 
 RULE_INTROSPECTION = "credentials.introspection"
 RULE_SCOPE = "credentials.scope"

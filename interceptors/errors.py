@@ -15,7 +15,7 @@ from typing import Any
 import grpc
 import grpc.aio
 
-from policy import Denial
+from telemetry_guard.policy import Denial
 
 _LOG = logging.getLogger("telemetry_guard.errors")
 

@@ -23,13 +23,13 @@ from typing import Any
 
 from google.protobuf.message import DecodeError, Message
 
-from interceptors.audit import AuditLog, DecisionLines
-from interceptors.credentials import BearerPresent, CredentialVerifier
-from interceptors.errors import GuardError, evaluating, wire_error
-from policy import RPCS, Decision, Engine, Policy, default_policy
-from policy.access import bearer_token
-from policy.engine import PUBLISH_USER_METADATA, RECORD_EVENT, RECORD_EVENTS
-from policy.kinds import method_path
+from telemetry_guard.interceptors.audit import AuditLog, DecisionLines
+from telemetry_guard.interceptors.credentials import BearerPresent, CredentialVerifier
+from telemetry_guard.interceptors.errors import GuardError, evaluating, wire_error
+from telemetry_guard.policy import RPCS, Decision, Engine, Policy, default_policy
+from telemetry_guard.policy.access import bearer_token
+from telemetry_guard.policy.engine import PUBLISH_USER_METADATA, RECORD_EVENT, RECORD_EVENTS
+from telemetry_guard.policy.kinds import method_path
 from telemetrygateway.v1 import telemetrygateway_pb2 as pb
 
 Encode = Callable[[Message], Any]

@@ -27,11 +27,11 @@ from typing import Any
 
 from google.protobuf.message import Message
 
-from interceptors.acks import AckLedger
-from interceptors.errors import GuardError, internal_error, protocol_error
-from interceptors.guard import CallGuard, Encode, Guard
-from policy import Outcome
-from policy.engine import RECORD_EVENTS
+from telemetry_guard.interceptors.acks import AckLedger
+from telemetry_guard.interceptors.errors import GuardError, internal_error, protocol_error
+from telemetry_guard.interceptors.guard import CallGuard, Encode, Guard
+from telemetry_guard.policy import Outcome
+from telemetry_guard.policy.engine import RECORD_EVENTS
 from telemetrygateway.v1 import telemetrygateway_pb2 as pb
 
 

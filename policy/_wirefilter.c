@@ -819,7 +819,7 @@ static PyMethodDef records_methods[] = {
 static PySequenceMethods records_sequence = {.sq_length = (lenfunc)records_len};
 
 static PyTypeObject RecordsType = {
-    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "policy._wirefilter.Records",
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "telemetry_guard.policy._wirefilter.Records",
     .tp_basicsize = sizeof(Records),
     .tp_dealloc = (destructor)records_dealloc,
     .tp_flags = Py_TPFLAGS_DEFAULT,
@@ -1147,7 +1147,7 @@ static PyMethodDef plan_methods[] = {
 };
 
 static PyTypeObject PlanType = {
-    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "policy._wirefilter.Plan",
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "telemetry_guard.policy._wirefilter.Plan",
     .tp_basicsize = sizeof(Plan),
     .tp_dealloc = (destructor)plan_dealloc,
     .tp_flags = Py_TPFLAGS_DEFAULT,
@@ -1157,7 +1157,7 @@ static PyTypeObject PlanType = {
 };
 
 static struct PyModuleDef module = {
-    PyModuleDef_HEAD_INIT, "policy._wirefilter", "The engine's fast path for RecordEvents payloads.", -1, NULL,
+    PyModuleDef_HEAD_INIT, "telemetry_guard.policy._wirefilter", "The engine's fast path for RecordEvents payloads.", -1, NULL,
 };
 
 PyMODINIT_FUNC PyInit__wirefilter(void) {

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import grpc
 
-from policy.decision import Denial
-from policy.model import Policy
+from telemetry_guard.policy.decision import Denial
+from telemetry_guard.policy.model import Policy
 from telemetrygateway.v1 import telemetrygateway_pb2 as pb
 
 # The field that must be non-empty for each identifier kind (the gateway's checks).

@@ -37,12 +37,12 @@ import jsonschema
 from google.protobuf import json_format
 from google.protobuf.message import Message
 
-from policy import loader
-from policy.decision import Decision
-from policy.engine import Engine, Outcome
-from policy.errors import PolicyError, Problem
-from policy.kinds import RPCS
-from policy.yamlsource import Located, Path_, read
+from telemetry_guard.policy import loader
+from telemetry_guard.policy.decision import Decision
+from telemetry_guard.policy.engine import Engine, Outcome
+from telemetry_guard.policy.errors import PolicyError, Problem
+from telemetry_guard.policy.kinds import RPCS
+from telemetry_guard.policy.yamlsource import Located, Path_, read
 from telemetrygateway.v1 import telemetrygateway_pb2 as pb
 
 REQUEST_TYPES: Final[Mapping[str, type[Message]]] = {

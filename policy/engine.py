@@ -20,9 +20,9 @@ from cachetools import LRUCache
 from google.protobuf import struct_pb2
 from google.protobuf.message import Message
 
-from policy import access, fastpath, fieldpaths, validity, views
-from policy.decision import Decision, Denial, EventRecord, Removal
-from policy.model import AllowlistEntry, KindRules, Policy
+from telemetry_guard.policy import access, fastpath, fieldpaths, validity, views
+from telemetry_guard.policy.decision import Decision, Denial, EventRecord, Removal
+from telemetry_guard.policy.model import AllowlistEntry, KindRules, Policy
 from telemetrygateway.v1 import telemetrygateway_pb2 as pb
 
 M = TypeVar("M", bound=Message)

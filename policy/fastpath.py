@@ -23,12 +23,12 @@ from typing import Any, NamedTuple
 from google.protobuf import struct_pb2
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
 
-from policy.decision import EventRecord, Removal
-from policy.model import KindRules
+from telemetry_guard.policy.decision import EventRecord, Removal
+from telemetry_guard.policy.model import KindRules
 from telemetrygateway.v1 import telemetrygateway_pb2 as pb
 
 try:
-    from policy import _wirefilter
+    from telemetry_guard.policy import _wirefilter
 except ImportError:  # built without a C compiler: the Python path serves alone
     _wirefilter = None  # type: ignore[assignment]
 
@@ -160,7 +160,7 @@ def _related(a: str, b: str) -> bool:
 
 def _drop_bits(paths: Iterable[str]) -> dict[tuple[str, str], int] | None:
     """drop_fields paths as (message, field) -> bit, or None when the fast path cannot express them exactly."""
-    from policy import fieldpaths
+    from telemetry_guard.policy import fieldpaths
 
     paths = tuple(paths)
     if len(paths) > 64:

@@ -19,11 +19,11 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Final, Literal
 
-from policy import loader
-from policy.errors import PolicyError, Problem
-from policy.kinds import KINDS, SINGLE_TENANT_KINDS
-from policy.model import KindRules
-from policy.yamlsource import Located, Path_, dotted, parse, read
+from telemetry_guard.policy import loader
+from telemetry_guard.policy.errors import PolicyError, Problem
+from telemetry_guard.policy.kinds import KINDS, SINGLE_TENANT_KINDS
+from telemetry_guard.policy.model import KindRules
+from telemetry_guard.policy.yamlsource import Located, Path_, dotted, parse, read
 
 Severity = Literal["error", "warning", "note"]
 SEVERITIES: Final[tuple[Severity, ...]] = ("error", "warning", "note")

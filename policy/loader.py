@@ -19,10 +19,10 @@ from typing import Any
 
 import jsonschema
 
-from policy import fieldpaths
-from policy.errors import PolicyError, Problem
-from policy.kinds import KINDS, RPCS
-from policy.model import (
+from telemetry_guard.policy import fieldpaths
+from telemetry_guard.policy.errors import PolicyError, Problem
+from telemetry_guard.policy.kinds import KINDS, RPCS
+from telemetry_guard.policy.model import (
     Allowlist,
     AllowlistEntry,
     FeatureFilter,
@@ -33,7 +33,7 @@ from policy.model import (
     Setting,
     UserMetadataRules,
 )
-from policy.yamlsource import Located, dotted, read
+from telemetry_guard.policy.yamlsource import Located, dotted, read
 
 DEFAULT_SCOPE = "telemetry_gateway::events::publish"
 DEFAULT_REPLACEMENT = "telemetry-guard: value is not a string"
@@ -56,14 +56,14 @@ BUILTIN_PREFIX = "builtin:"
 
 @cache
 def schema(name: str) -> dict[str, Any]:
-    text = resources.files("policy").joinpath("schema", name).read_text("utf-8")
+    text = resources.files("telemetry_guard.policy").joinpath("schema", name).read_text("utf-8")
     schema: dict[str, Any] = json.loads(text)
     return schema
 
 
 def builtin_allowlist_path(name: str) -> Path:
-    """The file of a shipped allowlist (allowlists/NAME.yaml)."""
-    return Path(str(resources.files("allowlists").joinpath(f"{name}.yaml")))
+    """The file of a shipped allowlist (allowlists/NAME.yaml), by its real path (not through a link)."""
+    return Path(str(resources.files("telemetry_guard.allowlists").joinpath(f"{name}.yaml"))).resolve()
 
 
 def _digest(contents: list[bytes]) -> str:
@@ -92,8 +92,8 @@ def allowlist_path(ref: str, policy_path: Path) -> Path:
 
 
 def default_policy_path() -> Path:
-    """The policy used when none is given: the seed's rules (policy/default.yaml)."""
-    return Path(str(resources.files("policy").joinpath("default.yaml")))
+    """The policy used when none is given: the seed's rules (policy/default.yaml), by its real path."""
+    return Path(str(resources.files("telemetry_guard.policy").joinpath("default.yaml"))).resolve()
 
 
 def default_policy() -> Policy:

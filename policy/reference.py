@@ -1,6 +1,6 @@
 """The policy language reference, written from the JSON Schemas' descriptions.
 
-    python -m policy.reference > docs/policy-reference.md
+    python -m telemetry_guard.policy.reference > docs/policy-reference.md
 
 Each key is documented once, beside its definition in policy/schema/*.json; this turns
 those descriptions into the reference page, and a test keeps the page in step.
@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from policy.loader import schema as _schema
+from telemetry_guard.policy.loader import schema as _schema
 
 
 def _resolve(node: dict[str, Any], root: dict[str, Any]) -> dict[str, Any]:
@@ -54,7 +54,8 @@ def render() -> str:
     lines = [
         "# Policy language reference",
         "",
-        "Generated from `policy/schema/*.json` by `python -m policy.reference`; edit the schemas, not this page.",
+        "Generated from `policy/schema/*.json` by `python -m telemetry_guard.policy.reference`;"
+        " edit the schemas, not this page.",
         "",
     ]
     for title, name in (("Policy file", "policy.schema.json"), ("Allowlist file", "allowlist.schema.json")):

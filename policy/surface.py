@@ -19,10 +19,10 @@ from typing import Final, Literal
 
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
 
-from policy.engine import Engine
-from policy.kinds import KINDS, RPCS, SINGLE_TENANT_KINDS
-from policy.lint import display_path
-from policy.model import AllowlistEntry, FeatureFilter, KindRules, Policy
+from telemetry_guard.policy.engine import Engine
+from telemetry_guard.policy.kinds import KINDS, RPCS, SINGLE_TENANT_KINDS
+from telemetry_guard.policy.lint import display_path
+from telemetry_guard.policy.model import AllowlistEntry, FeatureFilter, KindRules, Policy
 from telemetrygateway.v1 import telemetrygateway_pb2 as pb
 
 FieldStatus = Literal["leaves", "allowlisted keys", "merged", "removed"]

@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-from policy.errors import PolicyError, Problem
+from telemetry_guard.policy.errors import PolicyError, Problem
 
 MAX_BYTES = 2 * 1024 * 1024
 MAX_DEPTH = 64

@@ -16,7 +16,7 @@ import time
 import traceback
 from typing import IO, Any
 
-from interceptors.audit import AUDIT_LOGGER_NAME, Sink
+from telemetry_guard.interceptors.audit import AUDIT_LOGGER_NAME, Sink
 
 FIELDS = "telemetry_guard"  # the LogRecord attribute holding a record's structured fields
 LEVELS = ("debug", "info", "warning", "error")

@@ -28,10 +28,10 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 from prometheus_client.exposition import generate_latest
 
-from interceptors.audit import AuditLog, Sink
-from interceptors.errors import GuardError
-from policy import Decision, Policy
-from sidecar.workers import MULTIPROC_ENV
+from telemetry_guard.interceptors.audit import AuditLog, Sink
+from telemetry_guard.interceptors.errors import GuardError
+from telemetry_guard.policy import Decision, Policy
+from telemetry_guard.sidecar.workers import MULTIPROC_ENV
 from telemetrygateway.v1 import telemetrygateway_pb2 as pb
 
 NO_KIND = "none"

@@ -24,12 +24,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from interceptors.guard import Guard
-from policy import KINDS, Engine, Policy, PolicyError, default_policy, load_policy
-from policy.access import placeholder_identifier
-from policy.loader import files_sha256
-from sidecar.logs import fields
-from sidecar.metrics import Metrics
+from telemetry_guard.interceptors.guard import Guard
+from telemetry_guard.policy import KINDS, Engine, Policy, PolicyError, default_policy, load_policy
+from telemetry_guard.policy.access import placeholder_identifier
+from telemetry_guard.policy.loader import files_sha256
+from telemetry_guard.sidecar.logs import fields
+from telemetry_guard.sidecar.metrics import Metrics
 from telemetrygateway.v1 import telemetrygateway_pb2 as pb
 
 LOG = logging.getLogger("telemetry_guard.sidecar.reload")

@@ -28,15 +28,15 @@ import grpc.aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from interceptors.credentials import BearerPresent, CredentialVerifier, TokenIntrospection
-from interceptors.guard import Guard
-from policy import Engine
-from policy.kinds import SERVICE
-from sidecar import gateway, logs
-from sidecar.forward import DEFAULT_FORWARD_METADATA, DEFAULT_WINDOW, Forwarder
-from sidecar.logs import fields
-from sidecar.metrics import Metrics, MetricsAudit, multiprocess
-from sidecar.reload import PolicyReloader
+from telemetry_guard.interceptors.credentials import BearerPresent, CredentialVerifier, TokenIntrospection
+from telemetry_guard.interceptors.guard import Guard
+from telemetry_guard.policy import Engine
+from telemetry_guard.policy.kinds import SERVICE
+from telemetry_guard.sidecar import gateway, logs
+from telemetry_guard.sidecar.forward import DEFAULT_FORWARD_METADATA, DEFAULT_WINDOW, Forwarder
+from telemetry_guard.sidecar.logs import fields
+from telemetry_guard.sidecar.metrics import Metrics, MetricsAudit, multiprocess
+from telemetry_guard.sidecar.reload import PolicyReloader
 
 LOG = logging.getLogger("telemetry_guard.sidecar")
 

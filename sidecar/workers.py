@@ -27,7 +27,7 @@ import tempfile
 from collections.abc import Callable
 from types import FrameType
 
-from sidecar.logs import fields
+from telemetry_guard.sidecar.logs import fields
 
 LOG = logging.getLogger("telemetry_guard.sidecar.workers")
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"  # prometheus_client's switch to multiprocess mode

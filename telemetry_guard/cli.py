@@ -12,8 +12,8 @@ import pkgutil
 import sys
 from collections.abc import Sequence
 
-from policy.errors import PolicyError
 from telemetry_guard import commands
+from telemetry_guard.policy.errors import PolicyError
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 

@@ -29,7 +29,7 @@ import grpc
 import grpc.aio
 from google.protobuf import struct_pb2, timestamp_pb2
 
-from policy import Policy, load_policy
+from telemetry_guard.policy import Policy, load_policy
 from telemetrygateway.v1 import telemetrygateway_pb2 as pb
 from telemetrygateway.v1 import telemetrygateway_pb2_grpc as pb_grpc
 
@@ -475,7 +475,7 @@ def exercise(
     report INTERNAL "Internal error from Core" instead of the server's status (grpc/grpc#36066),
     so the aio server is called by a sync client (in a thread) unless asked otherwise.
     """
-    from interceptors import (
+    from telemetry_guard.interceptors import (
         AsyncGuardServerInterceptor,
         GuardServerInterceptor,
         aio_client_interceptors,

@@ -10,10 +10,10 @@ import sys
 import time
 from pathlib import Path
 
-from policy import default_policy, load_policy
-from policy.cases import parse_error_text
-from policy.surface import explain
 from telemetry_guard.commands.apply import read_lines
+from telemetry_guard.policy import default_policy, load_policy
+from telemetry_guard.policy.cases import parse_error_text
+from telemetry_guard.policy.surface import explain
 from telemetrygateway.v1 import telemetrygateway_pb2 as pb
 
 ROOT = Path(__file__).resolve().parents[1]

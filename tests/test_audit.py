@@ -17,9 +17,9 @@ from typing import Any
 import pytest
 from google.protobuf import json_format
 
-from policy import Engine, default_policy, load_policy
-from policy.model import Policy
-from policy.surface import collapse, event_leaves, surface
+from telemetry_guard.policy import Engine, default_policy, load_policy
+from telemetry_guard.policy.model import Policy
+from telemetry_guard.policy.surface import collapse, event_leaves, surface
 from telemetrygateway.v1 import telemetrygateway_pb2 as pb
 
 ROOT = Path(__file__).resolve().parents[1]

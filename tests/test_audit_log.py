@@ -33,9 +33,14 @@ from grpc_harness import (
     with_unknown_field,
 )
 
-from interceptors import AUDIT_LOGGER_NAME, AsyncGuardServerInterceptor, GuardServerInterceptor, wrap_channel
-from interceptors.audit import identity
-from policy import Engine
+from telemetry_guard.interceptors import (
+    AUDIT_LOGGER_NAME,
+    AsyncGuardServerInterceptor,
+    GuardServerInterceptor,
+    wrap_channel,
+)
+from telemetry_guard.interceptors.audit import identity
+from telemetry_guard.policy import Engine
 from telemetrygateway.v1 import telemetrygateway_pb2 as pb
 
 STACKS = ("sync", "aio")

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from policy import Engine, default_policy, load_policy
-from policy.cases import CaseFileError, load_cases, output_diff, run_case, run_cases
+from telemetry_guard.policy import Engine, default_policy, load_policy
+from telemetry_guard.policy.cases import CaseFileError, load_cases, output_diff, run_case, run_cases
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "tests" / "testdata" / "compliance" / "cases"
@@ -85,7 +85,7 @@ def test_removal_specs_match_by_event_id_index_keys_and_action() -> None:
     assert run_case(engine, case).passed
     from dataclasses import replace
 
-    from policy.cases import RemovalSpec
+    from telemetry_guard.policy.cases import RemovalSpec
 
     def passes(*specs: RemovalSpec) -> bool:
         return run_case(engine, replace(case, removed=specs, expects_output=False)).passed

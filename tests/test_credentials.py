@@ -31,7 +31,7 @@ from grpc_harness import (
     record_event_request,
 )
 
-from interceptors import BearerPresent, GuardError, TokenIntrospection
+from telemetry_guard.interceptors import BearerPresent, GuardError, TokenIntrospection
 
 SCOPE = "telemetry_gateway::events::publish"
 UNAVAILABLE = grpc.StatusCode.UNAVAILABLE

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from policy import default_policy, load_policy
-from policy.surface import Change, SurfaceDiff, diff, surface
+from telemetry_guard.policy import default_policy, load_policy
+from telemetry_guard.policy.surface import Change, SurfaceDiff, diff, surface
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "tests" / "testdata" / "compliance" / "diff"

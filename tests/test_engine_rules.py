@@ -22,7 +22,7 @@ from google.protobuf import struct_pb2
 from google.protobuf.message import Message
 from google.protobuf.unknown_fields import UnknownFieldSet
 
-from policy import Decision, Denial, Engine, EventRecord, Removal, default_policy, load_policy
+from telemetry_guard.policy import Decision, Denial, Engine, EventRecord, Removal, default_policy, load_policy
 from telemetrygateway.v1 import telemetrygateway_pb2 as pb
 
 POLICIES = Path(__file__).parent / "testdata" / "policies"

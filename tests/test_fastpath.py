@@ -20,8 +20,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 from test_properties import ENGINES, SETTINGS, scenarios, varint
 
-from policy import Engine, default_policy, fastpath, load_policy
-from policy.engine import Outcome
+from telemetry_guard.policy import Engine, default_policy, fastpath, load_policy
+from telemetry_guard.policy.engine import Outcome
 from telemetrygateway.v1 import telemetrygateway_pb2 as pb
 
 POLICIES = Path(__file__).parent / "testdata" / "policies"
@@ -78,7 +78,9 @@ def took_fast_path(name: str, kind: str, data: bytes) -> bool:
 
 
 def test_the_extension_is_built() -> None:
-    assert fastpath.AVAILABLE, "policy._wirefilter is missing: `pip install -e .` builds it where gcc is present"
+    assert fastpath.AVAILABLE, (
+        "telemetry_guard.policy._wirefilter is missing: `pip install -e .` builds it where gcc is present"
+    )
 
 
 @pytest.mark.parametrize("name", sorted(NAMED))

@@ -45,7 +45,7 @@ from grpc_harness import (
     with_unknown_field,
 )
 
-from interceptors import (
+from telemetry_guard.interceptors import (
     AsyncGuardStreamStreamInterceptor,
     AsyncGuardStreamUnaryInterceptor,
     AsyncGuardUnaryStreamInterceptor,
@@ -58,7 +58,7 @@ from interceptors import (
     aio_client_interceptors,
     wrap_channel,
 )
-from policy import Engine
+from telemetry_guard.policy import Engine
 from telemetrygateway.v1 import telemetrygateway_pb2 as pb
 from telemetrygateway.v1 import telemetrygateway_pb2_grpc as pb_grpc
 

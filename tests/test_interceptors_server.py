@@ -52,8 +52,8 @@ from grpc_harness import (
 )
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from interceptors import AsyncGuardServerInterceptor, GuardServerInterceptor
-from policy import Engine, default_policy
+from telemetry_guard.interceptors import AsyncGuardServerInterceptor, GuardServerInterceptor
+from telemetry_guard.policy import Engine, default_policy
 from telemetrygateway.v1 import telemetrygateway_pb2 as pb
 from telemetrygateway.v1 import telemetrygateway_pb2_grpc as pb_grpc
 

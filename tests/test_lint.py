@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from policy.lint import RULES, describe, lint_files, sensitive_words, split_key
+from telemetry_guard.policy.lint import RULES, describe, lint_files, sensitive_words, split_key
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "tests" / "testdata" / "compliance" / "lint"

@@ -23,10 +23,10 @@ from types import MappingProxyType
 
 import pytest
 
-from policy import RPCS, Policy, PolicyError, Problem, default_policy, load_policy
-from policy.loader import default_policy_path
-from policy.model import FeatureFilter, KindRules, PrivateMetadataRule, Setting
-from policy.yamlsource import MAX_BYTES
+from telemetry_guard.policy import RPCS, Policy, PolicyError, Problem, default_policy, load_policy
+from telemetry_guard.policy.loader import default_policy_path
+from telemetry_guard.policy.model import FeatureFilter, KindRules, PrivateMetadataRule, Setting
+from telemetry_guard.policy.yamlsource import MAX_BYTES
 
 TESTDATA = Path(__file__).parent / "testdata"
 INVALID = sorted((TESTDATA / "policies" / "invalid").glob("*.yaml"))
@@ -512,7 +512,7 @@ def test_valid_testdata_policies_load() -> None:
 
 
 def test_files_sha256_tells_whether_the_files_changed_since_loading(tmp_path: Path) -> None:
-    from policy.loader import files_sha256
+    from telemetry_guard.policy.loader import files_sha256
 
     shutil.copytree(TESTDATA / "allowlists", tmp_path / "allowlists")
     policy_path = tmp_path / "policies" / "p.yaml"

@@ -68,10 +68,10 @@ def test_runtime_lower_bounds_match_the_generated_code() -> None:
 
 
 def test_policy_reference_page_is_generated_from_the_schemas() -> None:
-    from policy import reference
+    from telemetry_guard.policy import reference
 
     page = (ROOT / "docs/policy-reference.md").read_text()
-    assert page == reference.render(), "run: python -m policy.reference > docs/policy-reference.md"
+    assert page == reference.render(), "run: python -m telemetry_guard.policy.reference > docs/policy-reference.md"
     assert "`defaults.private_metadata.mode`" in page and "`entries[].reason`" in page
 
 
@@ -97,23 +97,44 @@ def test_the_wheel_ships_every_package_and_its_data(tmp_path: Path) -> None:
     (wheel,) = tmp_path.glob("telemetry_guard-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
     for required in (
-        "policy/default.yaml",
-        "policy/schema/policy.schema.json",
-        "policy/schema/allowlist.schema.json",
-        "allowlists/sourcegraph.yaml",
+        "telemetry_guard/policy/default.yaml",
+        "telemetry_guard/policy/schema/policy.schema.json",
+        "telemetry_guard/policy/schema/allowlist.schema.json",
+        "telemetry_guard/allowlists/sourcegraph.yaml",
         "telemetrygateway/v1/telemetrygateway_pb2.py",
         "telemetrygateway/v1/telemetrygateway_pb2.pyi",
         "telemetrygateway/v1/telemetrygateway_pb2_grpc.pyi",
         "telemetry_guard/commands/serve.py",
         "telemetry_guard/commands/lint.py",
         "telemetry_guard/render/sarif.py",
-        "sidecar/server.py",
-        "interceptors/server.py",
-        "policy/_wirefilter.pyi",
+        "telemetry_guard/sidecar/server.py",
+        "telemetry_guard/interceptors/server.py",
+        "telemetry_guard/policy/_wirefilter.pyi",
+        "telemetry_guard/py.typed",
     ):
         assert required in names, required
     # The C fast path, compiled by the build (a C compiler is on this project's machines).
-    assert any(name.startswith("policy/_wirefilter.") and name.endswith(".so") for name in names), sorted(names)
-    packages = {name.split("/")[0] for name in names if name.endswith(".py")}
-    on_disk = {p.parent.name for p in ROOT.glob("*/__init__.py")} - {"tests", "bench"}
-    assert on_disk <= packages | {"proto"}
+    assert any(n.startswith("telemetry_guard/policy/_wirefilter.") and n.endswith(".so") for n in names), sorted(names)
+    # One namespace: nothing at the top level of site-packages but ours and protobuf's package path.
+    top = {name.split("/")[0] for name in names}
+    dist_info = {t for t in top if t.endswith(".dist-info")}
+    assert len(dist_info) == 1 and top - dist_info == {"telemetry_guard", "telemetrygateway"}, sorted(top)
+    # Every source package is shipped under telemetry_guard/.
+    on_disk = {p.parent.name for p in ROOT.glob("*/__init__.py")} - {"tests", "bench", "telemetry_guard"}
+    shipped = {name.split("/")[1] for name in names if name.startswith("telemetry_guard/") and name.endswith(".py")}
+    assert on_disk <= shipped, on_disk - shipped
+
+
+def test_no_code_imports_a_package_outside_the_namespace() -> None:
+    """`import policy` would load a second copy of the engine from a checkout (and nothing when installed)."""
+    bare = re.compile(r"^\s*(?:from|import) (?:policy|interceptors|sidecar|allowlists)\b", flags=re.M)
+    sources = [p for p in ROOT.rglob("*.py") if not {".venv", "build"} & set(p.relative_to(ROOT).parts)]
+    sources += [ROOT / "README.md", ROOT / "deploy/Dockerfile", *ROOT.glob("docs/**/*.md")]
+    offenders = [str(p.relative_to(ROOT)) for p in sources if bare.search(p.read_text())]
+    assert not offenders
+
+
+def test_the_namespace_links_point_at_the_top_level_folders() -> None:
+    for name in ("policy", "interceptors", "sidecar", "allowlists"):
+        link = ROOT / "telemetry_guard" / name
+        assert link.is_symlink() and link.resolve() == (ROOT / name).resolve(), name

@@ -30,7 +30,7 @@ from google.protobuf.unknown_fields import UnknownFieldSet
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from policy import Engine, default_policy, load_policy
+from telemetry_guard.policy import Engine, default_policy, load_policy
 from telemetrygateway.v1 import telemetrygateway_pb2 as pb
 
 POLICIES = Path(__file__).parent / "testdata" / "policies"

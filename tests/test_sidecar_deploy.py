@@ -25,8 +25,8 @@ from typing import Any
 import yaml
 from test_sidecar_support import HOST, ROOT, free_port, serve_upstream
 
-from policy import default_policy, load_policy
 from telemetry_guard.cli import build_parser
+from telemetry_guard.policy import default_policy, load_policy
 
 DEPLOY = ROOT / "deploy"
 K8S = DEPLOY / "kubernetes"
@@ -168,8 +168,8 @@ def test_the_dockerfile_steps_build_an_image_that_serves(tmp_path: Path) -> None
     for sources, destination in _build_stage_copies():
         for name in sources:  # COPY a b ./ puts a and b in ./; COPY a ./b puts a at ./b
             target = source / destination / Path(name).name if destination.endswith("/") else source / destination
-            if (ROOT / name).is_dir():
-                shutil.copytree(ROOT / name, target, ignore=skip)
+            if (ROOT / name).is_dir():  # symlinks=True: Docker copies a link as a link
+                shutil.copytree(ROOT / name, target, ignore=skip, symlinks=True)
             else:
                 target.parent.mkdir(parents=True, exist_ok=True)
                 shutil.copy(ROOT / name, target)
@@ -186,8 +186,13 @@ def test_the_dockerfile_steps_build_an_image_that_serves(tmp_path: Path) -> None
     run = functools.partial(subprocess.run, capture_output=True, text=True, timeout=60, cwd=tmp_path, env=env)
     checks = run(_image_command("serve", "--help"))
     assert checks.returncode == 0, checks.stderr
-    checks = run([sys.executable, "-c", WHEEL_ONLY + "from policy import _wirefilter as w; print(w.__file__)"])
-    assert checks.returncode == 0 and checks.stdout.startswith(str(site / "policy")), (checks.stdout, checks.stderr)
+    checks = run(
+        [sys.executable, "-c", WHEEL_ONLY + "from telemetry_guard.policy import _wirefilter as w; print(w.__file__)"]
+    )
+    assert checks.returncode == 0 and checks.stdout.startswith(str(site / "telemetry_guard" / "policy")), (
+        checks.stdout,
+        checks.stderr,
+    )
 
     args = _dockerfile_array("CMD")
     listen, metrics = free_port(), free_port()

@@ -32,17 +32,17 @@ from hypothesis import strategies as st
 from test_properties import SETTINGS, scenarios
 from test_sidecar_support import POLICY, dropped, event, identifier, invalid, metadata, payload, sensitive
 
-from interceptors.audit import AUDIT_LOGGER_NAME, AuditLog, DecisionLines, identity
-from interceptors.errors import GuardError
-from interceptors.guard import Guard
-from interceptors.stream import StreamGuard
-from policy import Decision, Engine, default_policy, load_policy
-from policy.decision import EventRecord, Removal, clip
-from policy.engine import RECORD_EVENTS, Outcome
-from sidecar import wire
-from sidecar.forward import Forwarder
-from sidecar.logs import FIELDS, JsonFormatter
-from sidecar.metrics import Metrics, MetricsAudit, StreamTally
+from telemetry_guard.interceptors.audit import AUDIT_LOGGER_NAME, AuditLog, DecisionLines, identity
+from telemetry_guard.interceptors.errors import GuardError
+from telemetry_guard.interceptors.guard import Guard
+from telemetry_guard.interceptors.stream import StreamGuard
+from telemetry_guard.policy import Decision, Engine, default_policy, load_policy
+from telemetry_guard.policy.decision import EventRecord, Removal, clip
+from telemetry_guard.policy.engine import RECORD_EVENTS, Outcome
+from telemetry_guard.sidecar import wire
+from telemetry_guard.sidecar.forward import Forwarder
+from telemetry_guard.sidecar.logs import FIELDS, JsonFormatter
+from telemetry_guard.sidecar.metrics import Metrics, MetricsAudit, StreamTally
 from telemetrygateway.v1 import telemetrygateway_pb2 as pb
 
 
@@ -220,7 +220,7 @@ def configured_logs() -> Any:
     """sidecar.logs.configure() into a StringIO, everything it changes in logging put back after."""
     import io
 
-    from sidecar import logs
+    from telemetry_guard.sidecar import logs
 
     root = logging.getLogger()
     saved = (
@@ -249,7 +249,7 @@ def configured_logs() -> Any:
 
 def test_the_audit_sink_writes_the_lines_logging_writes(engine: Engine, configured_logs: Any) -> None:
     """The sidecar's audit trail skips logging's machinery, not a character of its lines."""
-    from sidecar import logs
+    from telemetry_guard.sidecar import logs
 
     sink = logs.audit_sink()
     assert sink is not None
@@ -430,7 +430,7 @@ def test_forwarder_writes_and_counts_events_payloads_as_metrics_audit_does(
 ) -> None:
     """The same lines and counters by either way: MetricsAudit.record (count and write at once), or the
     forwarder's (line before the payload leaves, counters once it is written)."""
-    from sidecar import logs
+    from telemetry_guard.sidecar import logs
 
     logging.getLogger().setLevel(level.upper())
     requests = [

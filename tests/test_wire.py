@@ -22,7 +22,7 @@ from google.protobuf import descriptor_pb2
 from google.protobuf.message import Message
 from google.protobuf.unknown_fields import UnknownFieldSet
 
-from policy.kinds import RPCS, method_path
+from telemetry_guard.policy.kinds import RPCS, method_path
 from telemetrygateway.v1 import telemetrygateway_pb2 as pb
 from telemetrygateway.v1 import telemetrygateway_pb2_grpc as pb_grpc
 
@@ -576,7 +576,7 @@ def test_oneof_empty_member_is_still_set(name: str) -> None:
 
 
 def test_identifier_kinds_in_number_order_match_policy_kinds() -> None:
-    from policy.kinds import KINDS
+    from telemetry_guard.policy.kinds import KINDS
 
     assert [field for field, _n, _t in SPEC["Identifier"]] == list(KINDS)
     assert [fd.name for fd in pb.Identifier.DESCRIPTOR.oneofs_by_name["identifier"].fields] == list(KINDS)

@@ -12,10 +12,10 @@ from typing import IO, Any
 
 from google.protobuf import json_format
 
-from policy import access
-from policy.cases import REQUEST_TYPES, apply_request, parse_error_text, stream_identifier, to_json
-from policy.engine import Engine
-from policy.kinds import KINDS, RPCS
+from telemetry_guard.policy import access
+from telemetry_guard.policy.cases import REQUEST_TYPES, apply_request, parse_error_text, stream_identifier, to_json
+from telemetry_guard.policy.engine import Engine
+from telemetry_guard.policy.kinds import KINDS, RPCS
 from telemetry_guard.render.common import EXIT_OK, EXIT_USAGE, POLICY_HELP, add_parser, fail, load_policy_arg
 from telemetrygateway.v1 import telemetrygateway_pb2 as pb
 

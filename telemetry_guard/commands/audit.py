@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from policy.surface import surface
+from telemetry_guard.policy.surface import surface
 from telemetry_guard.render.common import EXIT_OK, POLICY_HELP, add_output, add_parser, load_policy_arg, write_or_fail
 from telemetry_guard.render.html import surface_html
 from telemetry_guard.render.jsonfmt import surface_json

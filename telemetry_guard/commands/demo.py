@@ -24,7 +24,7 @@ from google.protobuf import json_format
 from google.protobuf.message import Message
 from google.protobuf.unknown_fields import UnknownFieldSet
 
-from policy import Engine, validity
+from telemetry_guard.policy import Engine, validity
 from telemetry_guard.sample import Call, calls
 from telemetrygateway.v1 import telemetrygateway_pb2 as pb
 from telemetrygateway.v1 import telemetrygateway_pb2_grpc as pb_grpc
@@ -257,8 +257,8 @@ def _show(
 
 
 async def _demo(policy: str | None, full: bool) -> int:
-    from interceptors.audit import AUDIT_LOGGER_NAME
-    from sidecar.server import Config, Sidecar
+    from telemetry_guard.interceptors.audit import AUDIT_LOGGER_NAME
+    from telemetry_guard.sidecar.server import Config, Sidecar
 
     logging.getLogger("telemetry_guard.sidecar").setLevel(logging.ERROR)
     received: list[tuple[str, Message]] = []

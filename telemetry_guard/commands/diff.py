@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from policy.surface import diff, surface
+from telemetry_guard.policy.surface import diff, surface
 from telemetry_guard.render.common import EXIT_FAILED, EXIT_OK, add_output, add_parser, load_policy_arg, write_or_fail
 from telemetry_guard.render.jsonfmt import diff_json
 from telemetry_guard.render.markdown import diff_markdown

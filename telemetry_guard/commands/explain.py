@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from policy.kinds import KINDS
-from policy.surface import explain
+from telemetry_guard.policy.kinds import KINDS
+from telemetry_guard.policy.surface import explain
 from telemetry_guard.render.common import EXIT_OK, POLICY_HELP, add_output, add_parser, load_policy_arg, write_or_fail
 from telemetry_guard.render.jsonfmt import explain_json
 from telemetry_guard.render.text import explain_text

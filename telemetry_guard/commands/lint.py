@@ -6,7 +6,7 @@ import argparse
 import json
 from typing import Any
 
-from policy.lint import RULES, lint_files
+from telemetry_guard.policy.lint import RULES, lint_files
 from telemetry_guard.render.common import EXIT_OK, add_output, add_parser, fail, write_or_fail
 from telemetry_guard.render.jsonfmt import lint_json
 from telemetry_guard.render.sarif import lint_sarif

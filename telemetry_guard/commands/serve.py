@@ -38,7 +38,7 @@ def _seconds(text: str) -> float:
 
 
 def register(sub: Any) -> None:
-    from sidecar.logs import LEVELS  # the sidecar is imported lazily: see run()
+    from telemetry_guard.sidecar.logs import LEVELS  # the sidecar is imported lazily: see run()
 
     parser = sub.add_parser(
         "serve",
@@ -130,7 +130,7 @@ def register(sub: Any) -> None:
 
 
 def _config(args: argparse.Namespace) -> Any:
-    from sidecar.server import Config, split_host_port
+    from telemetry_guard.sidecar.server import Config, split_host_port
 
     for name in ("listen", "upstream", "metrics_listen"):
         value = getattr(args, name)
@@ -174,7 +174,7 @@ def _config(args: argparse.Namespace) -> Any:
 def run(args: argparse.Namespace) -> int:
     # Imports here, not at the top: the CLI imports every command to build its parser, and
     # --workers must switch prometheus_client to multiprocess mode before any metric exists.
-    from sidecar import logs
+    from telemetry_guard.sidecar import logs
 
     try:
         config = _config(args)
@@ -186,9 +186,9 @@ def run(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     if config.workers == 1:
         return _serve(config, reuse_port=False)
-    from sidecar import workers
-    from sidecar.reload import load_validated
-    from sidecar.server import split_host_port
+    from telemetry_guard.sidecar import workers
+    from telemetry_guard.sidecar.reload import load_validated
+    from telemetry_guard.sidecar.server import split_host_port
 
     load_validated(config.policy)  # fail before forking: PolicyError is reported by the CLI
     host, port = split_host_port(config.listen)
@@ -199,13 +199,13 @@ def run(args: argparse.Namespace) -> int:
 def _worker(config: Any, host: str, port: int) -> int:
     from dataclasses import replace
 
-    from sidecar.server import join_host_port
+    from telemetry_guard.sidecar.server import join_host_port
 
     return _serve(replace(config, listen=join_host_port(host, port)), reuse_port=True)
 
 
 def _serve(config: Any, *, reuse_port: bool) -> int:
-    from sidecar.server import Sidecar
+    from telemetry_guard.sidecar.server import Sidecar
 
     async def main() -> int:
         return await Sidecar(config, reuse_port=reuse_port).run()

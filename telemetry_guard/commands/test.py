@@ -6,8 +6,8 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from policy.cases import Case, CaseFileError, load_cases, run_cases
-from policy.engine import Engine
+from telemetry_guard.policy.cases import Case, CaseFileError, load_cases, run_cases
+from telemetry_guard.policy.engine import Engine
 from telemetry_guard.render.common import (
     EXIT_FAILED,
     EXIT_OK,

@@ -8,9 +8,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from policy.errors import PolicyError
-from policy.loader import default_policy, load_policy
-from policy.model import Policy
+from telemetry_guard.policy.errors import PolicyError
+from telemetry_guard.policy.loader import default_policy, load_policy
+from telemetry_guard.policy.model import Policy
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from html import escape
 
-from policy.surface import Surface
+from telemetry_guard.policy.surface import Surface
 from telemetry_guard.render.report import Block, Text, surface_blocks
 
 _STYLE = """

@@ -7,9 +7,9 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
-from policy.cases import CaseFileResult
-from policy.lint import LintReport
-from policy.surface import Explanation, Surface, SurfaceDiff
+from telemetry_guard.policy.cases import CaseFileResult
+from telemetry_guard.policy.lint import LintReport
+from telemetry_guard.policy.surface import Explanation, Surface, SurfaceDiff
 
 
 def dumps(data: Any) -> str:

@@ -6,7 +6,7 @@ import xml.etree.ElementTree as ET
 from collections.abc import Sequence
 from pathlib import Path
 
-from policy.cases import CaseFileResult
+from telemetry_guard.policy.cases import CaseFileResult
 
 
 def junit_xml(results: Sequence[CaseFileResult], policy: str) -> str:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from policy.surface import Surface, SurfaceDiff
+from telemetry_guard.policy.surface import Surface, SurfaceDiff
 from telemetry_guard.render.report import Block, Text, diff_blocks, surface_blocks
 
 

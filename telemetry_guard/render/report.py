@@ -9,8 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from policy.lint import display_path
-from policy.surface import FieldRule, Surface, SurfaceDiff, collapse
+from telemetry_guard.policy.lint import display_path
+from telemetry_guard.policy.surface import FieldRule, Surface, SurfaceDiff, collapse
 
 Style = Literal["", "code", "strong", "removed", "leaves", "partial"]
 Fragment = tuple[str, Style]

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from policy.cases import CaseFileResult
-from policy.lint import LintReport, display_path
-from policy.surface import Explanation, SurfaceDiff
+from telemetry_guard.policy.cases import CaseFileResult
+from telemetry_guard.policy.lint import LintReport, display_path
+from telemetry_guard.policy.surface import Explanation, SurfaceDiff
 
 
 def _place(file: str, line: int, column: int) -> str:
