@@ -22,7 +22,7 @@ from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from telemetry_guard.policy.engine import Engine
 from telemetry_guard.policy.kinds import KINDS, RPCS, SINGLE_TENANT_KINDS
 from telemetry_guard.policy.lint import display_path
-from telemetry_guard.policy.model import AllowlistEntry, FeatureFilter, KindRules, Policy
+from telemetry_guard.policy.model import AllowlistEntry, FeatureFilter, KindRules, Override, Policy
 from telemetrygateway.v1 import telemetrygateway_pb2 as pb
 
 FieldStatus = Literal["leaves", "allowlisted keys", "merged", "removed"]
@@ -135,6 +135,37 @@ class UserMetadataSurface:
 
 
 @dataclass(frozen=True, slots=True)
+class OverrideSurface:
+    """One override: whom it matches, what its identifier may send, and how that differs from its kind.
+
+    changes: the kind's surface compared with the override's, as diff compares two policies; the
+    override widens when one of them is widening.
+    """
+
+    name: str
+    rule: str  # overrides.NAME
+    kind: str
+    match: tuple[tuple[str, str], ...]
+    verified: bool  # matched on the license key fingerprint
+    origin: str
+    description: str
+    surface: KindSurface
+    changes: tuple[Change, ...]
+
+    @property
+    def widening(self) -> tuple[Change, ...]:
+        return tuple(c for c in self.changes if c.direction == "widening")
+
+    @property
+    def narrowing(self) -> tuple[Change, ...]:
+        return tuple(c for c in self.changes if c.direction == "narrowing")
+
+    @property
+    def match_text(self) -> str:
+        return ", ".join(f"{name} = {value}" for name, value in self.match)
+
+
+@dataclass(frozen=True, slots=True)
 class Surface:
     name: str
     sha256: str
@@ -142,9 +173,13 @@ class Surface:
     credentials_scope: str
     kinds: tuple[KindSurface, ...]
     user_metadata: UserMetadataSurface
+    overrides: tuple[OverrideSurface, ...] = ()
 
     def kind(self, name: str) -> KindSurface:
         return next(k for k in self.kinds if k.kind == name)
+
+    def override(self, name: str) -> OverrideSurface | None:
+        return next((o for o in self.overrides if o.name == name), None)
 
 
 # -- Event fields ----------------------------------------------------------------------------
@@ -249,11 +284,13 @@ def collapse(fields: Sequence[FieldRule], label: Callable[[FieldRule], object] |
 # -- surface -------------------------------------------------------------------------------
 
 
-def _access(policy: Policy, kind: str) -> tuple[RpcAccess, ...]:
+def _access(policy: Policy, kind: str, override: Override | None = None) -> tuple[RpcAccess, ...]:
     out = []
     for rpc in RPCS:
         allowed = kind in policy.access[rpc]
         rule = f"access.{rpc}"
+        if override is not None and override.access is not None:
+            allowed, rule = rpc in override.access.value, override.access.rule
         if allowed and rpc == "PublishInstanceUserMetadata" and not policy.user_metadata.enabled:
             allowed, rule = False, f"{policy.user_metadata.rule}.enabled"
         out.append(RpcAccess(rpc, allowed, rule, kind in policy.credentials_required))
@@ -279,44 +316,66 @@ def _private(policy: Policy, rules: KindRules) -> PrivateMetadataSurface:
     return PrivateMetadataSurface(pm.mode, pm.rule, pm.non_string, pm.replacement, types)
 
 
+def _kind_surface(policy: Policy, rules: KindRules, override: Override | None = None) -> KindSurface:
+    kind = rules.kind
+    return KindSurface(
+        kind=kind,
+        single_tenant=kind in SINGLE_TENANT_KINDS,
+        access=_access(policy, kind, override),
+        credentials_required=kind in policy.credentials_required,
+        fields=_field_rules(rules),
+        private_metadata=_private(policy, rules),
+        events=rules.events,
+        settings=tuple(
+            NamedSetting(name, str(setting.value), setting.rule)
+            for name, setting in (
+                ("marketing_tracking", rules.marketing_tracking),
+                ("unknown_fields", rules.unknown_fields),
+                ("invalid_events", rules.invalid_events),
+                ("legacy_metadata", rules.legacy_metadata),
+            )
+        ),
+    )
+
+
+def _override_surface(policy: Policy, override: Override, kind: KindSurface) -> OverrideSurface:
+    own = _kind_surface(policy, override.rules, override)
+    return OverrideSurface(
+        name=override.name,
+        rule=override.key,
+        kind=override.kind,
+        match=override.match,
+        verified=override.verified,
+        origin=str(override.origin),
+        description=override.description,
+        surface=own,
+        changes=tuple(_tagged(_kind_changes(kind, own), override.name)),
+    )
+
+
+def _tagged(changes: Iterable[Change], override: str) -> list[Change]:
+    return [dataclasses.replace(c, override=override) for c in changes]
+
+
 def surface(policy: Policy) -> Surface:
     """The export surface of a loaded policy."""
-    kinds = []
-    for kind in KINDS:
-        rules = policy.kinds[kind]
-        kinds.append(
-            KindSurface(
-                kind=kind,
-                single_tenant=kind in SINGLE_TENANT_KINDS,
-                access=_access(policy, kind),
-                credentials_required=kind in policy.credentials_required,
-                fields=_field_rules(rules),
-                private_metadata=_private(policy, rules),
-                events=rules.events,
-                settings=tuple(
-                    NamedSetting(name, str(setting.value), setting.rule)
-                    for name, setting in (
-                        ("marketing_tracking", rules.marketing_tracking),
-                        ("unknown_fields", rules.unknown_fields),
-                        ("invalid_events", rules.invalid_events),
-                        ("legacy_metadata", rules.legacy_metadata),
-                    )
-                ),
-            )
-        )
+    kinds = tuple(_kind_surface(policy, policy.kinds[kind]) for kind in KINDS)
+    by_kind = {k.kind: k for k in kinds}
+    overrides = tuple(_override_surface(policy, o, by_kind[o.kind]) for o in policy.overrides)
     um = policy.user_metadata
     return Surface(
         name=policy.name,
         sha256=policy.sha256,
         files=policy.files,
         credentials_scope=policy.credentials_scope,
-        kinds=tuple(kinds),
+        kinds=kinds,
         user_metadata=UserMetadataSurface(
             enabled=um.enabled,
             rule=um.rule,
             user_fields=tuple(FieldChoice(n, um.enabled and n in um.user_fields) for n in _USER_FIELDS),
             organization_fields=tuple(FieldChoice(n, um.enabled and n in um.organization_fields) for n in _ORG_FIELDS),
         ),
+        overrides=overrides,
     )
 
 
@@ -325,7 +384,8 @@ def surface(policy: Policy) -> Surface:
 
 @dataclass(frozen=True, order=True, slots=True)
 class Change:
-    """One difference between two surfaces. kind is "" for what applies to every kind."""
+    """One difference between two surfaces. kind is "" for what applies to every kind; override names
+    the override whose identifier it concerns ("" for the kind's own rules)."""
 
     direction: Direction
     kind: str
@@ -333,6 +393,14 @@ class Change:
     subject: str
     old: str
     new: str
+    override: str = ""
+
+    @property
+    def who(self) -> str:
+        """Whom the change concerns, for reports: a kind, an override of it, or every kind."""
+        if self.override:
+            return f"{self.kind} matched by overrides.{self.override}"
+        return self.kind or "every kind"
 
 
 @dataclass(frozen=True)
@@ -548,6 +616,38 @@ def _kind_changes(old: KindSurface, new: KindSurface) -> list[Change]:
     return out
 
 
+def _override_changes(old: Surface, new: Surface) -> list[Change]:
+    """What changes for the identifiers an override matches, old or new: each compared with what they got
+    before (the old override, or their kind's old rules) and get now (the new override, or their kind's)."""
+    out: list[Change] = []
+    for name in dict.fromkeys([o.name for o in (*old.overrides, *new.overrides)]):
+        was, now = old.override(name), new.override(name)
+        moved = was is not None and now is not None and was.kind != now.kind
+        for before, after in [(was, None), (None, now)] if moved else [(was, now)]:
+            out += _one_override(old, new, name, before, after)
+    return out
+
+
+def _one_override(
+    old: Surface, new: Surface, name: str, was: OverrideSurface | None, now: OverrideSurface | None
+) -> list[Change]:
+    known = now or was
+    if known is None:
+        return []
+    kind = known.kind
+    out: list[Change] = []
+    if was is None or now is None:
+        state = (
+            ("absent", f"added ({known.match_text})") if was is None else (f"present ({known.match_text})", "removed")
+        )
+        out.append(Change("changed", kind, "override", name, *state, override=name))
+    elif was.match != now.match:
+        out.append(Change("changed", kind, "override", f"{name} match", was.match_text, now.match_text, name))
+    before = was.surface if was is not None else old.kind(kind)
+    after = now.surface if now is not None else new.kind(kind)
+    return out + _tagged(_kind_changes(before, after), name)
+
+
 # Settings compared by value: (name, what it governs, values from narrow to wide; () = neither).
 _ORDERED_SETTINGS: Final = (
     ("unknown_fields", "field numbers this proto does not know", ("discard", "keep")),
@@ -586,6 +686,7 @@ def diff(old: Surface, new: Surface) -> SurfaceDiff:
     )
     if old.credentials_scope != new.credentials_scope:
         changes.append(Change("changed", "", "credentials", "scope", old.credentials_scope, new.credentials_scope))
+    changes += _override_changes(old, new)
     order = {"widening": 0, "narrowing": 1, "changed": 2}
     changes.sort(key=lambda c: (order[c.direction], KINDS.index(c.kind) if c.kind else len(KINDS)))
     return SurfaceDiff(old, new, tuple(changes))

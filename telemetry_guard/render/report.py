@@ -297,7 +297,7 @@ def diff_blocks(result: SurfaceDiff) -> list[Block]:
         if not changes:
             continue
         rows = tuple(
-            (text(c.kind or "every kind"), text(c.area), text((c.subject, "code")), text(c.old), text(c.new))
+            (text(c.who), text(c.area), text((c.subject, "code")), text(c.old), text(c.new))
             for c in changes
         )
         blocks.append(Block(title, table=Table(("kind", "area", "what", "before", "after"), rows)))

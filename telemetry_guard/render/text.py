@@ -46,7 +46,7 @@ def diff_text(result: SurfaceDiff) -> str:
             continue
         lines.append(f"\n{title} ({len(changes)}):")
         for c in changes:
-            who = c.kind or "every kind"
+            who = c.who
             lines.append(f"  {who}: {c.area}: {c.subject}: {c.old} -> {c.new}")
     return "\n".join(lines) + "\n"
 
