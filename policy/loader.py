@@ -24,11 +24,11 @@ from telemetry_guard.policy import fieldpaths
 from telemetry_guard.policy.errors import PolicyError, Problem
 from telemetry_guard.policy.kinds import KINDS, RPCS
 from telemetry_guard.policy.model import (
+    MATCH_FIELDS,
+    MATCH_FINGERPRINT,
     Allowlist,
     AllowlistEntry,
     FeatureFilter,
-    MATCH_FIELDS,
-    MATCH_FINGERPRINT,
     KindRules,
     Origin,
     Override,
@@ -351,8 +351,7 @@ def compile_overrides(doc: Located, kinds: dict[str, KindRules]) -> tuple[tuple[
                 problems.append(
                     doc.problem(
                         (*here, "match", field),
-                        f"{kind} identifiers have no field {field!r}; "
-                        f"match on one of: {', '.join(MATCH_FIELDS[kind])}",
+                        f"{kind} identifiers have no field {field!r}; match on one of: {', '.join(MATCH_FIELDS[kind])}",
                     )
                 )
         for i, path in enumerate(raw.get("drop_fields", [])):

@@ -714,15 +714,37 @@ class Explanation:
     action: str
     leaves: bool  # whether an event of this type can leave at all
     steps: tuple[Step, ...]
+    override: str = ""  # the override whose rules the caller gets (its name), "" for the kind's own
 
 
-def explain(policy: Policy, kind: str, feature: str, action: str, engine: Engine | None = None) -> Explanation:
-    """Which rules an event of (kind, feature, action) meets, in the order the engine applies them."""
+def explain(
+    policy: Policy,
+    kind: str,
+    feature: str,
+    action: str,
+    engine: Engine | None = None,
+    *,
+    override: str | None = None,
+) -> Explanation:
+    """Which rules an event of (kind, feature, action) meets, in the order the engine applies them.
+
+    override: for a caller the policy's override of that name matches (it must be of kind).
+    """
     engine = engine or Engine(policy)
-    etype = engine.event_type(kind, feature, action)
-    rules = policy.kinds[kind]
-    kind_surface = surface(policy).kind(kind)
     steps: list[Step] = []
+    found = next((o for o in policy.overrides if o.name == override), None) if override else None
+    if override and (found is None or found.kind != kind):
+        raise ValueError(f"the policy has no override {override!r} for {kind}")
+    if found is None:
+        etype = engine.event_type(kind, feature, action)
+        rules = policy.kinds[kind]
+        kind_surface = surface(policy).kind(kind)
+    else:
+        etype = engine.event_type(found.key, feature, action)
+        rules = found.rules
+        kind_surface = _kind_surface(policy, rules, found)
+        how = ", ".join(f"{name} = {value}" for name, value in found.match)
+        steps.append(Step("override", f"the rules of {found.key} apply", f"{found.key}.match", how))
     for rpc in kind_surface.access:
         if rpc.rpc not in EVENT_RPCS:
             continue
@@ -767,7 +789,9 @@ def explain(policy: Policy, kind: str, feature: str, action: str, engine: Engine
     untouched = [f.path for f in collapse(kind_surface.fields) if f.status == "leaves" and not f.rule]
     steps.append(Step("other fields", "leave as sent", "", ", ".join(untouched)))
     leaves = kind_surface.sends_events and etype.dropped_by is None and not (etype.invalid and invalid.value == "drop")
-    return Explanation(policy.name, policy.sha256, kind, feature, action, leaves, tuple(steps))
+    return Explanation(
+        policy.name, policy.sha256, kind, feature, action, leaves, tuple(steps), "" if found is None else found.name
+    )
 
 
 def _private_step(rules: KindRules, entry: AllowlistEntry | None) -> Step:

@@ -53,7 +53,9 @@ def diff_text(result: SurfaceDiff) -> str:
 
 def explain_text(e: Explanation) -> str:
     lines = [
-        f"event type {e.feature}/{e.action} from a {e.kind} caller, under {e.policy} (sha256 {e.sha256[:12]})",
+        f"event type {e.feature}/{e.action} from a {e.kind} caller"
+        + (f" matched by overrides.{e.override}" if e.override else "")
+        + f", under {e.policy} (sha256 {e.sha256[:12]})",
         f"can it leave at all: {'yes' if e.leaves else 'no'}",
         "",
     ]
