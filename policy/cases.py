@@ -4,7 +4,9 @@ A cases file holds named cases. Each gives an input - the RPC, the caller's
 identifier (and authorization header), the request message as protobuf JSON - and
 expectations about what the engine does with it: the exact message that leaves,
 removals that must happen (a case can assert that something was removed), the events
-dropped, or the denial code. Cases run on the same Engine as the interceptors.
+dropped, or the denial code, or the override whose rules applied. Cases run on the same
+Engine as the interceptors; `override: NAME` runs a case as if its identifier matched that
+override (one matched on a license key fingerprint: a cases file never holds the key).
 
     version: 1
     cases:

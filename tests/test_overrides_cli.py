@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
 import pytest
+from test_cli_errors import cli
 from test_sidecar_support import (
     FORWARD_TAG,
     ServedUpstream,
@@ -27,17 +26,6 @@ ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "docs" / "examples"
 GATEWAY = EXAMPLES / "gateway.yaml"
 ACME = "5a3c9e52-acme-0000-0000-000000000001"
-
-
-def cli(*args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "telemetry_guard", *args],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        timeout=60,
-        input=stdin,
-    )
 
 
 # -- the compliance commands ------------------------------------------------------------------------
