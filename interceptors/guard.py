@@ -209,10 +209,17 @@ class CallGuard:
         )
 
     def decision_lines(self) -> DecisionLines:
-        """The audit template of this call's decisions (made again if the identifier or request_id changed)."""
+        """The audit template of this call's decisions (made anew when identifier, request_id or override change)."""
         lines = self._lines
-        if lines is None or lines.identifier is not self.identifier or lines.request_id != self.request_id:
-            lines = self._lines = DecisionLines(self.guard.side, self.rpc, self.identifier, self.request_id)
+        if (
+            lines is None
+            or lines.identifier is not self.identifier
+            or lines.request_id != self.request_id
+            or lines.override != self.override
+        ):
+            lines = self._lines = DecisionLines(
+                self.guard.side, self.rpc, self.identifier, self.request_id, self.override
+            )
         return lines
 
     def _scope(self) -> str:

@@ -191,3 +191,12 @@ def test_the_sidecar_applies_an_override_per_stream(sidecar: Sidecar, upstream: 
     acme.unlicensed_instance.instance_id = ACME
     forwarded = send("acme", acme, event("a1", feature="cody.chat"), event("a2", feature="search", action="submitted"))
     assert [e.id for e in forwarded] == ["a1"]
+
+    # The audit trail says which override's rules applied to each payload, and only for its streams.
+    payloads = [r for r in sidecar.logs(audit="decision") if r.get("events_in")]
+    assert sorted((r.get("override", ""), r["events_in"], r["events_out"]) for r in payloads) == [
+        ("", 1, 1),
+        ("acme-cody-only", 2, 1),
+        ("sourcegraph-com", 1, 1),
+    ], payloads
+    assert DOTCOM_KEY not in sidecar.log_text()
