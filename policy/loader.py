@@ -62,6 +62,8 @@ FINGERPRINT_HINT = (
     '(printf %s "$KEY" | sha256sum); the key itself is never written in a policy'
 )
 
+EMPTY_KEY_FINGERPRINT = hashlib.sha256(b"").hexdigest()
+
 # The keys an override may set that replace a kind rule (access is its own).
 OVERRIDE_RULE_KEYS = (
     "marketing_tracking",
@@ -354,6 +356,13 @@ def compile_overrides(doc: Located, kinds: dict[str, KindRules]) -> tuple[tuple[
                         f"{kind} identifiers have no field {field!r}; match on one of: {', '.join(MATCH_FIELDS[kind])}",
                     )
                 )
+        if match.get(MATCH_FINGERPRINT) == EMPTY_KEY_FINGERPRINT:
+            problems.append(
+                doc.problem(
+                    (*here, "match", MATCH_FINGERPRINT),
+                    "this is the fingerprint of an empty license key, which no licensed instance sends",
+                )
+            )
         for i, path in enumerate(raw.get("drop_fields", [])):
             resolved = fieldpaths.resolve(path)
             if isinstance(resolved, str):

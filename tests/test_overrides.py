@@ -117,6 +117,12 @@ def test_a_value_that_is_not_a_fingerprint_is_refused_without_being_echoed(tmp_p
     assert "CLEAR-LICENSE-KEY" not in text
 
 
+def test_the_fingerprint_of_an_empty_key_is_refused(tmp_path: Path) -> None:
+    empty = hashlib.sha256(b"").hexdigest()
+    text = problems(tmp_path, f"  a:\n    match: {{kind: licensed_instance, license_key_sha256: '{empty}'}}\n")
+    assert at(FIRST + 1) in text and "the fingerprint of an empty license key" in text
+
+
 def test_the_license_key_itself_is_not_a_match_field(tmp_path: Path) -> None:
     text = problems(tmp_path, "  a:\n    match: {kind: licensed_instance, license_key: CLEAR-KEY}\n")
     assert "overrides.a.match.license_key: unknown key 'license_key'" in text
