@@ -72,10 +72,10 @@ _RULES: Final = (
     ),
     Rule(
         "duplicate-entry",
-        "error",
+        "warning",
         "The same allowlist entry (feature, action, keys) is written twice.",
-        "Keep one of them; the loader refuses a policy whose allowlists repeat an event type.",
-        False,
+        "Keep one of them. The policy loads (the repeat changes nothing), so that a list can be used as "
+        "published: Sourcegraph's own lists cody.fixup.user twice.",
     ),
     Rule(
         "conflicting-entry",
@@ -323,9 +323,7 @@ def _from_problem(problem: Problem, rule: str, schema_name: str = "") -> Finding
 
 def _classify(problem: Problem, policy_file: str) -> Finding:
     """A loader problem as a finding with the most specific rule id."""
-    if "duplicate allowlist entry" in problem.message:
-        rule = "duplicate-entry"
-    elif "conflicting allowlist entry" in problem.message:
+    if "conflicting allowlist entry" in problem.message:
         rule = "conflicting-entry"
     elif problem.key.startswith("allowlists[") and "not found" in problem.message:
         rule = "missing-allowlist"
@@ -382,16 +380,20 @@ def _entry_finding(entry: _Entry, rule: str, message: str, path: Path_ = ()) -> 
     return Finding(entry.doc.file, line, column, rule, RULES[rule].severity, message, RULES[rule].help)
 
 
-def _lint_entries(entries: Sequence[_Entry], check_duplicates: bool) -> list[Finding]:
-    """Rules over one combined allowlist (the files of one policy, in order; first entry wins)."""
+def _lint_entries(entries: Sequence[_Entry], check_conflicts: bool) -> list[Finding]:
+    """Rules over one combined allowlist (the files of one policy, in order; first entry wins).
+
+    check_conflicts: report conflicting entries (a policy's are load errors, reported by the loader).
+    """
     findings: list[Finding] = []
     first: dict[tuple[str, str], _Entry] = {}
     for entry in entries:
         earlier = first.get((entry.feature, entry.action))
         if earlier is None:
             first[(entry.feature, entry.action)] = entry
-        elif check_duplicates:
-            what = "duplicate" if set(earlier.keys) == set(entry.keys) else "conflicting"
+            continue
+        what = "duplicate" if set(earlier.keys) == set(entry.keys) else "conflicting"
+        if what == "duplicate" or check_conflicts:
             findings.append(
                 _entry_finding(
                     entry,
@@ -633,7 +635,7 @@ def _lint_policy(item: _Input, doc: Located) -> _PolicyResult:
         listed = _allowlist_doc(file) if file.is_file() else None
         if listed is not None:
             entries.extend(_entries(listed))
-    own += _lint_entries(entries, check_duplicates=False)  # the loader reported duplicates above
+    own += _lint_entries(entries, check_conflicts=False)  # the loader reported conflicts above
     findings.extend(_acknowledge(doc, own))
     return _PolicyResult(findings, files)
 
@@ -642,7 +644,7 @@ def _lint_allowlist(doc: Located) -> list[Finding]:
     problems = loader.schema_problems(doc, "allowlist.schema.json")
     if problems:
         return [_from_problem(p, "load-error", "allowlist.schema.json") for p in problems]
-    return _lint_entries(_entries(doc), check_duplicates=True)
+    return _lint_entries(_entries(doc), check_conflicts=True)
 
 
 def _is_allowlist_file(path: Path) -> bool:
