@@ -269,6 +269,13 @@ def compile_kinds(doc: Located) -> tuple[dict[str, KindRules], list[Problem]]:
             problems.append(
                 doc.problem((*section.split("."), "private_metadata"), "non_string: replace needs a replacement string")
             )
+        elif "replacement" in pm and pm.get("non_string") != "replace":
+            problems.append(
+                doc.problem(
+                    (*section.split("."), "private_metadata", "replacement"),
+                    f"replacement applies only to non_string: replace, not {pm.get('non_string', 'drop')}",
+                )
+            )
 
     compiled: dict[str, KindRules] = {}
     for kind in KINDS:

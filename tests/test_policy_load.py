@@ -317,7 +317,7 @@ def test_default_policy_compiles_to_the_seed_rules() -> None:
         kind: shared(
             kind,
             ("drop", f"kinds.{kind}.marketing_tracking"),
-            ("allowlist", "drop", REPLACEMENT, f"kinds.{kind}.private_metadata"),
+            ("allowlist", "sourcegraph-marker", REPLACEMENT, f"kinds.{kind}.private_metadata"),
         )
         for kind in ("licensed_instance", "unlicensed_instance")
     }
