@@ -23,6 +23,7 @@ from telemetry_guard.policy import loader
 from telemetry_guard.policy.errors import PolicyError, Problem
 from telemetry_guard.policy.kinds import KINDS, SINGLE_TENANT_KINDS
 from telemetry_guard.policy.model import KindRules
+from telemetry_guard.policy.sourcegraph_env import awaits_review
 from telemetry_guard.policy.yamlsource import Located, Path_, dotted, parse, read
 
 Severity = Literal["error", "warning", "note"]
@@ -144,6 +145,14 @@ _RULES: Final = (
         "warning",
         "PublishInstanceUserMetadata exports a personal field (username, primary_email).",
         "Export these only for customers who asked for the analytics features that need them.",
+    ),
+    Rule(
+        "entry-awaiting-review",
+        "error",
+        "An allowlist entry imported by `telemetry-guard allowlist import` still awaits review.",
+        "Write in reason why the keys may leave and in approved_by who approved the entry (Sourcegraph "
+        "requires its data team's review of additions); the finding goes once neither says AWAITING REVIEW.",
+        False,
     ),
     Rule(
         "entry-without-approval",
@@ -358,6 +367,7 @@ class _Entry:
     action: str
     keys: tuple[str, ...]
     approved: bool
+    awaiting_review: bool
 
     @property
     def place(self) -> tuple[int, int]:
@@ -370,7 +380,15 @@ class _Entry:
 
 def _entries(doc: Located) -> list[_Entry]:
     return [
-        _Entry(doc, j, item["feature"], item["action"], tuple(item["keys"]), bool(item.get("approved_by")))
+        _Entry(
+            doc,
+            j,
+            item["feature"],
+            item["action"],
+            tuple(item["keys"]),
+            bool(item.get("approved_by")),
+            awaits_review(item["reason"], item.get("approved_by", "")),
+        )
         for j, item in enumerate(doc.data["entries"])
     ]
 
@@ -415,6 +433,15 @@ def _lint_entries(entries: Sequence[_Entry], check_conflicts: bool) -> list[Find
                         ("entries", entry.index, "keys", k),
                     )
                 )
+        if entry.awaiting_review:
+            findings.append(
+                _entry_finding(
+                    entry,
+                    "entry-awaiting-review",
+                    f"entry for {entry.feature}/{entry.action} was imported and awaits review: "
+                    "its reason or approved_by still says AWAITING REVIEW",
+                )
+            )
         if not entry.approved:
             findings.append(
                 _entry_finding(
