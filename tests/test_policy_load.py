@@ -524,6 +524,18 @@ def test_two_allowlists_combine(tmp_path: Path) -> None:
     assert star is not None and star.keys == frozenset({"model", "languageId"})
 
 
+def test_the_docs_give_the_number_of_event_types_builtin_sourcegraph_has() -> None:
+    count = len(default_policy().allowlist)
+    for doc in (
+        "README.md",
+        "docs/policy-reference.md",
+        "policy/schema/allowlist.schema.json",
+        "allowlists/sourcegraph.yaml",
+    ):
+        stated = re.findall(r"(\d+) event types", (REPO / doc).read_text(encoding="utf-8"))
+        assert stated and set(stated) == {str(count)}, doc
+
+
 def test_an_entry_repeated_with_the_same_keys_loads_and_the_first_is_kept(tmp_path: Path) -> None:
     shutil.copy(TESTDATA / "allowlists" / "duplicate.yaml", tmp_path / "duplicate.yaml")
     path = tmp_path / "policy.yaml"
