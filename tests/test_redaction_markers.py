@@ -18,6 +18,7 @@ from grpc_harness import events_request, metadata_request, serve_sync
 
 from telemetry_guard.interceptors import GuardServerInterceptor
 from telemetry_guard.policy import Engine, PolicyError, default_policy, load_policy
+from telemetry_guard.policy.surface import diff, explain, surface
 from telemetrygateway.v1 import telemetrygateway_pb2 as pb
 from telemetrygateway.v1 import telemetrygateway_pb2_grpc as pb_grpc
 
@@ -144,3 +145,13 @@ def test_a_replacement_string_beside_the_marker_is_a_load_error(tmp_path: Path) 
     (problem,) = refused.value.problems
     assert (problem.line, problem.key) == (6, "kinds.licensed_instance.private_metadata.replacement")
     assert "replacement applies only to non_string: replace, not sourcegraph-marker" in problem.message
+
+
+def test_explain_and_diff_tell_reviewers_about_the_marker(tmp_path: Path) -> None:
+    steps = explain(POLICY, "licensed_instance", "cody.completion", "accepted").steps
+    private = next(step for step in steps if step.topic == "private_metadata")
+    assert private.detail.endswith("a non-string value is replaced by Sourcegraph's marker naming its kind")
+    dropping = load_policy(_policy(tmp_path, "{mode: allowlist, non_string: drop}"))
+    changes = diff(surface(dropping), surface(POLICY))
+    marker = [c for c in changes.widening if c.kind == "licensed_instance" and c.subject.startswith("non-string")]
+    assert [(c.old, c.new) for c in marker] == [("drop", "sourcegraph-marker")]
