@@ -3,7 +3,7 @@
 Sourcegraph's redact.go replaces such a value with
 fmt.Sprintf("ERROR: value of allowlisted key was not a string, got: %T", value.Kind); the default
 policy (non_string: sourcegraph-marker) writes the same string for instances, on the C fast path
-and on the Python path alike, and through a real server interceptor. The expected strings are
+and on the Python path alike, and through a real server interceptor and a real sidecar. The expected strings are
 written out here by hand, from Sourcegraph's source and Go's %T names, not derived from the code.
 """
 
@@ -15,6 +15,9 @@ import grpc
 import pytest
 from google.protobuf import struct_pb2
 from grpc_harness import events_request, metadata_request, serve_sync
+from test_sidecar_support import Sidecar, record_events, serve_upstream
+from test_sidecar_support import metadata as sidecar_metadata
+from test_sidecar_support import payload as sidecar_payload
 
 from telemetry_guard.interceptors import GuardServerInterceptor
 from telemetry_guard.policy import Engine, PolicyError, default_policy, load_policy
@@ -155,3 +158,18 @@ def test_explain_and_diff_tell_reviewers_about_the_marker(tmp_path: Path) -> Non
     changes = diff(surface(dropping), surface(POLICY))
     marker = [c for c in changes.widening if c.kind == "licensed_instance" and c.subject.startswith("non-string")]
     assert [(c.old, c.new) for c in marker] == [("drop", "sourcegraph-marker")]
+
+
+def test_a_real_sidecar_forwards_the_markers_upstream(tmp_path: Path) -> None:
+    upstream = serve_upstream()
+    sidecar = Sidecar(["--upstream", upstream.target], tmp_path)  # no --policy: the default policy
+    try:
+        events = [_event(kind, value) for kind, (value, _) in sorted(MARKERS.items())]
+        sent = record_events(sidecar.stub(), [sidecar_metadata("licensed_instance"), sidecar_payload(*events)])
+        assert sent.code == grpc.StatusCode.OK and sent.acked == set(MARKERS)
+        got = {e.id: dict(e.parameters.private_metadata) for e in upstream.servicer.events()}
+    finally:
+        sidecar.kill()
+        upstream.stop()
+    assert got == {kind: {"languageId": marker, "providerModel": "claude"} for kind, (_, marker) in MARKERS.items()}
+    assert "s3cret" not in sidecar.log_text()
