@@ -33,6 +33,7 @@ enum { REC_MARKETING = 1, REC_PRIVATE_WHOLE = 2 };
 #define MAX_TYPES 64   /* event types remembered per call */
 #define MAX_MESSAGES 64
 #define MAX_REMEMBERED 4096 /* event types kept in Plan.types; then it starts afresh */
+#define REPLACEMENTS 7      /* per google.protobuf.Value kind: 0 = none set, then its fields 1-6 */
 
 #define OK 0
 #define FALLBACK 1
@@ -60,7 +61,7 @@ typedef struct {
     Msg *msgs;
     int nmsgs, root, value_msg; /* value_msg: google.protobuf.Value (allowlist checks) */
     int drop_marketing, private_mode, merge_legacy, discard_unknown, drop_invalid;
-    PyObject *replacement; /* bytes, or NULL: a non-string value is removed */
+    PyObject *replacement; /* tuple of REPLACEMENTS bytes, by the Value kind replaced; NULL: removed */
     PyObject *invalid_rule; /* str */
     PyObject *types;        /* what resolve said per event type, across calls: {bytes: tuple} */
 } Plan;
@@ -940,7 +941,7 @@ static int private_allowlist(Ctx *c, const uint8_t *tag, const uint8_t *tag_end,
         keys[nkeys++] = key;
         /* the value, checked as the reference parses it; which kind it holds */
         Slice string = {NULL, 0};
-        int unknown_inside = 0;
+        int unknown_inside = 0, kind = 0; /* kind: the Value field holding its value, 0 = none */
         if (value.p != NULL) {
             int saw = c->saw_unknown;
             c->saw_unknown = 0;
@@ -953,6 +954,7 @@ static int private_allowlist(Ctx *c, const uint8_t *tag, const uint8_t *tag_end,
                 uint32_t vn = 0, vw = 0;
                 if (!read_tag(&vp, vend, &vn, &vw) || !skip_value(&vp, vend, vw, &vv)) return FALLBACK;
                 if (vn == 3 && vw == 2) string = (Slice){vv, vp - vv};
+                if (vn < REPLACEMENTS) kind = (int)vn;
             }
         }
         int allowed = 0;
@@ -976,10 +978,11 @@ static int private_allowlist(Ctx *c, const uint8_t *tag, const uint8_t *tag_end,
         } else {
             c->wrong[c->nwrong++] = key;
             /* replaced: nothing of the old value survives, unknown fields included */
-            if (plan->replacement != NULL &&
-                put_string_entry(c, key, (const uint8_t *)PyBytes_AS_STRING(plan->replacement),
-                                 PyBytes_GET_SIZE(plan->replacement)) < 0)
-                return FAIL;
+            if (plan->replacement != NULL) {
+                PyObject *with = PyTuple_GET_ITEM(plan->replacement, kind);
+                if (put_string_entry(c, key, (const uint8_t *)PyBytes_AS_STRING(with), PyBytes_GET_SIZE(with)) < 0)
+                    return FAIL;
+            }
         }
     }
     return close_len(c, &len);
@@ -1051,9 +1054,13 @@ static PyObject *plan_new(PyTypeObject *type, PyObject *args, PyObject *kwargs) 
                                      &drop_marketing, &private_mode, &merge_legacy, &discard_unknown, &drop_invalid,
                                      &replacement, &invalid_rule))
         return NULL;
-    if (replacement != Py_None && !PyBytes_Check(replacement)) {
-        PyErr_SetString(PyExc_TypeError, "replacement: bytes or None");
-        return NULL;
+    if (replacement != Py_None) {
+        int ok = PyTuple_Check(replacement) && PyTuple_GET_SIZE(replacement) == REPLACEMENTS;
+        for (Py_ssize_t k = 0; ok && k < REPLACEMENTS; k++) ok = PyBytes_Check(PyTuple_GET_ITEM(replacement, k));
+        if (!ok) {
+            PyErr_SetString(PyExc_TypeError, "replacement: a tuple of 7 bytes (per Value kind) or None");
+            return NULL;
+        }
     }
     Plan *self = (Plan *)type->tp_alloc(type, 0);
     if (self == NULL) return NULL;

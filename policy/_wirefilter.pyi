@@ -23,7 +23,7 @@ class Plan:
         merge_legacy: bool,
         discard_unknown: bool,
         drop_invalid: bool,
-        replacement: bytes | None,
+        replacement: tuple[bytes, ...] | None,  # per Value kind: 0 = none set, then field numbers 1-6
         invalid_rule: str,
     ) -> None: ...
     def filter(

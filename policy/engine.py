@@ -74,8 +74,8 @@ class _KindPlan:
         pm = rules.private_metadata
         self.private_mode = pm.mode
         self.private_rule = pm.rule
-        self.replace_non_string = pm.non_string == "replace"
-        self.replacement = pm.replacement
+        self.replace_non_string = pm.non_string != "drop"
+        self.replacement_for = pm.replacement_for
         self.non_string_rule = pm.non_string_rule
         self.drop_invalid = rules.invalid_events.value == "drop"
         self.invalid_rule = rules.invalid_events.rule
@@ -541,8 +541,9 @@ class Engine:
             if plan.replace_non_string:
                 for name in wrong:
                     value = fields[name]
+                    replacement = plan.replacement_for(value.WhichOneof("kind"))
                     value.Clear()  # nothing of the old value survives, unknown fields included
-                    value.string_value = plan.replacement
+                    value.string_value = replacement
                 removals.append(Removal(plan.non_string_rule, path, wrong, "replaced"))
             else:
                 for name in wrong:

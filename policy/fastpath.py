@@ -23,6 +23,7 @@ from typing import Any, NamedTuple
 from google.protobuf import struct_pb2
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
 
+from telemetry_guard.policy import markers
 from telemetry_guard.policy.decision import EventRecord, Removal
 from telemetry_guard.policy.model import KindRules
 from telemetrygateway.v1 import telemetrygateway_pb2 as pb
@@ -42,6 +43,7 @@ MODES = {"keep": 0, "drop": 1, "allowlist": 2}
 REC_MARKETING, REC_PRIVATE_WHOLE = 1, 2
 
 PRIVATE_PATH = "parameters.private_metadata"  # the path decision records name (both engine paths)
+_VALUE_SLOTS = 7  # replacements per google.protobuf.Value kind: no kind (0), then fields 1-6 (_wirefilter.c)
 
 _FD = FieldDescriptor
 _TYPES = {
@@ -181,6 +183,14 @@ def _drop_bits(paths: Iterable[str]) -> dict[tuple[str, str], int] | None:
     return bits
 
 
+def _replacements(rules: KindRules) -> tuple[bytes, ...]:
+    """What replaces a non-string value, indexed by the Value field its kind is in (0: no kind set)."""
+    if max(markers.VALUE_KINDS) >= _VALUE_SLOTS:
+        raise ValueError("google.protobuf.Value has a kind the fast path's table has no slot for")
+    pm = rules.private_metadata
+    return tuple(pm.replacement_for(markers.VALUE_KINDS.get(n)).encode() for n in range(_VALUE_SLOTS))
+
+
 class Filtered(NamedTuple):
     """A payload through the fast path: the bytes that leave and the makings of its decision."""
 
@@ -210,7 +220,7 @@ class FastPlan:
             merge_legacy=rules.legacy_metadata.value == "merge",
             discard_unknown=rules.unknown_fields.value == "discard",
             drop_invalid=rules.invalid_events.value == "drop",
-            replacement=pm.replacement.encode() if pm.non_string == "replace" else None,
+            replacement=_replacements(rules) if pm.non_string != "drop" else None,
             invalid_rule=rules.invalid_events.rule,
         )
         self._droppers = droppers
@@ -218,7 +228,7 @@ class FastPlan:
         self._private_whole = Removal(pm.rule, PRIVATE_PATH)
         self._private_rule = pm.rule
         self._non_string_rule = pm.non_string_rule
-        self._non_string_action: Any = "replaced" if pm.non_string == "replace" else "removed"
+        self._non_string_action: Any = "removed" if pm.non_string == "drop" else "replaced"
 
     def filter(self, data: bytes, resolve: Resolver) -> Filtered | None:
         """The bytes that may leave and what to put in the decision, or None: use the Python path."""

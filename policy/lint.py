@@ -23,6 +23,7 @@ from telemetry_guard.policy import loader
 from telemetry_guard.policy.errors import PolicyError, Problem
 from telemetry_guard.policy.kinds import KINDS, SINGLE_TENANT_KINDS
 from telemetry_guard.policy.model import KindRules, Policy
+from telemetry_guard.policy.sourcegraph_env import awaits_review
 from telemetry_guard.policy.yamlsource import Located, Path_, dotted, parse, read
 
 Severity = Literal["error", "warning", "note"]
@@ -72,10 +73,10 @@ _RULES: Final = (
     ),
     Rule(
         "duplicate-entry",
-        "error",
+        "warning",
         "The same allowlist entry (feature, action, keys) is written twice.",
-        "Keep one of them; the loader refuses a policy whose allowlists repeat an event type.",
-        False,
+        "Keep one of them. The policy loads (the repeat changes nothing), so that a list can be used as "
+        "published: Sourcegraph's own lists cody.fixup.user twice.",
     ),
     Rule(
         "conflicting-entry",
@@ -160,6 +161,14 @@ _RULES: Final = (
         "warning",
         "PublishInstanceUserMetadata exports a personal field (username, primary_email).",
         "Export these only for customers who asked for the analytics features that need them.",
+    ),
+    Rule(
+        "entry-awaiting-review",
+        "error",
+        "An allowlist entry imported by `telemetry-guard allowlist import` still awaits review.",
+        "Write in reason why the keys may leave and in approved_by who approved the entry (Sourcegraph "
+        "requires its data team's review of additions); the finding goes once neither says AWAITING REVIEW.",
+        False,
     ),
     Rule(
         "entry-without-approval",
@@ -342,9 +351,7 @@ def _from_problem(problem: Problem, rule: str, schema_name: str = "") -> Finding
 
 def _classify(problem: Problem, policy_file: str) -> Finding:
     """A loader problem as a finding with the most specific rule id."""
-    if "duplicate allowlist entry" in problem.message:
-        rule = "duplicate-entry"
-    elif "conflicting allowlist entry" in problem.message:
+    if "conflicting allowlist entry" in problem.message:
         rule = "conflicting-entry"
     elif problem.key.startswith("allowlists[") and "not found" in problem.message:
         rule = "missing-allowlist"
@@ -379,6 +386,7 @@ class _Entry:
     action: str
     keys: tuple[str, ...]
     approved: bool
+    awaiting_review: bool
 
     @property
     def place(self) -> tuple[int, int]:
@@ -391,7 +399,15 @@ class _Entry:
 
 def _entries(doc: Located) -> list[_Entry]:
     return [
-        _Entry(doc, j, item["feature"], item["action"], tuple(item["keys"]), bool(item.get("approved_by")))
+        _Entry(
+            doc,
+            j,
+            item["feature"],
+            item["action"],
+            tuple(item["keys"]),
+            bool(item.get("approved_by")),
+            awaits_review(item["reason"], item.get("approved_by", "")),
+        )
         for j, item in enumerate(doc.data["entries"])
     ]
 
@@ -401,16 +417,20 @@ def _entry_finding(entry: _Entry, rule: str, message: str, path: Path_ = ()) -> 
     return Finding(entry.doc.file, line, column, rule, RULES[rule].severity, message, RULES[rule].help)
 
 
-def _lint_entries(entries: Sequence[_Entry], check_duplicates: bool) -> list[Finding]:
-    """Rules over one combined allowlist (the files of one policy, in order; first entry wins)."""
+def _lint_entries(entries: Sequence[_Entry], check_conflicts: bool) -> list[Finding]:
+    """Rules over one combined allowlist (the files of one policy, in order; first entry wins).
+
+    check_conflicts: report conflicting entries (a policy's are load errors, reported by the loader).
+    """
     findings: list[Finding] = []
     first: dict[tuple[str, str], _Entry] = {}
     for entry in entries:
         earlier = first.get((entry.feature, entry.action))
         if earlier is None:
             first[(entry.feature, entry.action)] = entry
-        elif check_duplicates:
-            what = "duplicate" if set(earlier.keys) == set(entry.keys) else "conflicting"
+            continue
+        what = "duplicate" if set(earlier.keys) == set(entry.keys) else "conflicting"
+        if what == "duplicate" or check_conflicts:
             findings.append(
                 _entry_finding(
                     entry,
@@ -432,6 +452,15 @@ def _lint_entries(entries: Sequence[_Entry], check_duplicates: bool) -> list[Fin
                         ("entries", entry.index, "keys", k),
                     )
                 )
+        if entry.awaiting_review:
+            findings.append(
+                _entry_finding(
+                    entry,
+                    "entry-awaiting-review",
+                    f"entry for {entry.feature}/{entry.action} was imported and awaits review: "
+                    "its reason or approved_by still says AWAITING REVIEW",
+                )
+            )
         if not entry.approved:
             findings.append(
                 _entry_finding(
@@ -678,7 +707,7 @@ def _lint_policy(item: _Input, doc: Located) -> _PolicyResult:
         listed = _allowlist_doc(file) if file.is_file() else None
         if listed is not None:
             entries.extend(_entries(listed))
-    own += _lint_entries(entries, check_duplicates=False)  # the loader reported duplicates above
+    own += _lint_entries(entries, check_conflicts=False)  # the loader reported conflicts above
     findings.extend(_acknowledge(doc, own))
     return _PolicyResult(findings, files)
 
@@ -687,7 +716,7 @@ def _lint_allowlist(doc: Located) -> list[Finding]:
     problems = loader.schema_problems(doc, "allowlist.schema.json")
     if problems:
         return [_from_problem(p, "load-error", "allowlist.schema.json") for p in problems]
-    return _lint_entries(_entries(doc), check_duplicates=True)
+    return _lint_entries(_entries(doc), check_conflicts=True)
 
 
 def _is_allowlist_file(path: Path) -> bool:

@@ -2,7 +2,8 @@
 
 Loading reports every problem at once: YAML problems first (a file that cannot be
 read as data cannot be checked further), then every schema violation, then every
-semantic problem (unknown field paths, duplicate or conflicting allowlist entries).
+semantic problem (unknown field paths, conflicting allowlist entries). An entry repeated
+with the same keys loads (the first one is kept); lint reports it.
 """
 
 from __future__ import annotations
@@ -268,7 +269,8 @@ def _load_allowlists(doc: Located, policy_path: Path) -> tuple[Allowlist, list[s
             if earlier is None:
                 entries[key] = entry
                 continue
-            what = "duplicate" if earlier.keys == entry.keys else "conflicting"
+            if earlier.keys == entry.keys:
+                continue  # a repeat changes nothing (Sourcegraph's published list has one): lint warns
             line, col = listed.where(("entries", j))
             problems.append(
                 Problem(
@@ -276,7 +278,7 @@ def _load_allowlists(doc: Located, policy_path: Path) -> tuple[Allowlist, list[s
                     line,
                     col,
                     f"entries[{j}]",
-                    f"{what} allowlist entry for feature {entry.feature!r} action {entry.action!r}: "
+                    f"conflicting allowlist entry for feature {entry.feature!r} action {entry.action!r}: "
                     f"already at {earlier.origin}",
                 )
             )
@@ -297,6 +299,13 @@ def compile_kinds(doc: Located) -> tuple[dict[str, KindRules], list[Problem]]:
         if pm.get("non_string") == "replace" and "replacement" not in pm:
             problems.append(
                 doc.problem((*section.split("."), "private_metadata"), "non_string: replace needs a replacement string")
+            )
+        elif "replacement" in pm and pm.get("non_string") != "replace":
+            problems.append(
+                doc.problem(
+                    (*section.split("."), "private_metadata", "replacement"),
+                    f"replacement applies only to non_string: replace, not {pm.get('non_string', 'drop')}",
+                )
             )
 
     compiled: dict[str, KindRules] = {}

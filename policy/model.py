@@ -11,9 +11,13 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Generic, Literal, TypeVar
 
+from telemetry_guard.policy.markers import sourcegraph_marker
+
 T = TypeVar("T")
 
 PrivateMode = Literal["keep", "drop", "allowlist"]
+# A non-string value of an allowlisted key: removed, replaced by the policy's string, or by Sourcegraph's marker.
+NonString = Literal["drop", "replace", "sourcegraph-marker"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,9 +89,13 @@ class FeatureFilter:
 @dataclass(frozen=True, slots=True)
 class PrivateMetadataRule:
     mode: PrivateMode
-    non_string: Literal["drop", "replace"]
+    non_string: NonString
     replacement: str
     rule: str
+
+    def replacement_for(self, kind: str | None) -> str:
+        """What replaces a non-string value holding `kind` (a google.protobuf.Value oneof member; None: unset)."""
+        return sourcegraph_marker(kind) if self.non_string == "sourcegraph-marker" else self.replacement
 
     @property
     def non_string_rule(self) -> str:

@@ -571,7 +571,7 @@ def _private_changes(kind: str, old: PrivateMetadataSurface, new: PrivateMetadat
             "non-string values of allowed keys",
             old.non_string,
             new.non_string,
-            wider=("drop", "replace"),
+            wider=("drop", "replace", "sourcegraph-marker"),  # the marker also says which kind of value it was
         )
         if old.non_string == new.non_string == "replace" and old.replacement != new.replacement:
             out.append(
@@ -803,11 +803,10 @@ def _private_step(rules: KindRules, entry: AllowlistEntry | None) -> Step:
     if entry is None:
         return Step("private_metadata", "removed: no allowlist entry for this event type", pm.rule)
     which = "exact entry" if entry.action != "*" else "entry for any action of the feature"
-    non_string = (
-        "a non-string value is replaced by the replacement string"
-        if pm.non_string == "replace"
-        else "a non-string value is removed"
-    )
+    non_string = {
+        "replace": "a non-string value is replaced by the replacement string",
+        "sourcegraph-marker": "a non-string value is replaced by Sourcegraph's marker naming its kind",
+    }.get(pm.non_string, "a non-string value is removed")
     detail = (
         f"{which} {entry.feature}/{entry.action} at {display_path(entry.origin.file)}:{entry.origin.line}; "
         f"reason: {entry.reason.rstrip('.')}"

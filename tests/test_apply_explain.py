@@ -158,9 +158,10 @@ def test_explain_allowlisted_event_type_names_the_entry_and_why() -> None:
     assert out.startswith("event type cody.completion/x from a licensed_instance caller, under default.yaml")
     assert "can it leave at all: yes" in out
     assert (
-        "only these keys leave: languageId, otherCompletionProviders  [kinds.licensed_instance.private_metadata]" in out
+        "only these keys leave: languageId, otherCompletionProviders, providerModel, resolvedModel  "
+        "[kinds.licensed_instance.private_metadata]" in out
     )
-    assert " at allowlists/sourcegraph.yaml:8; reason: Completion quality per language" in out
+    assert " at allowlists/sourcegraph.yaml:16; reason: Completion usage per language (languageId)" in out
     assert re.search(r"\n  marketing_tracking +removed  \[kinds.licensed_instance.marketing_tracking\]\n", out)
     assert re.search(r"\n  validity +forwarded; the gateway will reject it  \[defaults.invalid_events\]\n", out)
     as_json = cli(

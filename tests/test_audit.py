@@ -141,7 +141,7 @@ def test_default_policy_surface_matches_the_seed_rules() -> None:
     assert fields["marketing_tracking.utm_source"].rule == "kinds.licensed_instance.marketing_tracking"
     assert fields["parameters.private_metadata"].status == "allowlisted keys"
     assert {f.path: f.status for f in managed.fields}["marketing_tracking.url"] == "leaves"
-    assert len(licensed.private_metadata.event_types) == 10
+    assert len(licensed.private_metadata.event_types) == 28  # GATEWAY.md's table (cody.fixup.user once)
     assert managed.private_metadata.mode == "keep" and managed.private_metadata.event_types == ()
     assert not any(c.leaves for c in s.user_metadata.user_fields)
     assert s.sha256 == default_policy().sha256 and len(s.files) == 2

@@ -28,6 +28,8 @@ from telemetrygateway.v1 import telemetrygateway_pb2 as pb
 POLICIES = Path(__file__).parent / "testdata" / "policies"
 KINDS = ("licensed_instance", "unlicensed_instance", "managed_service", "workspace")
 PM = "parameters.private_metadata"
+# What Sourcegraph's redact.go writes for a number under an allowlisted key (the default policy's marker).
+NUMBER_MARKER = "ERROR: value of allowlisted key was not a string, got: *structpb.Value_NumberValue"
 
 
 ACCELERATE = [True]  # set per test by the fixture below
@@ -728,19 +730,22 @@ def _seed_single_tenant(kind: str) -> list[Case]:
             ],
         ),
         Case(
-            f"{kind}-allowlisted-key-with-non-string-value-dropped",
+            f"{kind}-allowlisted-key-with-non-string-value-gets-sourcegraph-marker",
             "default",
             kind,
             lambda: [event("cody.hoverCommands", "visible", private={"languageId": 3})],
             lambda: [
-                edit(event("cody.hoverCommands", "visible", private={}), lambda e: e.ClearField("marketing_tracking"))
+                edit(
+                    event("cody.hoverCommands", "visible", private={"languageId": NUMBER_MARKER}),
+                    lambda e: e.ClearField("marketing_tracking"),
+                )
             ],
             lambda: [
                 rec(
                     0,
                     event("cody.hoverCommands", "visible"),
                     Removal(f"{rule}.marketing_tracking", "marketing_tracking"),
-                    Removal(f"{rule}.private_metadata.non_string", PM, ("languageId",)),
+                    Removal(f"{rule}.private_metadata.non_string", PM, ("languageId",), "replaced"),
                 )
             ],
         ),

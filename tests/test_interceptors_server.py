@@ -78,6 +78,9 @@ def test_table_with_aio_client_on_aio_server(case: Case) -> None:
 # -- the default policy ---------------------------------------------------------------
 
 
+NUMBER_MARKER = "ERROR: value of allowlisted key was not a string, got: *structpb.Value_NumberValue"
+
+
 @pytest.mark.parametrize("stack", STACKS)
 def test_default_policy(stack: str) -> None:
     """Seed rules: instances lose marketing and unlisted private keys; managed services keep them;
@@ -94,7 +97,9 @@ def test_default_policy(stack: str) -> None:
     assert "access.RecordEvent" in results[2].details
     assert "user_metadata.enabled" in results[3].details
     instance, service = recorder.calls
-    assert instance.messages[1] == events_request(kept_event("i1"))
+    kept = kept_event("i1")  # the number under an allowlisted key: the string Sourcegraph's redaction writes
+    kept.parameters.private_metadata["otherCompletionProviders"] = NUMBER_MARKER
+    assert instance.messages[1] == events_request(kept)
     assert service.messages[1] == events_request(kept_for_service)
 
 

@@ -227,17 +227,35 @@ def test_python_tag_never_runs(tmp_path: Path) -> None:
 # --- valid policies ---------------------------------------------------------------------------
 
 SOURCEGRAPH_ALLOWLIST = {
-    # GATEWAY.md: "Allowlisted event types in the public source"
-    ("cody.completion", "*"): {"languageId", "otherCompletionProviders"},
+    # GATEWAY.md: "Allowlisted event types as Sourcegraph documents them today" (its 28 rows)
+    ("cody.completion", "*"): {"languageId", "otherCompletionProviders", "providerModel", "resolvedModel"},
     ("cody.hoverCommands", "visible"): {"languageId"},
     ("blob.codeintel", "*"): {"languageId"},
-    ("cody.chat-question", "submitted"): {"chatModel"},
+    ("cody.chat-question", "submitted"): {"chatModel", "chatAgent"},
     ("cody.chatResponse", "*"): {"chatModel"},
     ("cody.chatResponseNew", "*"): {"chatModel"},
     ("cody.command.doc", "executed"): {"model"},
     ("cody.command.edit", "executed"): {"model"},
     ("cody.command.fix", "executed"): {"model"},
     ("cody.command.test", "executed"): {"model"},
+    ("search", "execute"): {"lang"},
+    ("codeintel.explorePanel.usages", "*"): {"lang"},
+    ("codeintel.explorePanel", "*"): {"lang"},
+    ("codeintel", "*"): {"lang"},
+    ("cody.autoedit", "*"): {"model", "languageId"},
+    ("cody.fixup.user", "*"): {"model"},
+    ("cody.fixup.response", "*"): {"model"},
+    ("cody.fixup.apply", "*"): {"model"},
+    ("cody.fixup.persistence", "*"): {"model"},
+    ("cody.modelSelector", "*"): {"modelId", "modelProvider"},
+    ("cody.smart-apply.context", "applied"): {"model"},
+    ("deepsearch", "search.toolcall"): {"toolName", "toolId", "model"},
+    ("deepsearch", "search.categorized"): {"topics"},
+    ("batchChangeAgent", "categorization"): {"topics"},
+    ("admin.users", "delete"): {"userIDs"},
+    ("externalApi", "request"): {"procedure"},
+    ("metering", "consume"): {"meteringEventId"},
+    ("survey.happiness", "submitted"): {"feedback"},
 }
 
 
@@ -281,7 +299,7 @@ def test_default_policy_compiles_to_the_seed_rules() -> None:
     assert policy.user_metadata.enabled is False
     assert policy.user_metadata.user_fields == frozenset()
     assert policy.user_metadata.organization_fields == frozenset()
-    assert policy.acknowledged == frozenset()
+    assert policy.acknowledged == frozenset({"duplicate-entry", "sensitive-key"})
 
     def shared(kind: str, marketing: tuple[str, str], private: tuple[str, str, str, str]) -> KindRules:
         return _rules(
@@ -299,7 +317,7 @@ def test_default_policy_compiles_to_the_seed_rules() -> None:
         kind: shared(
             kind,
             ("drop", f"kinds.{kind}.marketing_tracking"),
-            ("allowlist", "drop", REPLACEMENT, f"kinds.{kind}.private_metadata"),
+            ("allowlist", "sourcegraph-marker", REPLACEMENT, f"kinds.{kind}.private_metadata"),
         )
         for kind in ("licensed_instance", "unlicensed_instance")
     }
@@ -314,8 +332,8 @@ def test_default_policy_compiles_to_the_seed_rules() -> None:
 
     entries = {key: set(entry.keys) for key, entry in policy.allowlist.entries.items()}
     assert entries == SOURCEGRAPH_ALLOWLIST
-    assert len(policy.allowlist) == 10
-    assert all(entry.reason for entry in policy.allowlist.entries.values())
+    assert len(policy.allowlist) == len(SOURCEGRAPH_ALLOWLIST) == 28
+    assert all(entry.reason and entry.approved_by for entry in policy.allowlist.entries.values())
 
 
 def test_default_policy_allowlist_lookup_exact_then_star() -> None:
@@ -327,7 +345,7 @@ def test_default_policy_allowlist_lookup_exact_then_star() -> None:
     assert allowlist.lookup("cody.hoverCommands", "hidden") is None
     assert allowlist.lookup("cody", "executed") is None
     origin = allowlist.entries[("cody.completion", "*")].origin
-    assert (Path(origin.file).name, origin.line) == ("sourcegraph.yaml", 8)
+    assert (Path(origin.file).name, origin.line) == ("sourcegraph.yaml", 16)
 
 
 def test_policy_is_immutable() -> None:
@@ -499,11 +517,37 @@ def test_two_allowlists_combine(tmp_path: Path) -> None:
     path = tmp_path / "policy.yaml"
     path.write_text("version: 1\nallowlists: [builtin:sourcegraph, small.yaml]\n")
     policy = load_policy(path)
-    assert len(policy.allowlist) == 13
+    assert len(policy.allowlist) == len(SOURCEGRAPH_ALLOWLIST) + 3
     exact = policy.allowlist.lookup("cody.chat", "submitted")
     assert exact is not None and exact.keys == frozenset({"model"})
     star = policy.allowlist.lookup("cody.chat", "other")
     assert star is not None and star.keys == frozenset({"model", "languageId"})
+
+
+def test_the_docs_give_the_number_of_event_types_builtin_sourcegraph_has() -> None:
+    count = len(default_policy().allowlist)
+    for doc in (
+        "README.md",
+        "docs/policy-reference.md",
+        "policy/schema/allowlist.schema.json",
+        "allowlists/sourcegraph.yaml",
+    ):
+        stated = re.findall(r"(\d+) event types", (REPO / doc).read_text(encoding="utf-8"))
+        assert stated and set(stated) == {str(count)}, doc
+
+
+def test_an_entry_repeated_with_the_same_keys_loads_and_the_first_is_kept(tmp_path: Path) -> None:
+    shutil.copy(TESTDATA / "allowlists" / "duplicate.yaml", tmp_path / "duplicate.yaml")
+    path = tmp_path / "policy.yaml"
+    path.write_text("version: 1\nallowlists: [duplicate.yaml]\n")
+    entry = load_policy(path).allowlist.lookup("cody.chat", "submitted")
+    assert entry is not None and entry.keys == frozenset({"model"})
+    assert (entry.reason, entry.origin.line) == ("Which model answered.", 5)
+    # Sourcegraph's published list repeats cody.fixup.user: it loads as published, the first line kept
+    fixup = default_policy().allowlist.entries[("cody.fixup.user", "*")]
+    text = (REPO / "allowlists" / "sourcegraph.yaml").read_text(encoding="utf-8").splitlines()
+    repeats = [n for n, line in enumerate(text, 1) if line == "  - feature: cody.fixup.user"]
+    assert len(repeats) == 2 and fixup.origin.line == repeats[0]
 
 
 def test_valid_testdata_policies_load() -> None:

@@ -377,7 +377,7 @@ def test_private_metadata_leaves_only_as_the_policy_allows(scenario: Any) -> Non
                 expected_keys = {
                     k
                     for k, v in given_fields.items()
-                    if k in entry.keys and (v.WhichOneof("kind") == "string_value" or rule.non_string == "replace")
+                    if k in entry.keys and (v.WhichOneof("kind") == "string_value" or rule.non_string != "drop")
                 }
                 assert set(left) == expected_keys
                 for key, value in left.items():
@@ -385,7 +385,7 @@ def test_private_metadata_leaves_only_as_the_policy_allows(scenario: Any) -> Non
                     if original_value.WhichOneof("kind") == "string_value":
                         assert value.string_value == original_value.string_value
                     else:
-                        assert value.string_value == rule.replacement
+                        assert value.string_value == rule.replacement_for(original_value.WhichOneof("kind"))
                 removed -= {v.string_value for v in left.values()}
         for secret in removed - kept:
             assert secret.encode() not in output, secret

@@ -161,7 +161,11 @@ def _private_block(surface: Surface) -> list[Block]:
             "allowlist": "only the keys the allowlist names for the event type",
         }[pm.mode]
         non_string = (
-            "" if pm.mode != "allowlist" else ("dropped" if pm.non_string == "drop" else "replaced by a string")
+            ""
+            if pm.mode != "allowlist"
+            else {"drop": "dropped", "replace": "replaced by a string"}.get(
+                pm.non_string, "replaced by Sourcegraph's marker naming its kind"
+            )
         )
         mode_rows.append(
             (
