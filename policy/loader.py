@@ -38,7 +38,7 @@ from telemetry_guard.policy.model import (
     Setting,
     UserMetadataRules,
 )
-from telemetry_guard.policy.yamlsource import Located, dotted, read
+from telemetry_guard.policy.yamlsource import Located, Path_, dotted, read
 
 DEFAULT_SCOPE = "telemetry_gateway::events::publish"
 DEFAULT_REPLACEMENT = "telemetry-guard: value is not a string"
@@ -285,6 +285,29 @@ def _load_allowlists(doc: Located, policy_path: Path) -> tuple[Allowlist, list[s
     return Allowlist(MappingProxyType(entries), tuple(files)), files, raw, problems
 
 
+def _private_metadata_problems(doc: Located, key: Path_, pm: dict[str, Any]) -> list[Problem]:
+    """A private_metadata setting's replacement goes with non_string: replace, and only with it."""
+    if pm.get("non_string") == "replace" and "replacement" not in pm:
+        return [doc.problem(key, "non_string: replace needs a replacement string")]
+    if "replacement" in pm and pm.get("non_string") != "replace":
+        return [
+            doc.problem(
+                (*key, "replacement"),
+                f"replacement applies only to non_string: replace, not {pm.get('non_string', 'drop')}",
+            )
+        ]
+    return []
+
+
+def _private_metadata_rule(pm: dict[str, Any], rule: str) -> PrivateMetadataRule:
+    return PrivateMetadataRule(
+        mode=pm["mode"],
+        non_string=pm.get("non_string", "drop"),
+        replacement=pm.get("replacement", DEFAULT_REPLACEMENT),
+        rule=rule,
+    )
+
+
 def compile_kinds(doc: Located) -> tuple[dict[str, KindRules], list[Problem]]:
     defaults = doc.data.get("defaults", {})
     overrides = doc.data.get("kinds", {})
@@ -295,18 +318,8 @@ def compile_kinds(doc: Located) -> tuple[dict[str, KindRules], list[Problem]]:
             if isinstance(resolved, str):
                 key = (*section.split("."), "drop_fields", i)
                 problems.append(doc.problem(key, f"{path!r}: {resolved}"))
-        pm = rules.get("private_metadata", {})
-        if pm.get("non_string") == "replace" and "replacement" not in pm:
-            problems.append(
-                doc.problem((*section.split("."), "private_metadata"), "non_string: replace needs a replacement string")
-            )
-        elif "replacement" in pm and pm.get("non_string") != "replace":
-            problems.append(
-                doc.problem(
-                    (*section.split("."), "private_metadata", "replacement"),
-                    f"replacement applies only to non_string: replace, not {pm.get('non_string', 'drop')}",
-                )
-            )
+        pm_key = (*section.split("."), "private_metadata")
+        problems += _private_metadata_problems(doc, pm_key, rules.get("private_metadata", {}))
 
     compiled: dict[str, KindRules] = {}
     for kind in KINDS:
@@ -324,12 +337,7 @@ def compile_kinds(doc: Located) -> tuple[dict[str, KindRules], list[Problem]]:
         compiled[kind] = KindRules(
             kind=kind,
             marketing_tracking=Setting(*pick("marketing_tracking")),
-            private_metadata=PrivateMetadataRule(
-                mode=pm["mode"],
-                non_string=pm.get("non_string", "drop"),
-                replacement=pm.get("replacement", DEFAULT_REPLACEMENT),
-                rule=pm_rule,
-            ),
+            private_metadata=_private_metadata_rule(pm, pm_rule),
             drop_fields=Setting(*_as_tuple(pick("drop_fields"))),
             unknown_fields=Setting(*pick("unknown_fields")),
             events=FeatureFilter(
@@ -376,9 +384,7 @@ def compile_overrides(doc: Located, kinds: dict[str, KindRules]) -> tuple[tuple[
             resolved = fieldpaths.resolve(path)
             if isinstance(resolved, str):
                 problems.append(doc.problem((*here, "drop_fields", i), f"{path!r}: {resolved}"))
-        pm = raw.get("private_metadata", {})
-        if pm.get("non_string") == "replace" and "replacement" not in pm:
-            problems.append(doc.problem((*here, "private_metadata"), "non_string: replace needs a replacement string"))
+        problems += _private_metadata_problems(doc, (*here, "private_metadata"), raw.get("private_metadata", {}))
         for earlier in compiled:
             if earlier.kind == kind and _may_overlap(dict(earlier.match), dict(fields)):
                 problems.append(
@@ -416,12 +422,7 @@ def _override_rules(base: KindRules, raw: dict[str, Any], prefix: str) -> KindRu
             continue
         value, rule = raw[key], f"{prefix}.{key}"
         if key == "private_metadata":
-            changes[key] = PrivateMetadataRule(
-                mode=value["mode"],
-                non_string=value.get("non_string", "drop"),
-                replacement=value.get("replacement", DEFAULT_REPLACEMENT),
-                rule=rule,
-            )
+            changes[key] = _private_metadata_rule(value, rule)
         elif key == "events":
             changes[key] = FeatureFilter(
                 include=tuple(value.get("include", ["*"])), exclude=tuple(value.get("exclude", [])), rule=rule
