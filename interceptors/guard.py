@@ -131,7 +131,7 @@ class Guard:
 
     @property
     def detailed(self) -> bool:
-        """Name removed keys in decisions only when the audit log will write them (DEBUG)."""
+        """Whether the audit log writes removed key names (DEBUG). Decisions are the same either way."""
         return self.audit.logger.isEnabledFor(logging.DEBUG)
 
     def decode(self, rpc: str, item: Any) -> Message:
