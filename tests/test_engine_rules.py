@@ -438,7 +438,15 @@ PRIVATE = [
         {"prompt": "p", "n": {"x": [1, None, True]}},
         [],
     ),
-    pm_case("workspace-drops-it", "workspace", "cody.chat", "submitted", {"model": "gpt-4"}, None, [Removal(PM_W, PM, ("model",))]),
+    pm_case(
+        "workspace-drops-it",
+        "workspace",
+        "cody.chat",
+        "submitted",
+        {"model": "gpt-4"},
+        None,
+        [Removal(PM_W, PM, ("model",))],
+    ),
     pm_case("workspace-drops-an-empty-one", "workspace", "cody.chat", "submitted", {}, None, [Removal(PM_W, PM)]),
 ]
 

@@ -76,6 +76,12 @@ def register(sub: Any) -> None:
         help="how often the policy's files are checked for changes; 0: only on SIGHUP (default: %(default)s)",
     )
     policy.add_argument(
+        "--allow-unsafe-policy",
+        action="store_true",
+        help="enforce a policy that `telemetry-guard lint` refuses (an error it does not acknowledge); "
+        "without it such a policy is refused at start and on reload. Its findings are logged at error on every load",
+    )
+    policy.add_argument(
         "--introspection-url",
         metavar="URL",
         help="verify bearer tokens by OAuth 2.0 token introspection (RFC 7662) at URL "
@@ -168,6 +174,7 @@ def _config(args: argparse.Namespace) -> Any:
         introspection_url=args.introspection_url,
         introspection_client_id=args.introspection_client_id,
         log_level=args.log_level,
+        allow_unsafe_policy=args.allow_unsafe_policy,
     )
 
 
@@ -190,7 +197,7 @@ def run(args: argparse.Namespace) -> int:
     from telemetry_guard.sidecar.reload import load_validated
     from telemetry_guard.sidecar.server import split_host_port
 
-    load_validated(config.policy)  # fail before forking: PolicyError is reported by the CLI
+    load_validated(config.policy, allow_unsafe_policy=config.allow_unsafe_policy)  # fail before forking (CLI reports)
     host, port = split_host_port(config.listen)
     metrics = split_host_port(config.metrics_listen) if config.metrics_listen else None
     return workers.supervise(config.workers, host, port, lambda bound: _worker(config, host, bound), metrics)
