@@ -33,6 +33,10 @@ class UnsafePolicyError(PolicyError):
         super().__init__([_problem(f) for f in findings], files)
 
 
+class PolicyChangedError(PolicyError):
+    """The policy's files changed between loading them and linting them: load again."""
+
+
 def _problem(finding: lint.Finding) -> Problem:
     return Problem(finding.file, finding.line, finding.column, finding.rule, f"lint error: {finding.message}")
 
@@ -40,11 +44,11 @@ def _problem(finding: lint.Finding) -> Problem:
 def unsafe_findings(policy: Policy) -> tuple[lint.Finding, ...]:
     """The lint errors of a loaded policy that it does not acknowledge (empty: safe to enforce).
 
-    Raises PolicyError when the files changed since the policy was loaded (lint would judge other bytes).
+    Raises PolicyChangedError when the files changed since the policy was loaded (lint judged other bytes).
     """
     report = lint.lint_files([policy.files[0]])
     if files_sha256(policy.files) != policy.sha256:
-        raise PolicyError(
+        raise PolicyChangedError(
             [
                 Problem(
                     policy.files[0], 0, 0, "", "the policy's files changed while it was being checked; load it again"

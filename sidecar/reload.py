@@ -30,12 +30,14 @@ from telemetry_guard.interceptors.guard import Guard
 from telemetry_guard.policy import KINDS, Engine, Policy, PolicyError, default_policy, load_policy
 from telemetry_guard.policy.access import placeholder_identifier
 from telemetry_guard.policy.loader import files_sha256
-from telemetry_guard.policy.safety import check_enforceable
+from telemetry_guard.policy.safety import PolicyChangedError, check_enforceable
 from telemetry_guard.sidecar.logs import fields
 from telemetry_guard.sidecar.metrics import Metrics
 from telemetrygateway.v1 import telemetrygateway_pb2 as pb
 
 LOG = logging.getLogger("telemetry_guard.sidecar.reload")
+
+LOAD_ATTEMPTS = 3  # loads of a policy whose files keep changing while it is checked, before giving up
 
 Signature = tuple[tuple[str, int, int, int, int] | tuple[str], ...]
 
@@ -82,8 +84,14 @@ def load_validated(path: str | Path | None, *, allow_unsafe_policy: bool = False
     Raises PolicyError (UnsafePolicyError: lint refuses it, and allow_unsafe_policy is not given) or
     what the engine raises.
     """
-    policy = load_policy(path) if path is not None else default_policy()
-    check_enforceable(policy, allow_unsafe_policy=allow_unsafe_policy)
+    for attempt in range(1, LOAD_ATTEMPTS + 1):
+        policy = load_policy(path) if path is not None else default_policy()
+        try:
+            check_enforceable(policy, allow_unsafe_policy=allow_unsafe_policy)
+            break
+        except PolicyChangedError:  # rewritten while it was checked: not invalid, read it again
+            if attempt == LOAD_ATTEMPTS:
+                raise
     engine = Engine(policy)
     _dry_run(engine)
     return policy, engine

@@ -413,12 +413,12 @@ def test_sighup_while_workers_start_does_not_kill_them(tmp_path: Path) -> None:
             time.sleep(0.005)
         while log.read_bytes().count(b'"serving"') < 2:
             assert process.poll() is None, f"sidecar died (exit {process.returncode}):\n{log.read_text()}"
-            assert b'"worker exited"' not in log.read_bytes(), log.read_text()
+            assert b'"worker died' not in log.read_bytes(), log.read_text()
             assert time.monotonic() < deadline, "workers did not start"
             process.send_signal(signal.SIGHUP)
             time.sleep(0.01)
         time.sleep(0.5)
-        assert process.poll() is None and b'"worker exited"' not in log.read_bytes(), log.read_text()
+        assert process.poll() is None and b'"worker died' not in log.read_bytes(), log.read_text()
         process.send_signal(signal.SIGTERM)
         assert process.wait(20) == 0
     finally:

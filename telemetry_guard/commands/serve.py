@@ -18,6 +18,9 @@ examples:
       --tls-cert tls.crt --tls-key tls.key --metrics-listen 0.0.0.0:9090 --workers 2
 
 signals: SIGHUP reloads the policy (so does a change of its files); SIGTERM stops gracefully.
+exit status: 0 stopped by SIGTERM, 1 a worker failed while stopping, 2 bad arguments, a policy
+that cannot be loaded or that lint refuses, an address that cannot be bound; 3 --workers kept
+dying (a crash loop: a dead worker is otherwise replaced).
 logs: JSON lines on stderr (the audit trail included). --log-level debug also logs the names
 of removed private_metadata keys; never their values.
 """
