@@ -87,8 +87,7 @@ class _KindPlan:
             self.droppers.append((Removal(rules.drop_fields.rule, path), fieldpaths.remover(resolved)))
         # Nothing per event can apply: the loop is skipped (events are only counted).
         self.untouched = (
-            not self.discard_unknown
-            and not self.drop_marketing
+            not self.drop_marketing
             and self.private_mode == "keep"
             and not self.drop_invalid
             and not self.merge_legacy
@@ -204,14 +203,32 @@ class Engine:
                 decision.defer(fast.records, fast.counts, fast.dropped_ids)
                 decision.unknown_fields = "discarded" if plan.discard_unknown else "kept"
                 return Outcome(fast.data, decision)
+        return self._payload_view(data, plan, decision, measure_unknown=False)
+
+    def _payload_view(
+        self, data: bytes, plan: _KindPlan, decision: Decision, *, measure_unknown: bool
+    ) -> Outcome[bytes] | None:
+        """The Python path of _payload_bytes: parse into the kind's view, filter, serialize.
+
+        Which events had unknown fields (a record and a count each) takes two sizes per event; a
+        payload is measured whole first, and only one that had unknown fields is done again, event
+        by event (exporters do not send unknown fields: this is rare).
+        """
         view: Any = plan.view.FromString(data)
         payload = view.WhichOneof("payload")
         if payload == "metadata":
             return None
+        measure_whole = payload == "events" and plan.discard_unknown and not measure_unknown
         if payload == "events":
-            self._filter_events(plan, view.events.events, decision)
+            self._filter_events(plan, view.events.events, decision, measure_unknown=measure_unknown)
+        before = view.ByteSize() if measure_whole else 0
         self._unknown(plan, view, decision)
-        return Outcome(view.SerializeToString(), decision)
+        out = view.SerializeToString()
+        if measure_whole and len(out) != before:  # something unknown was left out: find its events
+            decision.events.clear()
+            decision.events_in = decision.events_out = 0
+            return self._payload_view(data, plan, decision, measure_unknown=True)
+        return Outcome(out, decision)
 
     def _metadata_bytes(self, data: bytes, decision: Decision) -> Outcome[bytes]:
         """A metadata message, judged by its own identifier, whatever the stream's (rare: once a stream);
@@ -254,7 +271,7 @@ class Engine:
         # The same path as RecordEvents: the event as a one-event payload of the kind's view.
         view: Any = plan.view.FromString(_events_payload(request.event.SerializeToString()))
         events = view.events.events
-        self._filter_events(plan, events, decision)
+        self._filter_events(plan, events, decision, measure_unknown=True)
         if events:
             self._unknown(plan, view, decision)
             request.event.Clear()
@@ -343,7 +360,7 @@ class Engine:
             return lambda feature, action: nothing
         return lambda feature, action: self.event_type(kind, feature, action).wire
 
-    def _filter_events(self, plan: _KindPlan, events: Any, decision: Decision) -> None:
+    def _filter_events(self, plan: _KindPlan, events: Any, decision: Decision, *, measure_unknown: bool) -> None:
         """The hot loop over view events: each once; only events something happens to get a record.
 
         Written for speed (locals, shared Removal objects, no allocation for an event
@@ -351,7 +368,7 @@ class Engine:
         """
         count = len(events)
         decision.events_in += count
-        if plan.untouched:
+        if plan.untouched and not measure_unknown:
             decision.events_out += count
             return
         kind = plan.rules.kind
@@ -364,7 +381,7 @@ class Engine:
         merge_legacy = plan.merge_legacy
         drop_invalid = plan.drop_invalid
         droppers = plan.droppers
-        discard_unknown = plan.discard_unknown
+        measure_unknown = measure_unknown and plan.discard_unknown
         unknown_removal = plan.unknown_removal
         private = self._private
         for index, event in enumerate(events):
@@ -404,7 +421,7 @@ class Engine:
             for dropped_field, remove in droppers:
                 if remove(event):
                     removals = [*(removals or ()), dropped_field]
-            if discard_unknown:  # per event, so that the record and the counts say which events had them
+            if measure_unknown:  # per event, so that the record and the counts say which events had them
                 before = event.ByteSize()
                 event.DiscardUnknownFields()
                 if event.ByteSize() != before:
