@@ -29,7 +29,6 @@ from typing import Any
 import grpc
 import pytest
 from test_sidecar_support import (
-    BEARER,
     FORWARD_TAG,
     HOST,
     POLICY,
@@ -55,6 +54,7 @@ from telemetrygateway.v1 import telemetrygateway_pb2_grpc as pb_grpc
 
 KIND = "licensed_instance"
 RSS_GROWTH_LIMIT = 64 * 1024 * 1024  # bytes a sidecar may grow over the whole suite
+WORKER_RSS_LIMIT = 256 * 1024 * 1024  # bytes a worker may use (about 60 MiB at rest)
 
 
 # -- the misbehaving upstream --------------------------------------------------------------------
@@ -263,15 +263,20 @@ def _lockstep_run(stub: Any, requests: list[pb.RecordEventsRequest], timeout: fl
     return Outcome(rest.code, rest.details, responses + rest.responses)
 
 
+def _opened(stub: Any, first: pb.RecordEventsRequest) -> tuple[Lockstep, pb.RecordEventsResponse]:
+    """A lockstep stream with its metadata and a first payload sent, and the answer to that payload."""
+    stream = Lockstep(stub)
+    stream.send(metadata(KIND))
+    stream.send(first)
+    return stream, stream.next_response()
+
+
 # -- the upstream misbehaves ---------------------------------------------------------------------
 
 
 def test_upstream_killed_mid_stream(faulty: Served) -> None:
-    stream = Lockstep(faulty.sidecar.stub())
     sent = _traffic(1, 2)
-    stream.send(metadata(KIND))
-    stream.send(sent[0])
-    first = stream.next_response()
+    stream, first = _opened(faulty.sidecar.stub(), sent[0])
     faulty.upstream.kill()
     stream.send(sent[1])
     stream.close()
@@ -342,11 +347,8 @@ def _streams_active(served: Served) -> float:
 
 
 def test_client_cancels_mid_stream(faulty: Served) -> None:
-    stream = Lockstep(faulty.sidecar.stub())
     sent = _traffic(5, 1)
-    stream.send(metadata(KIND))
-    stream.send(sent[0])
-    first = stream.next_response()
+    stream, first = _opened(faulty.sidecar.stub(), sent[0])
     stream.call.cancel()
     assert all(e.wait(TIMEOUT) for e in faulty.upstream.servicer.ledger.ended), "the upstream call ends too"
     wait_for(lambda: _streams_active(faulty) == 0, what="the stream to end in the sidecar")
@@ -356,11 +358,8 @@ def test_client_cancels_mid_stream(faulty: Served) -> None:
 def test_client_disconnects_mid_stream(faulty: Served) -> None:
     channel = grpc.insecure_channel(faulty.sidecar.target)
     stub = pb_grpc.TelemeteryGatewayServiceStub(channel)
-    stream = Lockstep(stub, metadata=BEARER)
     sent = _traffic(6, 1)
-    stream.send(metadata(KIND))
-    stream.send(sent[0])
-    first = stream.next_response()
+    _stream, first = _opened(stub, sent[0])
     channel.close()  # the connection goes away under the stream
     assert all(e.wait(TIMEOUT) for e in faulty.upstream.servicer.ledger.ended), "the upstream call ends too"
     wait_for(lambda: _streams_active(faulty) == 0, what="the stream to end in the sidecar")
@@ -473,6 +472,8 @@ def test_a_killed_worker_is_replaced_and_the_others_keep_serving(tmp_path: Path)
             out = record_events(sidecar.stub(), [metadata(KIND), *_traffic(950 + n, 1)])
             assert out.code == grpc.StatusCode.OK, out.details
         check_clean(sidecar, metrics_port)
+        for pid in _worker_pids(sidecar) - {victim}:
+            assert _rss(pid) < WORKER_RSS_LIMIT
         sidecar.signal(signal.SIGTERM)
         assert sidecar.wait(TIMEOUT) == 0
     finally:

@@ -42,23 +42,6 @@ from test_sidecar_support import (
 )
 
 
-@pytest.fixture
-def upstream(request: pytest.FixtureRequest) -> Iterator[ServedUpstream]:
-    served = serve_upstream()
-    served.servicer.reset(tag=request.node.name)
-    yield served
-    served.stop()
-
-
-@pytest.fixture
-def started(tmp_path: Path) -> Iterator[list[Sidecar]]:
-    """Sidecars a test starts; all killed at teardown."""
-    processes: list[Sidecar] = []
-    yield processes
-    for process in processes:
-        process.kill()
-
-
 def _start(started: list[Sidecar], tmp: Path, *args: str, workers: int = 1) -> Sidecar:
     process = Sidecar([*args, *FORWARD_TAG], tmp, workers=workers)
     started.append(process)

@@ -8,7 +8,6 @@ import signal
 import subprocess
 import sys
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -25,7 +24,6 @@ from test_sidecar_support import (
     metadata,
     payload,
     record_events,
-    serve_upstream,
     wait_for,
 )
 
@@ -36,22 +34,6 @@ from telemetry_guard.policy.safety import UnsafePolicyError, check_enforceable
 PERMISSIVE = ROOT / "docs" / "examples" / "permissive.yaml"
 KEEP_MARKETING = POLICY.replace("marketing_tracking: drop", "marketing_tracking: keep")
 MARKETING_RULE = "marketing-tracking-single-tenant"
-
-
-@pytest.fixture
-def upstream(request: pytest.FixtureRequest) -> Iterator[ServedUpstream]:
-    served = serve_upstream()
-    served.servicer.reset(tag=request.node.name)
-    yield served
-    served.stop()
-
-
-@pytest.fixture
-def started() -> Iterator[list[Sidecar]]:
-    processes: list[Sidecar] = []
-    yield processes
-    for process in processes:
-        process.kill()
 
 
 def _metric(port: int, name: str) -> float:
