@@ -46,9 +46,12 @@ def aio_client_interceptors(
     *,
     verifier: CredentialVerifier | None = None,
     audit: AuditLog | None = None,
+    allow_unsafe_policy: bool = False,
 ) -> list[grpc.aio.ClientInterceptor]:
     """One interceptor per kind, sharing one guard: pass as grpc.aio.*_channel(interceptors=...)."""
-    guard = Guard.build(policy_or_engine, verifier=verifier, audit=audit, side="client")
+    guard = Guard.build(
+        policy_or_engine, verifier=verifier, audit=audit, side="client", allow_unsafe_policy=allow_unsafe_policy
+    )
     return [
         AsyncGuardUnaryUnaryInterceptor(guard),
         AsyncGuardUnaryStreamInterceptor(guard),
@@ -64,8 +67,11 @@ class _AsyncGuardInterceptor:
         *,
         verifier: CredentialVerifier | None = None,
         audit: AuditLog | None = None,
+        allow_unsafe_policy: bool = False,
     ) -> None:
-        self.guard = Guard.build(policy_or_engine, verifier=verifier, audit=audit, side="client")
+        self.guard = Guard.build(
+            policy_or_engine, verifier=verifier, audit=audit, side="client", allow_unsafe_policy=allow_unsafe_policy
+        )
 
 
 def _wrong_shape(rpc: str, shape: str) -> grpc.aio.AioRpcError:

@@ -53,8 +53,11 @@ class AsyncGuardServerInterceptor(grpc.aio.ServerInterceptor):
         *,
         verifier: CredentialVerifier | None = None,
         audit: AuditLog | None = None,
+        allow_unsafe_policy: bool = False,
     ) -> None:
-        self.guard = Guard.build(policy_or_engine, verifier=verifier, audit=audit, side="server")
+        self.guard = Guard.build(
+            policy_or_engine, verifier=verifier, audit=audit, side="server", allow_unsafe_policy=allow_unsafe_policy
+        )
 
     async def intercept_service(
         self,

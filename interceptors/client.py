@@ -49,9 +49,15 @@ def wrap_channel(
     *,
     verifier: CredentialVerifier | None = None,
     audit: AuditLog | None = None,
+    allow_unsafe_policy: bool = False,
 ) -> grpc.Channel:
     """`channel` with the policy enforced on the exporter's side. None: the default policy."""
-    return grpc.intercept_channel(channel, GuardClientInterceptor(policy_or_engine, verifier=verifier, audit=audit))
+    return grpc.intercept_channel(
+        channel,
+        GuardClientInterceptor(
+            policy_or_engine, verifier=verifier, audit=audit, allow_unsafe_policy=allow_unsafe_policy
+        ),
+    )
 
 
 def _wrong_shape(rpc: str, shape: str) -> GuardRpcError:
@@ -73,8 +79,11 @@ class GuardClientInterceptor(
         *,
         verifier: CredentialVerifier | None = None,
         audit: AuditLog | None = None,
+        allow_unsafe_policy: bool = False,
     ) -> None:
-        self.guard = Guard.build(policy_or_engine, verifier=verifier, audit=audit, side="client")
+        self.guard = Guard.build(
+            policy_or_engine, verifier=verifier, audit=audit, side="client", allow_unsafe_policy=allow_unsafe_policy
+        )
 
     def intercept_unary_unary(self, continuation: Any, details: grpc.ClientCallDetails, request: Any) -> Any:
         rpc = rpc_for_method(details.method)

@@ -30,6 +30,7 @@ from telemetry_guard.policy import RPCS, Decision, Engine, Policy, default_polic
 from telemetry_guard.policy.access import bearer_token
 from telemetry_guard.policy.engine import PUBLISH_USER_METADATA, RECORD_EVENT, RECORD_EVENTS
 from telemetry_guard.policy.kinds import method_path
+from telemetry_guard.policy.safety import check_enforceable
 from telemetrygateway.v1 import telemetrygateway_pb2 as pb
 
 Encode = Callable[[Message], Any]
@@ -118,20 +119,27 @@ class Guard:
         verifier: CredentialVerifier | None = None,
         audit: AuditLog | None = None,
         side: str,
+        allow_unsafe_policy: bool = False,
     ) -> Guard:
-        """A guard for one side. None: the default policy. A Guard given is reused as it is."""
+        """A guard for one side. None: the default policy. A Guard given is reused as it is.
+
+        A policy (or an engine's) that lint refuses raises policy.safety.UnsafePolicyError, unless
+        allow_unsafe_policy (then its findings are logged at ERROR).
+        """
         if isinstance(policy_or_engine, Guard):
             if verifier is not None or audit is not None or policy_or_engine.side != side:
                 raise ValueError(f"a Guard is used as built: give it the verifier and audit log, for side {side}")
             return policy_or_engine
         if policy_or_engine is None:
             policy_or_engine = default_policy()
+        policy = policy_or_engine.policy if isinstance(policy_or_engine, Engine) else policy_or_engine
+        check_enforceable(policy, allow_unsafe_policy=allow_unsafe_policy)
         engine = policy_or_engine if isinstance(policy_or_engine, Engine) else Engine(policy_or_engine)
         return cls(engine, verifier=verifier, audit=audit, side=side, copy_requests=side == "client")
 
     @property
     def detailed(self) -> bool:
-        """Name removed keys in decisions only when the audit log will write them (DEBUG)."""
+        """Whether the audit log writes removed key names (DEBUG). Decisions are the same either way."""
         return self.audit.logger.isEnabledFor(logging.DEBUG)
 
     def decode(self, rpc: str, item: Any) -> Message:

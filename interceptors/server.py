@@ -49,8 +49,11 @@ class GuardServerInterceptor(grpc.ServerInterceptor):
         *,
         verifier: CredentialVerifier | None = None,
         audit: AuditLog | None = None,
+        allow_unsafe_policy: bool = False,
     ) -> None:
-        self.guard = Guard.build(policy_or_engine, verifier=verifier, audit=audit, side="server")
+        self.guard = Guard.build(
+            policy_or_engine, verifier=verifier, audit=audit, side="server", allow_unsafe_policy=allow_unsafe_policy
+        )
 
     def intercept_service(
         self, continuation: Callable[[grpc.HandlerCallDetails], Handler | None], details: grpc.HandlerCallDetails

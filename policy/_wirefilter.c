@@ -25,7 +25,7 @@ enum { F_REPEATED = 1, F_IMPLICIT = 2, F_MAP = 4 };
 enum { R_NONE, R_FALLBACK, R_EVENT, R_ID, R_FEATURE, R_ACTION, R_TIMESTAMP, R_MARKETING, R_PRIVATE, R_LEGACY };
 enum { MODE_KEEP, MODE_DROP, MODE_ALLOWLIST };
 /* Flags of an event's record, read by policy/fastpath.py. */
-enum { REC_MARKETING = 1, REC_PRIVATE_WHOLE = 2 };
+enum { REC_MARKETING = 1, REC_PRIVATE_WHOLE = 2, REC_UNKNOWN = 4 };
 
 #define MAX_FIELD 63   /* field numbers above are unknown to every message here */
 #define MAX_DEPTH 32   /* deeper: fallback (upb's own limit is 100) */
@@ -100,7 +100,7 @@ typedef struct {
     Py_ssize_t nrec_keys, caprec_keys;
     Py_ssize_t events_in, events_out;
     /* the call's totals, for a decision's counts without its records */
-    Py_ssize_t n_marketing, n_private_whole, n_gone, n_wrong, n_drops[64];
+    Py_ssize_t n_marketing, n_private_whole, n_gone, n_wrong, n_unknown, n_drops[64];
     PyObject *dropped_ids;   /* list of str: events removed whole */
     PyObject *dropped_rules; /* {rule: count} */
     int saw_unknown;
@@ -513,6 +513,21 @@ static int check(Ctx *c, int mi, const uint8_t *p, const uint8_t *end, int depth
     return OK;
 }
 
+/* The keys of a private_metadata removed whole (a Struct already checked: no key twice), as
+ * c->gone: the record names them and counts them, 1 each, as the reference does. */
+static int whole_keys(Ctx *c, const uint8_t *p, const uint8_t *end) {
+    while (p < end) {
+        uint32_t num, wt;
+        const uint8_t *entry;
+        if (!read_tag(&p, end, &num, &wt) || !skip_value(&p, end, wt, &entry)) return FALLBACK;
+        if (num != 1) continue; /* an unknown field of the Struct: goes with it */
+        Slice key;
+        if (wt != 2 || map_key(entry, p, &key) != OK || c->ngone == MAX_KEYS) return FALLBACK;
+        c->gone[c->ngone++] = key;
+    }
+    return OK;
+}
+
 /* A message, field by field: copied, skipped or rewritten (emit), or only checked (!emit). */
 static int walk(Ctx *c, int mi, const uint8_t *p, const uint8_t *end, int depth, int emit) {
     if (depth > MAX_DEPTH) return FALLBACK;
@@ -532,6 +547,7 @@ static int walk(Ctx *c, int mi, const uint8_t *p, const uint8_t *end, int depth,
         const Field *f = h.f;
         if (f == NULL) {
             c->saw_unknown = 1;
+            if (emit && plan->discard_unknown) c->flags |= REC_UNKNOWN; /* left out of what leaves */
             if (emit && !plan->discard_unknown && put(c, h.start, h.end - h.start) < 0) return FAIL;
             continue;
         }
@@ -559,9 +575,10 @@ static int walk(Ctx *c, int mi, const uint8_t *p, const uint8_t *end, int depth,
                 if ((r = private_allowlist(c, h.start, h.tag_end, h.v, h.end)) != OK) return r;
                 continue;
             }
-            c->flags |= REC_PRIVATE_WHOLE;
-            keep = 0;
-            break;
+            c->flags |= REC_PRIVATE_WHOLE; /* checked as the reference parses it; its keys named */
+            if ((r = walk(c, f->child, h.v, h.end, depth + 1, 0)) != OK || (r = whole_keys(c, h.v, h.end)) != OK)
+                return r;
+            continue;
         default:
             break;
         }
@@ -581,6 +598,7 @@ static int walk(Ctx *c, int mi, const uint8_t *p, const uint8_t *end, int depth,
             if ((r = check(c, f->child, h.v, h.end, depth + 1)) != OK) return r;
             int rewrite = c->saw_unknown && plan->discard_unknown;
             c->saw_unknown |= saw;
+            if (rewrite) c->flags |= REC_UNKNOWN;
             if (!rewrite) {
                 if (put(c, h.start, h.end - h.start) < 0) return FAIL;
                 continue;
@@ -885,8 +903,9 @@ static int event(Ctx *c, const Field *f, const uint8_t *tag, const uint8_t *tag_
     if (close_len(c, &len) < 0) return FAIL;
     if (!(c->flags || c->drops || c->ngone || c->nwrong)) return OK;
     c->n_marketing += (c->flags & REC_MARKETING) != 0;
-    c->n_private_whole += (c->flags & REC_PRIVATE_WHOLE) != 0;
+    c->n_private_whole += (c->flags & REC_PRIVATE_WHOLE) && c->ngone == 0; /* else its keys count, 1 each */
     c->n_gone += c->ngone;
+    c->n_unknown += (c->flags & REC_UNKNOWN) != 0;
     c->n_wrong += c->nwrong;
     for (uint64_t d = c->drops; d; d &= d - 1) c->n_drops[__builtin_ctzll(d)]++;
     return add_record(c, index, id, feature, action, NULL);
@@ -1127,8 +1146,9 @@ static PyObject *plan_filter(Plan *self, PyObject *args) {
         c->recs = NULL;
         c->rec_keys = NULL;
         c->nrecs = 0;
-        result = Py_BuildValue("(OnnO(nnnnOOO))", c->out, c->events_in, c->events_out, records, c->n_marketing,
-                               c->n_private_whole, c->n_gone, c->n_wrong, drops, c->dropped_ids, c->dropped_rules);
+        result = Py_BuildValue("(OnnO(nnnnnOOO))", c->out, c->events_in, c->events_out, records, c->n_marketing,
+                               c->n_private_whole, c->n_gone, c->n_wrong, c->n_unknown, drops, c->dropped_ids,
+                               c->dropped_rules);
     } else if (r == FALLBACK) {
         result = Py_NewRef(Py_None);
     }

@@ -3,8 +3,9 @@
 from collections.abc import Callable, Sequence
 
 Record = tuple[int, str, str, str, str | None, int, tuple[str, ...] | None, tuple[str, ...] | None, int]
-# marketing, private_metadata whole, keys gone, non-string values, per drop bit, dropped ids, {rule: events dropped}
-Totals = tuple[int, int, int, int, tuple[int, ...], list[str], dict[str, int]]
+# marketing, private_metadata whole without keys, keys gone, non-string values, events whose unknown fields were
+# left out, per drop bit, dropped ids, {rule: events dropped}
+Totals = tuple[int, int, int, int, int, tuple[int, ...], list[str], dict[str, int]]
 
 class Records:
     """One call's records, as slices of its payload until built."""

@@ -83,6 +83,7 @@ class _KindPlan:
         self.legacy_rule = rules.legacy_metadata.rule
         self.discard_unknown = rules.unknown_fields.value == "discard"
         self.unknown_rule = rules.unknown_fields.rule
+        self.unknown_removal = Removal(self.unknown_rule, fastpath.UNKNOWN_PATH)
         self.droppers: list[tuple[Removal, fieldpaths.Remover]] = []
         for path in rules.drop_fields.value:
             resolved = fieldpaths.resolve(path)
@@ -237,8 +238,8 @@ class Engine:
     ) -> Outcome[pb.RecordEventsRequest]:
         """One message of a RecordEvents stream; identifier: the stream's (from its metadata message).
 
-        detailed: also measure unknown fields per event and name the keys of a private_metadata
-        removed whole (slower; for audits and tests).
+        detailed: accepted for callers written when it changed the record; a decision is the same
+        either way (named keys, unknown fields per event, counts), so that counts never depend on it.
         """
         if request.WhichOneof("payload") != "events":
             return self._stream_metadata(RECORD_EVENTS, request, identifier)
@@ -260,7 +261,7 @@ class Engine:
         decision = Decision(RECORD_EVENTS)
         kind = None if identifier is None else self._admit(RECORD_EVENTS, identifier, decision)
         if kind is not None:
-            out = self._payload_bytes(data, kind, decision, detailed)
+            out = self._payload_bytes(data, kind, decision)
             if out is not None:
                 return out
         elif identifier is not None:
@@ -292,13 +293,13 @@ class Engine:
             if denial is not None:
                 decision.denial = denial
                 return Outcome(None, decision)
-        out = self._payload_bytes(data, key, decision, detailed)
+        out = self._payload_bytes(data, key, decision)
         return self._metadata_bytes(data, decision) if out is None else out
 
-    def _payload_bytes(self, data: bytes, kind: str, decision: Decision, detailed: bool) -> Outcome[bytes] | None:
+    def _payload_bytes(self, data: bytes, kind: str, decision: Decision) -> Outcome[bytes] | None:
         """A message of an admitted kind's stream, but for a metadata message (None: see _metadata_bytes)."""
         plan = self._plans[kind]
-        if plan.fast is not None and not detailed:
+        if plan.fast is not None:
             fast = plan.fast.filter(data, self._resolvers[kind])
             if fast is not None:
                 decision.events_in += fast.events_in
@@ -306,14 +307,32 @@ class Engine:
                 decision.defer(fast.records, fast.counts, fast.dropped_ids)
                 decision.unknown_fields = "discarded" if plan.discard_unknown else "kept"
                 return Outcome(fast.data, decision)
+        return self._payload_view(data, plan, decision, measure_unknown=False)
+
+    def _payload_view(
+        self, data: bytes, plan: _KindPlan, decision: Decision, *, measure_unknown: bool
+    ) -> Outcome[bytes] | None:
+        """The Python path of _payload_bytes: parse into the kind's view, filter, serialize.
+
+        Which events had unknown fields (a record and a count each) takes two sizes per event; a
+        payload is measured whole first, and only one that had unknown fields is done again, event
+        by event (exporters do not send unknown fields: this is rare).
+        """
         view: Any = plan.view.FromString(data)
         payload = view.WhichOneof("payload")
         if payload == "metadata":
             return None
+        measure_whole = payload == "events" and plan.discard_unknown and not measure_unknown
         if payload == "events":
-            self._filter_events(plan, view.events.events, decision, detailed)
+            self._filter_events(plan, view.events.events, decision, measure_unknown=measure_unknown)
+        before = view.ByteSize() if measure_whole else 0
         self._unknown(plan, view, decision)
-        return Outcome(view.SerializeToString(), decision)
+        out = view.SerializeToString()
+        if measure_whole and len(out) != before:  # something unknown was left out: find its events
+            decision.events.clear()
+            decision.events_in = decision.events_out = 0
+            return self._payload_view(data, plan, decision, measure_unknown=True)
+        return Outcome(out, decision)
 
     def _metadata_bytes(self, data: bytes, decision: Decision) -> Outcome[bytes]:
         """A metadata message, judged by its own identifier, whatever the stream's (rare: once a stream);
@@ -356,7 +375,7 @@ class Engine:
         # The same path as RecordEvents: the event as a one-event payload of the kind's view.
         view: Any = plan.view.FromString(_events_payload(request.event.SerializeToString()))
         events = view.events.events
-        self._filter_events(plan, events, decision, detailed)
+        self._filter_events(plan, events, decision, measure_unknown=True)
         if events:
             self._unknown(plan, view, decision)
             request.event.Clear()
@@ -445,7 +464,7 @@ class Engine:
             return lambda feature, action: nothing
         return lambda feature, action: self.event_type(kind, feature, action).wire
 
-    def _filter_events(self, plan: _KindPlan, events: Any, decision: Decision, detailed: bool) -> None:
+    def _filter_events(self, plan: _KindPlan, events: Any, decision: Decision, *, measure_unknown: bool) -> None:
         """The hot loop over view events: each once; only events something happens to get a record.
 
         Written for speed (locals, shared Removal objects, no allocation for an event
@@ -453,7 +472,7 @@ class Engine:
         """
         count = len(events)
         decision.events_in += count
-        if plan.untouched and not detailed:
+        if plan.untouched and not measure_unknown:
             decision.events_out += count
             return
         kind = plan.key
@@ -466,6 +485,8 @@ class Engine:
         merge_legacy = plan.merge_legacy
         drop_invalid = plan.drop_invalid
         droppers = plan.droppers
+        measure_unknown = measure_unknown and plan.discard_unknown
+        unknown_removal = plan.unknown_removal
         private = self._private
         for index, event in enumerate(events):
             feature = event.feature
@@ -490,7 +511,7 @@ class Engine:
                 removals = [marketing_removal]
             params = event.parameters
             if filter_private and params.HasField("private_metadata"):
-                removed = private(plan, etype.entry, params, detailed)
+                removed = private(plan, etype.entry, params)
                 if removed:
                     removals = removed if removals is None else removals + removed
             if merge_legacy and params.legacy_metadata:
@@ -504,11 +525,11 @@ class Engine:
             for dropped_field, remove in droppers:
                 if remove(event):
                     removals = [*(removals or ()), dropped_field]
-            if detailed and plan.discard_unknown:
+            if measure_unknown:  # per event, so that the record and the counts say which events had them
                 before = event.ByteSize()
                 event.DiscardUnknownFields()
                 if event.ByteSize() != before:
-                    removals = [*(removals or ()), Removal(plan.unknown_rule, "(unknown fields)")]
+                    removals = [*(removals or ()), unknown_removal]
             if removals is not None:
                 records.append(EventRecord(index, event.id, feature, action, removals))
         for index in reversed(dropped):
@@ -516,7 +537,7 @@ class Engine:
         decision.events_out += len(events)
 
     @staticmethod
-    def _private(plan: _KindPlan, entry: AllowlistEntry | None, params: Any, detailed: bool) -> list[Removal]:
+    def _private(plan: _KindPlan, entry: AllowlistEntry | None, params: Any) -> list[Removal]:
         """private_metadata (a RawStruct in the view) by mode: drop it, or keep allowlisted string values.
 
         Key names in the record are sorted, so that records do not depend on map order.
@@ -524,7 +545,7 @@ class Engine:
         path = fastpath.PRIVATE_PATH
         raw = params.private_metadata.SerializeToString()  # a RawStruct serializes as the Struct it stands for
         if entry is None or plan.private_mode == "drop":
-            names = tuple(sorted(struct_pb2.Struct.FromString(raw).fields)) if detailed else ()
+            names = tuple(sorted(struct_pb2.Struct.FromString(raw).fields))  # counted 1 each, as keys removed
             params.ClearField("private_metadata")
             return [Removal(plan.private_rule, path, names)]
         removals = []

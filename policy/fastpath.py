@@ -40,10 +40,11 @@ T_VARINT, T_FIXED64, T_STRING, T_BYTES, T_MESSAGE, T_FIXED32 = range(6)
 F_REPEATED, F_IMPLICIT, F_MAP = 1, 2, 4
 R_NONE, R_FALLBACK, R_EVENT, R_ID, R_FEATURE, R_ACTION, R_TIMESTAMP, R_MARKETING, R_PRIVATE, R_LEGACY = range(10)
 MODES = {"keep": 0, "drop": 1, "allowlist": 2}
-REC_MARKETING, REC_PRIVATE_WHOLE = 1, 2
+REC_MARKETING, REC_PRIVATE_WHOLE, REC_UNKNOWN = 1, 2, 4
 
 PRIVATE_PATH = "parameters.private_metadata"  # the path decision records name (both engine paths)
 _VALUE_SLOTS = 7  # replacements per google.protobuf.Value kind: no kind (0), then fields 1-6 (_wirefilter.c)
+UNKNOWN_PATH = "(unknown fields)"  # what a record names for the unknown fields left out of an event
 
 _FD = FieldDescriptor
 _TYPES = {
@@ -225,7 +226,8 @@ class FastPlan:
         )
         self._droppers = droppers
         self._marketing = marketing
-        self._private_whole = Removal(pm.rule, PRIVATE_PATH)
+        self._private_whole = Removal(pm.rule, PRIVATE_PATH)  # an empty one: no key to name
+        self._unknown = Removal(rules.unknown_fields.rule, UNKNOWN_PATH)
         self._private_rule = pm.rule
         self._non_string_rule = pm.non_string_rule
         self._non_string_action: Any = "removed" if pm.non_string == "drop" else "replaced"
@@ -242,7 +244,7 @@ class FastPlan:
 
     def _totals(self, totals: _wirefilter.Totals) -> tuple[dict[str, int], list[str]]:
         """Decision.counts() of the records, and the ids of the events removed whole, without the records."""
-        marketing, private_whole, gone, wrong, drops, dropped_ids, dropped_rules = totals
+        marketing, private_whole, gone, wrong, unknown, drops, dropped_ids, dropped_rules = totals
         counts = dict(dropped_rules)
         for rule, count in (
             (self._marketing.rule, marketing),
@@ -254,6 +256,8 @@ class FastPlan:
         for bit, removal in enumerate(self._droppers):
             if drops[bit]:
                 counts[removal.rule] = counts.get(removal.rule, 0) + drops[bit]
+        if unknown:
+            counts[self._unknown.rule] = counts.get(self._unknown.rule, 0) + unknown
         return counts, dropped_ids
 
     def _record(
@@ -274,14 +278,16 @@ class FastPlan:
         removals = []
         if flags & REC_MARKETING:
             removals.append(self._marketing)
-        if flags & REC_PRIVATE_WHOLE:
-            removals.append(self._private_whole)
-        if gone:
+        if gone:  # keys removed from an allowlisted private_metadata, or the keys of one removed whole
             removals.append(Removal(self._private_rule, PRIVATE_PATH, tuple(sorted(gone))))
+        elif flags & REC_PRIVATE_WHOLE:
+            removals.append(self._private_whole)
         if wrong:
             removals.append(Removal(self._non_string_rule, PRIVATE_PATH, tuple(sorted(wrong)), self._non_string_action))
         if drops:
             removals.extend(removal for bit, removal in enumerate(self._droppers) if drops >> bit & 1)
+        if flags & REC_UNKNOWN:
+            removals.append(self._unknown)
         return EventRecord(index, event_id, feature, action, removals)
 
 

@@ -69,7 +69,6 @@ LOG = logging.getLogger("telemetry_guard.sidecar.forward")
 DEFAULT_FORWARD_METADATA = ("authorization",)
 DEFAULT_WINDOW = 64  # events payloads per stream sent upstream and not yet answered
 END_SETTLE_SECONDS = 0.01
-CORE_WRITE_RACE = "Internal error from Core"
 NO_DEADLINE = 10.0**9  # seconds; beyond this a client's deadline is "none"
 
 
@@ -90,48 +89,46 @@ async def _settle() -> None:
     await asyncio.sleep(END_SETTLE_SECONDS)
 
 
-class _StatusTrail:
-    """Every status grpc.aio sets on an upstream call, in order: works around a grpc.aio quirk.
+async def _send(call: Any, data: bytes) -> bool:
+    """Write one message on an upstream stream call; False when the call has ended (its status says how).
 
-    A write that races the upstream's final status makes grpc.aio set the call's status to
-    INTERNAL "Internal error from Core", before or after the status the upstream sent (which
-    it then overwrites, or is overwritten by). The done callbacks see each status as it is set,
-    so the upstream's own status can be told apart and passed on to the client unchanged.
-    Reads the status through grpc's cython call object (no public synchronous accessor).
+    Not call.write(): when the upstream ends the call while a write is on its way, grpc.aio's write
+    sets the call's status to INTERNAL "Internal error from Core", over the status the upstream sent
+    or before it arrives, so that the client would get INTERNAL instead of, say, UNAVAILABLE (which
+    exporters retry; grpc/grpc#36066). This is call.write() through grpc's cython call, with core's
+    refusal of the write taken for what it is: the call is over, and the upstream's status stands.
+    Where grpc has not that shape, call.write() as it is.
     """
-
-    def __init__(self, call: Any) -> None:
-        self.seen: list[tuple[grpc.StatusCode, str]] = []
-        call.add_done_callback(self._record)
-
-    def _record(self, call: Any) -> None:
-        status: Any = getattr(getattr(call, "_cython_call", None), "_status", None)
-        if status is None:
-            return
-        try:
-            code = _CODES.get(status.code())
-            if code is not None:
-                self.seen.append((code, status.details() or ""))
-        except Exception:  # a grpc without this internal shape: the call's status as reported
-            return
-
-    async def status(self, failure: grpc.aio.AioRpcError) -> tuple[grpc.StatusCode, str]:
-        """The upstream's status for a call that failed with `failure`."""
-        reported = (failure.code(), failure.details() or "")
-        if reported != (grpc.StatusCode.INTERNAL, CORE_WRITE_RACE):
-            return reported
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + 1.0
-        while True:
-            for seen in self.seen:
-                if seen != reported:
-                    return seen
-            if loop.time() >= deadline:
-                return reported
-            await asyncio.sleep(0.01)
+    if call.done():
+        return False
+    send = getattr(getattr(call, "_cython_call", None), "send_serialized_message", None)
+    if send is None or _CoreRefused is None:
+        await call.write(data)
+        return True
+    await call.wait_for_connection()  # the call's metadata is out (raises the status if it ended meanwhile)
+    try:
+        await send(data)
+    except _CoreRefused:
+        return False
+    except asyncio.CancelledError:
+        if not call.cancelled():
+            call.cancel()
+        raise
+    return True
 
 
-_CODES = {code.value[0]: code for code in grpc.StatusCode}
+async def _close(call: Any) -> None:
+    """call.done_writing(); core refusing it means the call is over (see _send)."""
+    try:
+        await call.done_writing()
+    except Exception as exc:
+        if _CoreRefused is None or not isinstance(exc, _CoreRefused):
+            raise
+
+
+_CoreRefused: type[Exception] | None = getattr(
+    getattr(getattr(grpc, "_cython", None), "cygrpc", None), "InternalError", None
+)
 
 
 def _cancelled_from_outside() -> bool:
@@ -286,7 +283,6 @@ class Forwarder:
             except GuardError as exc:
                 await context.abort(exc.code, exc.message)
             call = self._record_events(metadata=self._outgoing(metadata), timeout=self._timeout(context))
-            trail = _StatusTrail(call)
             payloads = _Payloads(self._window)
             pump = asyncio.create_task(self._pump_events(stream, first, requests, call, payloads))
             pump.add_done_callback(_retrieve)
@@ -322,7 +318,7 @@ class Forwarder:
                     pump.cancel()
                 if not call.done():
                     call.cancel()
-            await self._finish(stream, call=call, trail=trail, pump=pump, failure=failure, context=context)
+            await self._finish(stream, call=call, pump=pump, failure=failure, context=context)
         finally:
             active.dec()
 
@@ -338,7 +334,8 @@ class Forwarder:
         sent = self.metrics.child(self.metrics.requests_out, RECORD_EVENTS, stream.kind or NO_KIND)
         tally = self._tally(stream)
         try:
-            await call.write(stream.pass_on(serialize, first))
+            if not await _send(call, stream.pass_on(serialize, first)):
+                return  # the upstream ended the call: its status is read by the handler
             sent.inc()
             async for raw in requests:
                 try:
@@ -346,9 +343,8 @@ class Forwarder:
                     if out is None:
                         continue
                     await payloads.sending()
-                    if call.done():
+                    if not await _send(call, out):
                         return  # the upstream ended the call: its status is read by the handler
-                    await call.write(out)
                     if tally is None:
                         sent.inc()
                     else:
@@ -357,7 +353,7 @@ class Forwarder:
                     if tally is not None:
                         tally.count()
             await _settle()
-            await call.done_writing()
+            await _close(call)
         except GuardError:  # refused and audited (stream.error): nothing more goes upstream
             call.cancel()
         except (grpc.aio.AioRpcError, asyncio.InvalidStateError):
@@ -374,7 +370,6 @@ class Forwarder:
         stream: StreamGuard,
         *,
         call: Any,
-        trail: _StatusTrail,
         pump: asyncio.Task[None],
         failure: Any,
         context: Context,
@@ -390,7 +385,7 @@ class Forwarder:
             if code != grpc.StatusCode.OK:
                 failure = grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(), await call.details())
         if failure is not None:
-            code, details = await trail.status(failure)
+            code, details = failure.code(), failure.details() or ""
             self._upstream_failed(stream.rpc, code)
             await context.abort(code, details)
 
@@ -409,7 +404,6 @@ class Forwarder:
                 await context.abort(exc.code, exc.message)
             started = time.perf_counter()
             call = self._publish(metadata=self._outgoing(metadata), timeout=self._timeout(context))
-            trail = _StatusTrail(call)
             pump = asyncio.create_task(self._pump_messages(stream, first, requests, call))
             pump.add_done_callback(_retrieve)
             failure: grpc.aio.AioRpcError | None = None
@@ -426,7 +420,7 @@ class Forwarder:
                     pump.cancel()
                 if not call.done():
                     call.cancel()
-            await self._finish(stream, call=call, trail=trail, pump=pump, failure=failure, context=context)
+            await self._finish(stream, call=call, pump=pump, failure=failure, context=context)
             self.metrics.child(self.metrics.upstream_latency, PUBLISH_USER_METADATA).observe(
                 time.perf_counter() - started
             )
@@ -439,18 +433,18 @@ class Forwarder:
     ) -> None:
         kind = stream.kind
         try:
-            await call.write(stream.pass_on(serialize, first))
+            if not await _send(call, stream.pass_on(serialize, first)):
+                return  # the upstream ended the call: its status is read by the handler
             self._sent(stream.rpc, kind)
             async for raw in requests:
                 message = stream.accept(raw)
                 if message is None:
                     continue
-                if call.done():
+                if not await _send(call, stream.pass_on(serialize, message)):
                     return
-                await call.write(stream.pass_on(serialize, message))
                 self._sent(stream.rpc, kind)
             await _settle()
-            await call.done_writing()
+            await _close(call)
         except GuardError:
             call.cancel()
         except (grpc.aio.AioRpcError, asyncio.InvalidStateError):

@@ -67,7 +67,8 @@ class Metrics:
         )
         self.removals = Counter(
             "telemetry_guard_removals",
-            "Things removed, per rule (whole events count 1, private_metadata keys 1 each).",
+            "Things removed, per rule (whole events count 1, private_metadata keys 1 each, "
+            "an event's unknown fields 1), as `telemetry-guard apply` counts them.",
             ["rpc", "kind", "rule"],
             registry=r,
         )

@@ -1,9 +1,11 @@
 """Policy hot reload: on SIGHUP and when the policy or one of its allowlist files changes.
 
 A new policy is put in force only when it is fully validated: loaded (YAML, schema, semantics:
-policy.load_policy), compiled into an Engine, and tried on a small request of every identifier
-kind (a dry run: an engine that raises there would refuse live traffic with INTERNAL). An
-invalid policy is refused with an error log and a metric; the old one stays in force.
+policy.load_policy), accepted by lint (policy.safety: an error the policy does not acknowledge
+refuses it, unless the operator allowed unsafe policies), compiled into an Engine, and tried on
+a small request of every identifier kind (a dry run: an engine that raises there would refuse
+live traffic with INTERNAL). An invalid policy is refused with an error log and a metric; the
+old one stays in force.
 
 Each call takes the guard in force when it starts and keeps it to the end (`current` is read
 once per call), so streams in flight keep the policy they started with.
@@ -28,11 +30,14 @@ from telemetry_guard.interceptors.guard import Guard
 from telemetry_guard.policy import KINDS, Engine, Policy, PolicyError, default_policy, load_policy
 from telemetry_guard.policy.access import placeholder_identifier
 from telemetry_guard.policy.loader import files_sha256
+from telemetry_guard.policy.safety import PolicyChangedError, check_enforceable
 from telemetry_guard.sidecar.logs import fields
 from telemetry_guard.sidecar.metrics import Metrics
 from telemetrygateway.v1 import telemetrygateway_pb2 as pb
 
 LOG = logging.getLogger("telemetry_guard.sidecar.reload")
+
+LOAD_ATTEMPTS = 3  # loads of a policy whose files keep changing while it is checked, before giving up
 
 Signature = tuple[tuple[str, int, int, int, int] | tuple[str], ...]
 
@@ -73,9 +78,20 @@ def _dry_run(engine: Engine) -> None:
         engine.record_events_bytes(data, identifier)
 
 
-def load_validated(path: str | Path | None) -> tuple[Policy, Engine]:
-    """Load (None: the default policy), compile and dry-run a policy; raises PolicyError or what the engine raises."""
-    policy = load_policy(path) if path is not None else default_policy()
+def load_validated(path: str | Path | None, *, allow_unsafe_policy: bool = False) -> tuple[Policy, Engine]:
+    """Load (None: the default policy), lint, compile and dry-run a policy for enforcement.
+
+    Raises PolicyError (UnsafePolicyError: lint refuses it, and allow_unsafe_policy is not given) or
+    what the engine raises.
+    """
+    for attempt in range(1, LOAD_ATTEMPTS + 1):
+        policy = load_policy(path) if path is not None else default_policy()
+        try:
+            check_enforceable(policy, allow_unsafe_policy=allow_unsafe_policy)
+            break
+        except PolicyChangedError:  # rewritten while it was checked: not invalid, read it again
+            if attempt == LOAD_ATTEMPTS:
+                raise
     engine = Engine(policy)
     _dry_run(engine)
     return policy, engine
@@ -85,10 +101,19 @@ class PolicyReloader:
     """Holds the policy in force and replaces it when a new one validates.
 
     path None: the built-in default policy. make_guard builds the guard for a validated engine.
+    allow_unsafe_policy: put in force a policy lint refuses (its findings logged at ERROR on every load).
     """
 
-    def __init__(self, path: str | Path | None, make_guard: Callable[[Engine], Guard], metrics: Metrics) -> None:
+    def __init__(
+        self,
+        path: str | Path | None,
+        make_guard: Callable[[Engine], Guard],
+        metrics: Metrics,
+        *,
+        allow_unsafe_policy: bool = False,
+    ) -> None:
         self.path = Path(path) if path is not None else None
+        self.allow_unsafe_policy = allow_unsafe_policy
         self._make_guard = make_guard
         self.metrics = metrics
         self._lock = asyncio.Lock()
@@ -115,7 +140,7 @@ class PolicyReloader:
 
     def _load(self) -> Loaded:
         """Load, compile and dry-run (blocking: called in a thread once serving)."""
-        policy, engine = load_validated(self.path)
+        policy, engine = load_validated(self.path, allow_unsafe_policy=self.allow_unsafe_policy)
         seen = signature(self._watched(policy))
         if files_sha256(policy.files) != policy.sha256:
             seen = ()  # a file changed while it was being read: the next look reloads

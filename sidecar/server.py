@@ -67,6 +67,7 @@ class Config:
     introspection_client_id: str | None = None
     log_level: str = "info"
     window: int = DEFAULT_WINDOW
+    allow_unsafe_policy: bool = False
 
 
 def split_host_port(address: str) -> tuple[str, int]:
@@ -130,7 +131,9 @@ class Sidecar:
         def make_guard(engine: Engine) -> Guard:
             return Guard(engine, verifier=verify, audit=audit, side="server")
 
-        self.reloader = PolicyReloader(config.policy, make_guard, self.metrics)  # raises PolicyError
+        self.reloader = PolicyReloader(  # raises PolicyError
+            config.policy, make_guard, self.metrics, allow_unsafe_policy=config.allow_unsafe_policy
+        )
         self.port = 0
         self.gateway_port: int | None = None
         self._server: grpc.aio.Server | None = None

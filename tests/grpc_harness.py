@@ -14,8 +14,10 @@ Every RPC has a deadline (TIMEOUT) and every wait is bounded, so nothing can han
 from __future__ import annotations
 
 import asyncio
+import atexit
 import functools
 import queue
+import shutil
 import tempfile
 import threading
 from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
@@ -441,9 +443,16 @@ def _ok(responses: list[Any]) -> Result:
 
 
 @functools.cache
+@functools.cache
+def _policy_dir() -> Path:
+    """Where load_test_policy writes: kept for the session, as the interceptors lint the policy's files."""
+    path = Path(tempfile.mkdtemp(prefix="telemetry-guard-test-policy-"))
+    atexit.register(shutil.rmtree, path, ignore_errors=True)
+    return path
+
+
 def load_test_policy() -> Policy:
-    with tempfile.TemporaryDirectory() as tmp:
-        return test_policy(Path(tmp))
+    return test_policy(_policy_dir())
 
 
 @dataclass

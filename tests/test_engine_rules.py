@@ -327,7 +327,7 @@ PRIVATE = [
         "submitted",
         SECRET,
         None,
-        [Removal(PM_L, PM)],
+        [Removal(PM_L, PM, ("languageId", "model", "prompt"))],
     ),
     pm_case(
         "licensed-listed-feature-other-action-without-star",
@@ -336,7 +336,7 @@ PRIVATE = [
         "clicked",
         {"languageId": "go"},
         None,
-        [Removal(PM_L, PM)],
+        [Removal(PM_L, PM, ("languageId",))],
     ),
     pm_case(
         "licensed-feature-is-matched-exactly",
@@ -345,7 +345,7 @@ PRIVATE = [
         "submitted",
         {"model": "m"},
         None,
-        [Removal(PM_L, PM)],
+        [Removal(PM_L, PM, ("model",))],
     ),
     pm_case(
         "licensed-only-string-keys-listed-pass-untouched",
@@ -429,7 +429,7 @@ PRIVATE = [
         "viewed",
         {"languageId": "go"},
         None,
-        [Removal(PM_U, PM)],
+        [Removal(PM_U, PM, ("languageId",))],
     ),
     pm_case(
         "managed-service-keeps-everything",
@@ -440,7 +440,15 @@ PRIVATE = [
         {"prompt": "p", "n": {"x": [1, None, True]}},
         [],
     ),
-    pm_case("workspace-drops-it", "workspace", "cody.chat", "submitted", {"model": "gpt-4"}, None, [Removal(PM_W, PM)]),
+    pm_case(
+        "workspace-drops-it",
+        "workspace",
+        "cody.chat",
+        "submitted",
+        {"model": "gpt-4"},
+        None,
+        [Removal(PM_W, PM, ("model",))],
+    ),
     pm_case("workspace-drops-an-empty-one", "workspace", "cody.chat", "submitted", {}, None, [Removal(PM_W, PM)]),
 ]
 
@@ -725,7 +733,7 @@ def _seed_single_tenant(kind: str) -> list[Case]:
                     0,
                     event("search", "submitted"),
                     Removal(f"{rule}.marketing_tracking", "marketing_tracking"),
-                    Removal(f"{rule}.private_metadata", PM),
+                    Removal(f"{rule}.private_metadata", PM, ("query",)),
                 )
             ],
         ),
@@ -849,10 +857,10 @@ def test_decision_counts_and_dict_for_a_mixed_batch() -> None:
     )
     outcome = make_engine("default").record_events(request, identifier("licensed_instance"))
     decision = outcome.decision
-    # a private_metadata removed whole counts 1 (its keys are not read), a removed key 1 each
+    # a removed private_metadata key counts 1, whether the whole private_metadata went or only the key
     assert decision.counts() == {
         "kinds.licensed_instance.marketing_tracking": 3,
-        "kinds.licensed_instance.private_metadata": 2,
+        "kinds.licensed_instance.private_metadata": 4,
     }
     summary = decision.to_dict()
     assert summary["rpc"] == "RecordEvents"
@@ -963,7 +971,10 @@ def test_unknown_fields_discarded_by_default_at_every_depth() -> None:
     assert outcome.request == expected
     assert unknowns(outcome.request) == set()
     assert outcome.decision.unknown_fields == "discarded"
-    assert outcome.decision.events == []
+    # the event they were left out of is recorded and counted once, as its rule's removal
+    (record,) = outcome.decision.events
+    assert record.removals == [Removal("strictest-default.unknown_fields", "(unknown fields)")]
+    assert outcome.decision.counts() == {"strictest-default.unknown_fields": 1}
 
 
 def test_unknown_fields_kept_when_the_policy_says_keep() -> None:
@@ -1051,9 +1062,16 @@ def test_unknown_fields_in_user_metadata(kind: str, kept: bool) -> None:
     assert unknowns(outcome.request) == ({("user_metadata.users[0]", 9)} if kept else set())
 
 
-def test_detailed_decision_names_unknown_fields_and_whole_private_metadata_keys() -> None:
+@pytest.mark.parametrize("detailed", [False, True], ids=["plain", "detailed"])
+def test_decision_names_unknown_fields_and_whole_private_metadata_keys_at_any_detail(detailed: bool) -> None:
+    # The counts (metrics, audit lines) come from these records: they must not depend on `detailed`.
     request = request_with_unknowns(event_with_unknowns("search", "submitted"))
-    outcome = make_engine("unknown_fields").record_events(request, identifier("managed_service"), detailed=True)
+    outcome = make_engine("unknown_fields").record_events(request, identifier("managed_service"), detailed=detailed)
+    assert outcome.decision.counts() == {
+        "kinds.managed_service.marketing_tracking": 1,
+        "kinds.managed_service.private_metadata": 3,
+        "strictest-default.unknown_fields": 1,
+    }
     (record,) = outcome.decision.events
     assert normalized([record]) == normalized(
         [

@@ -18,6 +18,9 @@ examples:
       --tls-cert tls.crt --tls-key tls.key --metrics-listen 0.0.0.0:9090 --workers 2
 
 signals: SIGHUP reloads the policy (so does a change of its files); SIGTERM stops gracefully.
+exit status: 0 stopped by SIGTERM, 1 a worker failed while stopping, 2 bad arguments, a policy
+that cannot be loaded or that lint refuses, an address that cannot be bound; 3 --workers kept
+dying (a crash loop: a dead worker is otherwise replaced).
 logs: JSON lines on stderr (the audit trail included). --log-level debug also logs the names
 of removed private_metadata keys; never their values.
 """
@@ -74,6 +77,12 @@ def register(sub: Any) -> None:
         default=2.0,
         metavar="SECONDS",
         help="how often the policy's files are checked for changes; 0: only on SIGHUP (default: %(default)s)",
+    )
+    policy.add_argument(
+        "--allow-unsafe-policy",
+        action="store_true",
+        help="enforce a policy that `telemetry-guard lint` refuses (an error it does not acknowledge); "
+        "without it such a policy is refused at start and on reload. Its findings are logged at error on every load",
     )
     policy.add_argument(
         "--introspection-url",
@@ -168,6 +177,7 @@ def _config(args: argparse.Namespace) -> Any:
         introspection_url=args.introspection_url,
         introspection_client_id=args.introspection_client_id,
         log_level=args.log_level,
+        allow_unsafe_policy=args.allow_unsafe_policy,
     )
 
 
@@ -190,7 +200,7 @@ def run(args: argparse.Namespace) -> int:
     from telemetry_guard.sidecar.reload import load_validated
     from telemetry_guard.sidecar.server import split_host_port
 
-    load_validated(config.policy)  # fail before forking: PolicyError is reported by the CLI
+    load_validated(config.policy, allow_unsafe_policy=config.allow_unsafe_policy)  # fail before forking (CLI reports)
     host, port = split_host_port(config.listen)
     metrics = split_host_port(config.metrics_listen) if config.metrics_listen else None
     return workers.supervise(config.workers, host, port, lambda bound: _worker(config, host, bound), metrics)
