@@ -109,7 +109,7 @@ _RULES: Final = (
     Rule(
         "record-event-instance",
         "error",
-        "RecordEvent is open to an instance kind; the gateway accepts it only from managed services and workspaces.",
+        "RecordEvent is open to an instance kind; the gateway accepts it only from managed services.",
         "Remove licensed_instance and unlicensed_instance from access.RecordEvent; instances use RecordEvents.",
     ),
     Rule(
