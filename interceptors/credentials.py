@@ -70,9 +70,6 @@ class CredentialVerifier(ABC):
     scopes: the policy's credentials.scope, one or more; a token that covers any one of them suffices.
     """
 
-    # What the audit report says this verifier establishes (the policy's scopes follow where it checks them).
-    verifies_scope: bool = False
-
     @abstractmethod
     def verify(self, token: str, scopes: tuple[str, ...], rpc: str) -> None:
         """Refuse (raise GuardError) or return. May block: called directly by sync interceptors."""
@@ -111,8 +108,6 @@ class TokenIntrospection(CredentialVerifier):
     keyed by a SHA-256 of the token. executor: where verify_async runs the blocking request
     (None: the event loop's default executor).
     """
-
-    verifies_scope = True
 
     def __init__(
         self,
