@@ -93,16 +93,21 @@ class DecisionLines:
     then encodes the dict.
     """
 
-    __slots__ = ("_rules", "_templates", "identifier", "kind", "request_id", "rpc", "side")
+    __slots__ = ("_rules", "_templates", "identifier", "kind", "override", "request_id", "rpc", "side")
 
-    def __init__(self, side: str, rpc: str, identifier: pb.Identifier | None, request_id: str) -> None:
+    def __init__(
+        self, side: str, rpc: str, identifier: pb.Identifier | None, request_id: str, override: str | None = None
+    ) -> None:
         self.side = side
         self.rpc = rpc
         self.identifier = identifier
         self.request_id = request_id
+        self.override = override
         self.kind = identifier.WhichOneof("identifier") if identifier is not None else None
         constant: dict[str, Any] = {"audit": "decision", "side": side, "rpc": rpc, "kind": self.kind}
         constant.update(identity(identifier))
+        if override is not None:
+            constant["override"] = override
         constant["request_id"] = request_id
         # Indexed by (message given) * 2 + (unknown_fields given): the two optional fields of a record.
         self._templates = tuple(
@@ -116,7 +121,7 @@ class DecisionLines:
         self, decision: Decision, message: int | None = None, counts: dict[str, int] | None = None
     ) -> str | None:
         """_encode of the record AuditLog.record builds for this decision of the call, or None (see the class)."""
-        if decision.kind and decision.kind != self.kind:
+        if (decision.kind and decision.kind != self.kind) or decision.override != self.override:
             return None
         if decision.request_id and not self.request_id:
             return None
@@ -199,6 +204,8 @@ class AuditLog:
             "kind": decision.kind if decision is not None and decision.kind else kind,
         }
         record.update(identity(identifier))
+        if decision is not None and decision.override is not None:
+            record["override"] = decision.override  # the override whose rules applied
         record["request_id"] = request_id or (decision.request_id if decision is not None else "")
         if message is not None:
             record["message"] = message

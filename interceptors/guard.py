@@ -164,6 +164,7 @@ class CallGuard:
         self.request_id = ""
         self.raw = False  # the caller's requests are bytes (a raw-bytes method)
         self.kind: str | None = None
+        self.override: str | None = None  # the override the identifier matched (its rules apply), once admitted
         self.error: GuardError | None = None
         self._token: str | None = None  # to verify before anything is passed on
         self._verified = False
@@ -176,6 +177,8 @@ class CallGuard:
         if not isinstance(found, str):
             raise GuardError.from_denial(found)
         self.kind = found
+        matched = self.guard.engine.override_for(identifier)
+        self.override = None if matched is None else matched.name
         if found in self.guard.engine.policy.credentials_required:
             self._token = bearer_token(self.authorization)
         else:
@@ -212,10 +215,17 @@ class CallGuard:
         )
 
     def decision_lines(self) -> DecisionLines:
-        """The audit template of this call's decisions (made again if the identifier or request_id changed)."""
+        """The audit template of this call's decisions (made anew when identifier, request_id or override change)."""
         lines = self._lines
-        if lines is None or lines.identifier is not self.identifier or lines.request_id != self.request_id:
-            lines = self._lines = DecisionLines(self.guard.side, self.rpc, self.identifier, self.request_id)
+        if (
+            lines is None
+            or lines.identifier is not self.identifier
+            or lines.request_id != self.request_id
+            or lines.override != self.override
+        ):
+            lines = self._lines = DecisionLines(
+                self.guard.side, self.rpc, self.identifier, self.request_id, self.override
+            )
         return lines
 
     def _scopes(self) -> tuple[str, ...]:

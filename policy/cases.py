@@ -4,7 +4,9 @@ A cases file holds named cases. Each gives an input - the RPC, the caller's
 identifier (and authorization header), the request message as protobuf JSON - and
 expectations about what the engine does with it: the exact message that leaves,
 removals that must happen (a case can assert that something was removed), the events
-dropped, or the denial code. Cases run on the same Engine as the interceptors.
+dropped, or the denial code, or the override whose rules applied. Cases run on the same
+Engine as the interceptors; `override: NAME` runs a case as if its identifier matched that
+override (one matched on a license key fingerprint: a cases file never holds the key).
 
     version: 1
     cases:
@@ -103,6 +105,13 @@ CASES_SCHEMA: Final[dict[str, Any]] = {
                         "description": "The caller's Identifier as protobuf JSON (for stream RPCs whose "
                         "request is not the metadata message).",
                     },
+                    "override": {
+                        "type": "string",
+                        "minLength": 1,
+                        "description": "Run the case as if the identifier matched the policy's override of this "
+                        "name (for an override matched on a license key fingerprint, whose key a cases file must "
+                        "not hold). Without it, an override applies when the identifier matches it.",
+                    },
                     "authorization": {
                         "type": "string",
                         "description": "The authorization request metadata, e.g. 'Bearer test'.",
@@ -139,6 +148,10 @@ CASES_SCHEMA: Final[dict[str, Any]] = {
                                 "description": "Removals that must be in the decision record; [] = nothing removed.",
                             },
                             "dropped_events": {"type": "array", "items": {"type": "string"}, "uniqueItems": True},
+                            "override": {
+                                "type": ["string", "null"],
+                                "description": "The override whose rules must apply (its name), or null: none.",
+                            },
                         },
                     },
                 },
@@ -189,6 +202,9 @@ class Case:
     removed: tuple[RemovalSpec, ...] = ()
     expects_no_removal: bool = False  # removed: [] - nothing may be removed
     dropped_events: tuple[str, ...] | None = None
+    override: str | None = None  # run as if the identifier matched this override (Engine.pinned)
+    expected_override: str | None = None
+    expects_override: bool = False
 
     def message(self) -> Message:
         """A fresh copy of the request message."""
@@ -317,6 +333,9 @@ def _case(doc: Located, i: int, item: Mapping[str, Any], problems: list[Problem]
         ),
         expects_no_removal=expect.get("removed") == [],
         dropped_events=tuple(expect["dropped_events"]) if "dropped_events" in expect else None,
+        override=item.get("override"),
+        expected_override=expect.get("override"),
+        expects_override="override" in expect,
     )
 
 
@@ -357,6 +376,8 @@ def evaluate(engine: Engine, case: Case) -> Outcome[Any]:
         decision = Decision(case.rpc, denial=admitted)
         if identifier is not None:
             decision.kind = identifier.WhichOneof("identifier")
+            matched = engine.override_for(identifier)
+            decision.override = None if matched is None else matched.name
         return Outcome(None, decision)
     return apply_request(engine, request, case.identifier)
 
@@ -366,8 +387,27 @@ def to_json(message: Message) -> dict[str, Any]:
     return json_format.MessageToDict(message, preserving_proto_field_name=True)
 
 
+def _pinned(engine: Engine, case: Case) -> Engine | str:
+    """The engine a case with `override:` runs on, or why it cannot run."""
+    if case.override is None:
+        return engine
+    found = next((o for o in engine.policy.overrides if o.name == case.override), None)
+    if found is None:
+        known = ", ".join(o.name for o in engine.policy.overrides) or "none"
+        return f"the policy has no override {case.override!r} (it has: {known})"
+    identifier = case.identifier or stream_identifier(case.request)
+    kind = None if identifier is None else identifier.WhichOneof("identifier")
+    if kind != found.kind:
+        return f"override {case.override!r} matches {found.kind} identifiers; the case's identifier is {kind}"
+    return engine.pinned(case.override)
+
+
 def run_case(engine: Engine, case: Case, *, show_keys: bool = False) -> CaseResult:
     started = time.perf_counter()
+    pinned = _pinned(engine, case)
+    if isinstance(pinned, str):
+        return CaseResult(case, (pinned,), (), None, Decision(case.rpc), time.perf_counter() - started)
+    engine = pinned
     outcome = evaluate(engine, case)
     decision = outcome.decision
     leaves = None if outcome.request is None else to_json(outcome.request)
@@ -414,6 +454,10 @@ def run_case(engine: Engine, case: Case, *, show_keys: bool = False) -> CaseResu
             f"expected dropped events [{', '.join(sorted(case.dropped_events))}], "
             f"got [{', '.join(sorted(decision.dropped_event_ids))}]"
         )
+
+    if case.expects_override and decision.override != case.expected_override:
+        want, got = case.expected_override or "no override", decision.override or "no override"
+        failures.append(f"expected {want} to apply, got {got}")
 
     if outcome.request is not None and denial is None and not failures:
         again = apply_request(engine, _copy(outcome.request), case.identifier or stream_identifier(outcome.request))

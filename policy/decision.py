@@ -87,6 +87,7 @@ class Decision:
         "events_in",
         "events_out",
         "kind",
+        "override",
         "removals",
         "request_id",
         "rpc",
@@ -107,6 +108,7 @@ class Decision:
     ) -> None:
         self.rpc = rpc
         self.kind = kind
+        self.override: str | None = None  # the override whose rules applied (overrides.NAME), if any
         self.request_id = request_id
         self.denial = denial
         self._events = [] if events is None else events
@@ -162,6 +164,7 @@ class Decision:
             self.unknown_fields,
             self.events_in,
             self.events_out,
+            self.override,
         )
 
     def __eq__(self, other: object) -> bool:
@@ -184,6 +187,8 @@ class Decision:
             return out
 
         out: dict[str, Any] = {"rpc": self.rpc, "kind": self.kind, "request_id": self.request_id}
+        if self.override is not None:
+            out["override"] = self.override
         if self.denial is not None:
             out["denial"] = {"code": self.denial.code.name, "rule": self.denial.rule, "message": self.denial.message}
             if self.denial.reason:

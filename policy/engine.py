@@ -10,6 +10,10 @@ cache, so the cost per event does not grow with the allowlist.
 
 from __future__ import annotations
 
+import copy
+import dataclasses
+import hashlib
+import hmac
 import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -23,7 +27,7 @@ from google.protobuf.message import Message
 from telemetry_guard.policy import access, fastpath, fieldpaths, validity, views
 from telemetry_guard.policy.decision import Decision, Denial, EventRecord, Removal
 from telemetry_guard.policy.kinds import SINGLE_TENANT_KINDS
-from telemetry_guard.policy.model import AllowlistEntry, KindRules, Policy
+from telemetry_guard.policy.model import MATCH_FINGERPRINT, AllowlistEntry, KindRules, Override, Policy
 from telemetrygateway.v1 import telemetrygateway_pb2 as pb
 
 M = TypeVar("M", bound=Message)
@@ -63,8 +67,9 @@ class EventType:
 class _KindPlan:
     """A kind's rules turned into what the hot loop needs: booleans, closures, a view class."""
 
-    def __init__(self, rules: KindRules, accelerate: bool) -> None:
+    def __init__(self, rules: KindRules, accelerate: bool, key: str = "") -> None:
         self.rules = rules
+        self.key = key or rules.kind  # what the engine files the plan under: the kind, or overrides.NAME
         self.drop_marketing = rules.marketing_tracking.value == "drop"
         self.marketing_removal = Removal(rules.marketing_tracking.rule, "marketing_tracking")
         pm = rules.private_metadata
@@ -115,6 +120,17 @@ class Engine:
     def __init__(self, policy: Policy, cache_size: int = 8192, *, accelerate: bool = True) -> None:
         self.policy = policy
         self._plans = {kind: _KindPlan(rules, accelerate) for kind, rules in policy.kinds.items()}
+        # Overrides: plans of their own (the fast path takes them like any kind's rules), by overrides.NAME.
+        self._overrides = {o.name: o for o in policy.overrides}
+        self._overrides_of: dict[str, tuple[Override, ...]] = {}
+        self._override_access: dict[str, Policy] = {}
+        self._pinned: Override | None = None
+        for o in policy.overrides:
+            self._plans[o.key] = _KindPlan(o.rules, accelerate, o.key)
+            self._overrides_of[o.kind] = (*self._overrides_of.get(o.kind, ()), o)
+            if o.access is not None:  # the kind's access lists, with the kind in every one (see _check_kind)
+                opened = {rpc: kinds | {o.kind} for rpc, kinds in policy.access.items()}
+                self._override_access[o.name] = dataclasses.replace(policy, access=opened)
         self._resolvers = {kind: self._wire_resolver(kind) for kind in self._plans}
         self._types: LRUCache[tuple[str, str, str], EventType] = LRUCache(maxsize=cache_size)
         self._types_lock = threading.Lock()
@@ -127,16 +143,90 @@ class Engine:
     def check_access(
         self, rpc: str, identifier: pb.Identifier | None, authorization: str | None = None
     ) -> str | Denial:
-        """Identifier, kind access and credentials presence: the kind, or a denial."""
-        return access.check_access(self.policy, rpc, identifier, authorization)
+        """Identifier, kind access (or the matching override's) and credentials presence: the kind, or a denial."""
+        override = self.override_for(identifier)
+        if override is None or override.access is None:
+            return access.check_access(self.policy, rpc, identifier, authorization)
+        kind = access.check_identifier(rpc, identifier)
+        if isinstance(kind, Denial):
+            return kind
+        return (
+            self._check_kind(rpc, kind, override)
+            or access.check_credentials(self.policy, rpc, kind, authorization)
+            or kind
+        )
+
+    def _check_kind(self, rpc: str, kind: str, override: Override | None) -> Denial | None:
+        """access.check_kind, with an override's access list in place of its kind's."""
+        if override is None or override.access is None:
+            return access.check_kind(self.policy, rpc, kind)
+        rule = override.access
+        if rpc not in rule.value:
+            allowed = ", ".join(sorted(rule.value)) or "no RPC"
+            return Denial(
+                grpc.StatusCode.PERMISSION_DENIED,
+                rule.rule,
+                f"{rpc}: the caller's identifier matches {override.key}, whose rule {rule.rule} "
+                f"does not allow it (allowed: {allowed})",
+            )
+        return access.check_kind(self._override_access[override.name], rpc, kind)
+
+    # -- overrides ------------------------------------------------------------------------
+
+    def override_for(self, identifier: pb.Identifier | None) -> Override | None:
+        """The override whose match the identifier meets, if any (at most one can: the loader sees to it).
+
+        Once per stream or call, never per event; with no override for the kind it costs a dict lookup.
+        """
+        kind = None if identifier is None else identifier.WhichOneof("identifier")
+        if kind is None or identifier is None:
+            return None
+        pinned = self._pinned
+        if pinned is not None and pinned.kind == kind:
+            return pinned
+        candidates = self._overrides_of.get(kind)
+        if not candidates:
+            return None
+        fields = getattr(identifier, kind)
+        fingerprint: str | None = None
+        for override in candidates:
+            for name, expected in override.match:
+                if name == MATCH_FINGERPRINT:
+                    if fingerprint is None:
+                        fingerprint = hashlib.sha256(fields.license_key.encode("utf-8")).hexdigest()
+                    if not hmac.compare_digest(fingerprint, expected):
+                        break
+                elif getattr(fields, name) != expected:
+                    break
+            else:
+                return override
+        return None
+
+    def pinned(self, name: str) -> Engine:
+        """This engine, but every identifier of the override's kind counts as matching override `name`.
+
+        For dry runs (`apply --override`, a case's `override:`) of an override matched on a license
+        key fingerprint, whose key a reviewer does not hold. Shares this engine's plans and caches.
+        """
+        override = self._overrides.get(name)
+        if override is None:
+            known = ", ".join(self._overrides) or "none"
+            raise ValueError(f"the policy has no override {name!r} (it has: {known})")
+        twin = copy.copy(self)
+        twin._pinned = override
+        return twin
 
     def _admit(self, rpc: str, identifier: pb.Identifier | None, decision: Decision) -> str | None:
+        """The identifier's plan key (its kind, or overrides.NAME of the override it matches), or None: denied."""
         kind = access.check_identifier(rpc, identifier)
         if not isinstance(kind, Denial):
             decision.kind = kind
-            denial = access.check_kind(self.policy, rpc, kind)
+            override = self.override_for(identifier)
+            if override is not None:
+                decision.override = override.name
+            denial = self._check_kind(rpc, kind, override)
             if denial is None:
-                return kind
+                return kind if override is None else override.key
             kind = denial
         decision.denial = kind
         return None
@@ -178,18 +268,32 @@ class Engine:
             return Outcome(None, decision)  # the stream's identifier is refused
         return self._metadata_bytes(data, decision)
 
-    def record_events_admitted(self, data: bytes, kind: str, *, detailed: bool = False) -> Outcome[bytes]:
+    def record_events_admitted(
+        self, data: bytes, kind: str, *, detailed: bool = False, override: str | None = None
+    ) -> Outcome[bytes]:
         """record_events_bytes for a stream whose identifier check_access admitted, as `kind`, under this engine.
 
         The same outcome as record_events_bytes(data, that identifier), without judging the identifier
         again for every payload (the stream's identifier does not change): a proxy's per-payload call.
+        override: the name of the override the identifier matched (override_for, once per stream), if any.
         A kind the policy does not allow RecordEvents is denied as record_events_bytes denies it.
         """
         decision = Decision(RECORD_EVENTS, kind)
-        if kind not in self.policy.access[RECORD_EVENTS]:
-            decision.denial = access.check_kind(self.policy, RECORD_EVENTS, kind)
-            return Outcome(None, decision)
-        out = self._payload_bytes(data, kind, decision, detailed)
+        key = kind
+        if override is None:
+            if kind not in self.policy.access[RECORD_EVENTS]:
+                decision.denial = access.check_kind(self.policy, RECORD_EVENTS, kind)
+                return Outcome(None, decision)
+        else:
+            found = self._overrides[override]
+            if found.kind != kind:
+                raise ValueError(f"override {override!r} is for {found.kind}, not {kind}")
+            decision.override, key = override, found.key
+            denial = self._check_kind(RECORD_EVENTS, kind, found)
+            if denial is not None:
+                decision.denial = denial
+                return Outcome(None, decision)
+        out = self._payload_bytes(data, key, decision, detailed)
         return self._metadata_bytes(data, decision) if out is None else out
 
     def _payload_bytes(self, data: bytes, kind: str, decision: Decision, detailed: bool) -> Outcome[bytes] | None:
@@ -268,11 +372,14 @@ class Engine:
         self._unknown(plan, request, decision)
         return Outcome(request, decision)
 
-    def _invalid_unacknowledged(self, kind: str, decision: Decision, event: pb.Event) -> Denial | None:
+    def _invalid_unacknowledged(self, key: str, decision: Decision, event: pb.Event) -> Denial | None:
         """RecordEvent's one event removed as invalid, for a kind whose invalid events the gateway fails:
-        refused as the gateway refuses a publish failure (INTERNAL), never answered as a success."""
-        plan = self._plans[kind]
-        if kind in SINGLE_TENANT_KINDS or not decision.events or decision.events[0].dropped_by != plan.invalid_rule:
+        refused as the gateway refuses a publish failure (INTERNAL), never answered as a success.
+        key: the plan applied (the kind, or overrides.NAME)."""
+        plan = self._plans[key]
+        if plan.rules.kind in SINGLE_TENANT_KINDS or not decision.events:
+            return None
+        if decision.events[0].dropped_by != plan.invalid_rule:
             return None
         problem = validity.event_problem(event) or "invalid"
         return Denial(
@@ -292,8 +399,10 @@ class Engine:
         services and workspaces, whose invalid events it reports as failed.
         """
         dropped = decision.dropped_event_ids
-        plan = self._plans[kind]
-        if not dropped or kind in SINGLE_TENANT_KINDS or not plan.drop_invalid:
+        if not dropped or kind in SINGLE_TENANT_KINDS:
+            return dropped
+        plan = self._plans[kind if decision.override is None else self._overrides[decision.override].key]
+        if not plan.drop_invalid:
             return dropped
         invalid = plan.invalid_rule
         return [e.event_id for e in decision.events if e.dropped_by is not None and e.dropped_by != invalid]
@@ -348,7 +457,7 @@ class Engine:
             decision.unknown_fields = "kept"
 
     def event_type(self, kind: str, feature: str, action: str) -> EventType:
-        """The cached per-type resolution (also used by `explain`).
+        """The cached per-type resolution (also used by `explain`); kind: a plan key (a kind, or overrides.NAME).
 
         cachetools caches are not thread-safe (an LRU lookup reorders): a lock guards the
         cache. It is taken once per event type per request, not per event.
@@ -388,7 +497,7 @@ class Engine:
         if plan.untouched and not detailed:
             decision.events_out += count
             return
-        kind = plan.rules.kind
+        kind = plan.key
         memo: dict[tuple[str, str], EventType] = {}
         dropped: list[int] = []
         records = decision.events

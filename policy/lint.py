@@ -22,7 +22,7 @@ from typing import Any, Final, Literal
 from telemetry_guard.policy import loader
 from telemetry_guard.policy.errors import PolicyError, Problem
 from telemetry_guard.policy.kinds import KINDS, SINGLE_TENANT_KINDS
-from telemetry_guard.policy.model import KindRules
+from telemetry_guard.policy.model import KindRules, Policy
 from telemetry_guard.policy.yamlsource import Located, Path_, dotted, parse, read
 
 Severity = Literal["error", "warning", "note"]
@@ -118,6 +118,22 @@ _RULES: Final = (
         "managed_service or workspace callers need no bearer token.",
         "The gateway requires SAMS credentials from managed services and workspaces: list both under "
         "credentials.required_for (the default when the key is absent).",
+    ),
+    Rule(
+        "override-widening-unverified",
+        "error",
+        "An override lets more leave than its kind's rules, but matches only on identifier fields the caller "
+        "reports itself.",
+        "instance_id, external_url, service_id and workspace_id can be claimed by any caller. Match a widening "
+        "override on license_key_sha256 (the SHA-256 of the identifier's license key), or make it narrowing.",
+        False,
+    ),
+    Rule(
+        "override-widening",
+        "note",
+        "An override lets more leave than its kind's rules, for the identifier whose license key it fingerprints.",
+        "Check that the fingerprint is that of the license key of the instance named in the override's "
+        "description, and that what it widens (listed) is what that instance may export.",
     ),
     Rule(
         "sensitive-key",
@@ -251,7 +267,10 @@ def describe(path: Path_, schema_name: str = "policy.schema.json") -> str:
             node = items if isinstance(items, dict) else None
         else:
             props = node.get("properties", {})
-            node = props.get(part) if isinstance(props, dict) else None
+            extra = node.get("additionalProperties")  # a mapping by name (overrides): its values' schema
+            node = props.get(part) if isinstance(props, dict) and part in props else None
+            if node is None and isinstance(extra, dict):
+                node = extra
         if node is not None:
             text = node.get("description") or _deref(root, node).get("description")
             if text:
@@ -573,6 +592,29 @@ def _lint_access(doc: Located) -> list[Finding]:
     return findings
 
 
+def _lint_overrides(doc: Located, policy: Policy) -> list[Finding]:
+    """Widening overrides: an error unless matched on the license key fingerprint, else a note listing them."""
+    from telemetry_guard.policy.surface import surface  # here: surface imports this module
+
+    findings: list[Finding] = []
+    for override in surface(policy).overrides:
+        wider = override.widening
+        if not wider:
+            continue
+        what = "; ".join(f"{c.area} {c.subject}: {c.old} -> {c.new}" for c in wider)
+        place = ("overrides", override.name, "match")
+        if override.verified:
+            message = f"{override.rule} widens {override.kind}'s rules for the license it fingerprints: {what}"
+            findings.append(_at(doc, place, "override-widening", message))
+        else:
+            message = (
+                f"{override.rule} widens {override.kind}'s rules ({what}) but matches on "
+                f"{', '.join(name for name, _ in override.match)}, which any caller can claim"
+            )
+            findings.append(_at(doc, place, "override-widening-unverified", message))
+    return findings
+
+
 def _acknowledge(doc: Located, findings: list[Finding]) -> list[Finding]:
     """Mark findings the policy acknowledges; report acknowledgements that are wrong or stale."""
     out: list[Finding] = []
@@ -613,8 +655,9 @@ class _PolicyResult:
 
 def _lint_policy(item: _Input, doc: Located) -> _PolicyResult:
     findings: list[Finding] = []
+    policy: Policy | None = None
     try:
-        loader.load_policy(item.path)
+        policy = loader.load_policy(item.path)
     except PolicyError as exc:
         findings.extend(_classify(p, doc.file) for p in exc.problems)
     refs = doc.data.get("allowlists", [])
@@ -628,6 +671,8 @@ def _lint_policy(item: _Input, doc: Located) -> _PolicyResult:
 
     kinds, _ = loader.compile_kinds(doc)
     own = _lint_kinds(doc, kinds) + _lint_access(doc)
+    if policy is not None:
+        own += _lint_overrides(doc, policy)
     entries: list[_Entry] = []
     for file in files:
         listed = _allowlist_doc(file) if file.is_file() else None

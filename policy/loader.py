@@ -7,6 +7,7 @@ semantic problem (unknown field paths, duplicate or conflicting allowlist entrie
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import re
@@ -23,11 +24,14 @@ from telemetry_guard.policy import fieldpaths
 from telemetry_guard.policy.errors import PolicyError, Problem
 from telemetry_guard.policy.kinds import KINDS, RPCS
 from telemetry_guard.policy.model import (
+    MATCH_FIELDS,
+    MATCH_FINGERPRINT,
     Allowlist,
     AllowlistEntry,
     FeatureFilter,
     KindRules,
     Origin,
+    Override,
     Policy,
     PrivateMetadataRule,
     Setting,
@@ -52,6 +56,24 @@ STRICTEST: dict[str, Any] = {
 }
 
 BUILTIN_PREFIX = "builtin:"
+
+FINGERPRINT_HINT = (
+    "must be the SHA-256 fingerprint of the license key, 64 lowercase hex digits "
+    '(printf %s "$KEY" | sha256sum); the key itself is never written in a policy'
+)
+
+EMPTY_KEY_FINGERPRINT = hashlib.sha256(b"").hexdigest()
+
+# The keys an override may set that replace a kind rule (access is its own).
+OVERRIDE_RULE_KEYS = (
+    "marketing_tracking",
+    "private_metadata",
+    "drop_fields",
+    "unknown_fields",
+    "events",
+    "invalid_events",
+    "legacy_metadata",
+)
 
 
 @cache
@@ -114,7 +136,8 @@ def load_policy(path: str | Path) -> Policy:
     data = doc.data
     allowlist, files, digest_parts, list_problems = _load_allowlists(doc, path)
     kinds, kind_problems = compile_kinds(doc)
-    problems = list_problems + kind_problems
+    overrides, override_problems = compile_overrides(doc, kinds)
+    problems = list_problems + kind_problems + override_problems
     if problems:
         raise PolicyError(problems, files=(str(path), *named))
 
@@ -137,6 +160,7 @@ def load_policy(path: str | Path) -> Policy:
         kinds=MappingProxyType(kinds),
         allowlist=allowlist,
         acknowledged=frozenset(data.get("acknowledged", [])),
+        overrides=overrides,
     )
 
 
@@ -165,6 +189,13 @@ def schema_problems(doc: Located, schema_name: str) -> list[Problem]:
     problems = []
     for error in validator.iter_errors(doc.data):
         path = tuple(error.absolute_path)
+        if path and path[-1] == MATCH_FINGERPRINT and error.validator == "pattern":
+            # Never echo it: a value that is not a fingerprint may be the license key itself.
+            problems.append(doc.problem(path, FINGERPRINT_HINT))
+            continue
+        if error.validator == "minProperties" and path[-1:] == ("match",):
+            problems.append(doc.problem(path, "match needs the kind and at least one identifier field"))
+            continue
         if error.validator == "additionalProperties" and isinstance(error.instance, dict):
             # Report each unexpected key where it is written, not at its parent.
             known = error.schema.get("properties", {}) if isinstance(error.schema, dict) else {}
@@ -313,3 +344,86 @@ def compile_kinds(doc: Located) -> tuple[dict[str, KindRules], list[Problem]]:
 def _as_tuple(picked: tuple[Any, str]) -> tuple[tuple[str, ...], str]:
     value, rule = picked
     return tuple(value), rule
+
+
+def compile_overrides(doc: Located, kinds: dict[str, KindRules]) -> tuple[tuple[Override, ...], list[Problem]]:
+    """The overrides section: each one's kind rules with its own keys put in (see model.Override)."""
+    problems: list[Problem] = []
+    compiled: list[Override] = []
+    for name, raw in doc.data.get("overrides", {}).items():
+        here = ("overrides", name)
+        match = raw["match"]
+        kind = match["kind"]
+        fields = tuple((f, match[f]) for f in MATCH_FIELDS[kind] if f in match)
+        for field in match:
+            if field != "kind" and field not in MATCH_FIELDS[kind]:
+                problems.append(
+                    doc.problem(
+                        (*here, "match", field),
+                        f"{kind} identifiers have no field {field!r}; match on one of: {', '.join(MATCH_FIELDS[kind])}",
+                    )
+                )
+        if match.get(MATCH_FINGERPRINT) == EMPTY_KEY_FINGERPRINT:
+            problems.append(
+                doc.problem(
+                    (*here, "match", MATCH_FINGERPRINT),
+                    "this is the fingerprint of an empty license key, which no licensed instance sends",
+                )
+            )
+        for i, path in enumerate(raw.get("drop_fields", [])):
+            resolved = fieldpaths.resolve(path)
+            if isinstance(resolved, str):
+                problems.append(doc.problem((*here, "drop_fields", i), f"{path!r}: {resolved}"))
+        pm = raw.get("private_metadata", {})
+        if pm.get("non_string") == "replace" and "replacement" not in pm:
+            problems.append(doc.problem((*here, "private_metadata"), "non_string: replace needs a replacement string"))
+        for earlier in compiled:
+            if earlier.kind == kind and _may_overlap(dict(earlier.match), dict(fields)):
+                problems.append(
+                    doc.problem(
+                        (*here, "match"),
+                        f"can match the same identifier as {earlier.key} (line {earlier.origin.line}): "
+                        "give them a field with different values, or merge them",
+                    )
+                )
+        access = raw.get("access")
+        compiled.append(
+            Override(
+                name=name,
+                kind=kind,
+                match=fields,
+                rules=_override_rules(kinds[kind], raw, dotted(here)),
+                access=None if access is None else Setting(frozenset(access), dotted((*here, "access"))),
+                origin=Origin(doc.file, doc.where(here)[0]),
+                description=raw.get("description", ""),
+            )
+        )
+    return tuple(compiled), problems
+
+
+def _may_overlap(a: dict[str, str], b: dict[str, str]) -> bool:
+    """Whether one identifier can satisfy both matches: no field both name has different values."""
+    return all(a[field] == b[field] for field in a.keys() & b.keys())
+
+
+def _override_rules(base: KindRules, raw: dict[str, Any], prefix: str) -> KindRules:
+    """base with the override's keys put in, each named by its own key (prefix.KEY)."""
+    changes: dict[str, Any] = {}
+    for key in OVERRIDE_RULE_KEYS:
+        if key not in raw:
+            continue
+        value, rule = raw[key], f"{prefix}.{key}"
+        if key == "private_metadata":
+            changes[key] = PrivateMetadataRule(
+                mode=value["mode"],
+                non_string=value.get("non_string", "drop"),
+                replacement=value.get("replacement", DEFAULT_REPLACEMENT),
+                rule=rule,
+            )
+        elif key == "events":
+            changes[key] = FeatureFilter(
+                include=tuple(value.get("include", ["*"])), exclude=tuple(value.get("exclude", [])), rule=rule
+            )
+        else:
+            changes[key] = Setting(tuple(value) if key == "drop_fields" else value, rule)
+    return dataclasses.replace(base, **changes)

@@ -117,6 +117,48 @@ class UserMetadataRules:
     rule: str = "user_metadata"
 
 
+# What an override may match on, per identifier kind: the Identifier's own fields, except the
+# license key, which a policy names only by its SHA-256 fingerprint (MATCH_FINGERPRINT).
+MATCH_FINGERPRINT = "license_key_sha256"
+MATCH_FIELDS: Mapping[str, tuple[str, ...]] = MappingProxyType(
+    {
+        "licensed_instance": (MATCH_FINGERPRINT, "instance_id", "external_url"),
+        "unlicensed_instance": ("instance_id", "external_url"),
+        "managed_service": ("service_id", "service_environment"),
+        "workspace": ("workspace_id", "external_url"),
+    }
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Override:
+    """Rules for the one identifier its match names, replacing its kind's rules key by key.
+
+    match: (field, value) pairs that must all be equal (license_key_sha256: the SHA-256 of the
+    identifier's license_key, lowercase hex). rules: the kind's rules with the override's keys
+    put in (their rule names say overrides.NAME.KEY). access: the RPCs this identifier may call,
+    replacing the kind's access lists, or None to keep them.
+    """
+
+    name: str
+    kind: str
+    match: tuple[tuple[str, str], ...]
+    rules: KindRules
+    access: Setting[frozenset[str]] | None
+    origin: Origin
+    description: str = ""
+
+    @property
+    def key(self) -> str:
+        """The policy key of the override (overrides.NAME); also what the engine files its rules under."""
+        return f"overrides.{self.name}"
+
+    @property
+    def verified(self) -> bool:
+        """Matched on something a caller cannot claim without a secret: the license key."""
+        return any(name == MATCH_FINGERPRINT for name, _ in self.match)
+
+
 @dataclass(frozen=True)
 class Policy:
     """A loaded policy. Built only by policy.loader; evaluation reads nothing else."""
@@ -131,3 +173,4 @@ class Policy:
     kinds: Mapping[str, KindRules]
     allowlist: Allowlist
     acknowledged: frozenset[str] = frozenset()
+    overrides: tuple[Override, ...] = ()  # in file order; no two can match the same identifier

@@ -50,6 +50,8 @@ def _rows(node: dict[str, Any], root: dict[str, Any], prefix: str, out: list[str
             _rows(child, root, f"{path}.", out)
         elif path == "kinds":
             out.append("| `kinds.<kind>.*` | | the same keys as `defaults.*` |")
+        elif isinstance(child.get("additionalProperties"), dict):  # a mapping by name (overrides)
+            _rows(_resolve(child["additionalProperties"], root), root, f"{path}.<name>.", out)
 
 
 def render() -> str:

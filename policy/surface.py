@@ -23,7 +23,7 @@ from telemetry_guard.policy.access import UNSUPPORTED_IDENTIFIER
 from telemetry_guard.policy.engine import Engine
 from telemetry_guard.policy.kinds import GATEWAY_KINDS, KINDS, RPCS, SINGLE_TENANT_KINDS
 from telemetry_guard.policy.lint import display_path
-from telemetry_guard.policy.model import AllowlistEntry, FeatureFilter, KindRules, Policy
+from telemetry_guard.policy.model import AllowlistEntry, FeatureFilter, KindRules, Override, Policy
 from telemetrygateway.v1 import telemetrygateway_pb2 as pb
 
 FieldStatus = Literal["leaves", "allowlisted keys", "merged", "removed"]
@@ -141,6 +141,37 @@ class UserMetadataSurface:
 
 
 @dataclass(frozen=True, slots=True)
+class OverrideSurface:
+    """One override: whom it matches, what its identifier may send, and how that differs from its kind.
+
+    changes: the kind's surface compared with the override's, as diff compares two policies; the
+    override widens when one of them is widening.
+    """
+
+    name: str
+    rule: str  # overrides.NAME
+    kind: str
+    match: tuple[tuple[str, str], ...]
+    verified: bool  # matched on the license key fingerprint
+    origin: str
+    description: str
+    surface: KindSurface
+    changes: tuple[Change, ...]
+
+    @property
+    def widening(self) -> tuple[Change, ...]:
+        return tuple(c for c in self.changes if c.direction == "widening")
+
+    @property
+    def narrowing(self) -> tuple[Change, ...]:
+        return tuple(c for c in self.changes if c.direction == "narrowing")
+
+    @property
+    def match_text(self) -> str:
+        return ", ".join(f"{name} = {value}" for name, value in self.match)
+
+
+@dataclass(frozen=True, slots=True)
 class Surface:
     name: str
     sha256: str
@@ -149,9 +180,13 @@ class Surface:
     verifier: str  # one of VERIFIERS: what the report says is verified of a token
     kinds: tuple[KindSurface, ...]
     user_metadata: UserMetadataSurface
+    overrides: tuple[OverrideSurface, ...] = ()
 
     def kind(self, name: str) -> KindSurface:
         return next(k for k in self.kinds if k.kind == name)
+
+    def override(self, name: str) -> OverrideSurface | None:
+        return next((o for o in self.overrides if o.name == name), None)
 
 
 # -- Event fields ----------------------------------------------------------------------------
@@ -256,7 +291,7 @@ def collapse(fields: Sequence[FieldRule], label: Callable[[FieldRule], object] |
 # -- surface -------------------------------------------------------------------------------
 
 
-def _access(policy: Policy, kind: str) -> tuple[RpcAccess, ...]:
+def _access(policy: Policy, kind: str, override: Override | None = None) -> tuple[RpcAccess, ...]:
     out = []
     for rpc in RPCS:
         if kind not in GATEWAY_KINDS[rpc]:
@@ -264,6 +299,8 @@ def _access(policy: Policy, kind: str) -> tuple[RpcAccess, ...]:
             continue
         allowed = kind in policy.access[rpc]
         rule = f"access.{rpc}"
+        if override is not None and override.access is not None:
+            allowed, rule = rpc in override.access.value, override.access.rule
         if allowed and rpc == "PublishInstanceUserMetadata" and not policy.user_metadata.enabled:
             allowed, rule = False, f"{policy.user_metadata.rule}.enabled"
         out.append(RpcAccess(rpc, allowed, rule, kind in policy.credentials_required))
@@ -289,33 +326,54 @@ def _private(policy: Policy, rules: KindRules) -> PrivateMetadataSurface:
     return PrivateMetadataSurface(pm.mode, pm.rule, pm.non_string, pm.replacement, types)
 
 
+def _kind_surface(policy: Policy, rules: KindRules, override: Override | None = None) -> KindSurface:
+    kind = rules.kind
+    return KindSurface(
+        kind=kind,
+        single_tenant=kind in SINGLE_TENANT_KINDS,
+        access=_access(policy, kind, override),
+        credentials_required=kind in policy.credentials_required,
+        fields=_field_rules(rules),
+        private_metadata=_private(policy, rules),
+        events=rules.events,
+        settings=tuple(
+            NamedSetting(name, str(setting.value), setting.rule)
+            for name, setting in (
+                ("marketing_tracking", rules.marketing_tracking),
+                ("unknown_fields", rules.unknown_fields),
+                ("invalid_events", rules.invalid_events),
+                ("legacy_metadata", rules.legacy_metadata),
+            )
+        ),
+    )
+
+
+def _override_surface(policy: Policy, override: Override, kind: KindSurface) -> OverrideSurface:
+    own = _kind_surface(policy, override.rules, override)
+    return OverrideSurface(
+        name=override.name,
+        rule=override.key,
+        kind=override.kind,
+        match=override.match,
+        verified=override.verified,
+        origin=str(override.origin),
+        description=override.description,
+        surface=own,
+        changes=tuple(_tagged(_kind_changes(kind, own), override.name)),
+    )
+
+
+def _tagged(changes: Iterable[Change], override: str) -> list[Change]:
+    return [dataclasses.replace(c, override=override) for c in changes]
+
+
 def surface(policy: Policy, verifier: str = "bearer-present") -> Surface:
     """The export surface of a loaded policy; verifier: the credential verifier in use (one of VERIFIERS)."""
     if verifier not in VERIFIERS:
         raise ValueError(f"verifier must be one of {', '.join(VERIFIERS)}")
-    kinds = []
-    for kind in KINDS:
-        rules = policy.kinds[kind]
-        kinds.append(
-            KindSurface(
-                kind=kind,
-                single_tenant=kind in SINGLE_TENANT_KINDS,
-                access=_access(policy, kind),
-                credentials_required=kind in policy.credentials_required,
-                fields=_field_rules(rules),
-                private_metadata=_private(policy, rules),
-                events=rules.events,
-                settings=tuple(
-                    NamedSetting(name, str(setting.value), setting.rule)
-                    for name, setting in (
-                        ("marketing_tracking", rules.marketing_tracking),
-                        ("unknown_fields", rules.unknown_fields),
-                        ("invalid_events", rules.invalid_events),
-                        ("legacy_metadata", rules.legacy_metadata),
-                    )
-                ),
-            )
-        )
+    kinds = tuple(_kind_surface(policy, policy.kinds[kind]) for kind in KINDS)
+    by_kind = {k.kind: k for k in kinds}
+    overrides = tuple(_override_surface(policy, o, by_kind[o.kind]) for o in policy.overrides)
     um = policy.user_metadata
     return Surface(
         name=policy.name,
@@ -323,13 +381,14 @@ def surface(policy: Policy, verifier: str = "bearer-present") -> Surface:
         files=policy.files,
         credentials_scopes=policy.credentials_scopes,
         verifier=verifier,
-        kinds=tuple(kinds),
+        kinds=kinds,
         user_metadata=UserMetadataSurface(
             enabled=um.enabled,
             rule=um.rule,
             user_fields=tuple(FieldChoice(n, um.enabled and n in um.user_fields) for n in _USER_FIELDS),
             organization_fields=tuple(FieldChoice(n, um.enabled and n in um.organization_fields) for n in _ORG_FIELDS),
         ),
+        overrides=overrides,
     )
 
 
@@ -338,7 +397,8 @@ def surface(policy: Policy, verifier: str = "bearer-present") -> Surface:
 
 @dataclass(frozen=True, order=True, slots=True)
 class Change:
-    """One difference between two surfaces. kind is "" for what applies to every kind."""
+    """One difference between two surfaces. kind is "" for what applies to every kind; override names
+    the override whose identifier it concerns ("" for the kind's own rules)."""
 
     direction: Direction
     kind: str
@@ -346,6 +406,14 @@ class Change:
     subject: str
     old: str
     new: str
+    override: str = ""
+
+    @property
+    def who(self) -> str:
+        """Whom the change concerns, for reports: a kind, an override of it, or every kind."""
+        if self.override:
+            return f"{self.kind} matched by overrides.{self.override}"
+        return self.kind or "every kind"
 
 
 @dataclass(frozen=True)
@@ -561,6 +629,38 @@ def _kind_changes(old: KindSurface, new: KindSurface) -> list[Change]:
     return out
 
 
+def _override_changes(old: Surface, new: Surface) -> list[Change]:
+    """What changes for the identifiers an override matches, old or new: each compared with what they got
+    before (the old override, or their kind's old rules) and get now (the new override, or their kind's)."""
+    out: list[Change] = []
+    for name in dict.fromkeys([o.name for o in (*old.overrides, *new.overrides)]):
+        was, now = old.override(name), new.override(name)
+        moved = was is not None and now is not None and was.kind != now.kind
+        for before, after in [(was, None), (None, now)] if moved else [(was, now)]:
+            out += _one_override(old, new, name, before, after)
+    return out
+
+
+def _one_override(
+    old: Surface, new: Surface, name: str, was: OverrideSurface | None, now: OverrideSurface | None
+) -> list[Change]:
+    known = now or was
+    if known is None:
+        return []
+    kind = known.kind
+    out: list[Change] = []
+    if was is None or now is None:
+        state = (
+            ("absent", f"added ({known.match_text})") if was is None else (f"present ({known.match_text})", "removed")
+        )
+        out.append(Change("changed", kind, "override", name, *state, override=name))
+    elif was.match != now.match:
+        out.append(Change("changed", kind, "override", f"{name} match", was.match_text, now.match_text, name))
+    before = was.surface if was is not None else old.kind(kind)
+    after = now.surface if now is not None else new.kind(kind)
+    return out + _tagged(_kind_changes(before, after), name)
+
+
 # Settings compared by value: (name, what it governs, values from narrow to wide; () = neither).
 _ORDERED_SETTINGS: Final = (
     ("unknown_fields", "field numbers this proto does not know", ("discard", "keep")),
@@ -602,6 +702,7 @@ def diff(old: Surface, new: Surface) -> SurfaceDiff:
     if old.credentials_scopes != new.credentials_scopes:
         was, now = " or ".join(old.credentials_scopes), " or ".join(new.credentials_scopes)
         changes.append(Change("changed", "", "credentials", "scope", was, now))
+    changes += _override_changes(old, new)
     order = {"widening": 0, "narrowing": 1, "changed": 2}
     changes.sort(key=lambda c: (order[c.direction], KINDS.index(c.kind) if c.kind else len(KINDS)))
     return SurfaceDiff(old, new, tuple(changes))
@@ -629,15 +730,37 @@ class Explanation:
     action: str
     leaves: bool  # whether an event of this type can leave at all
     steps: tuple[Step, ...]
+    override: str = ""  # the override whose rules the caller gets (its name), "" for the kind's own
 
 
-def explain(policy: Policy, kind: str, feature: str, action: str, engine: Engine | None = None) -> Explanation:
-    """Which rules an event of (kind, feature, action) meets, in the order the engine applies them."""
+def explain(
+    policy: Policy,
+    kind: str,
+    feature: str,
+    action: str,
+    engine: Engine | None = None,
+    *,
+    override: str | None = None,
+) -> Explanation:
+    """Which rules an event of (kind, feature, action) meets, in the order the engine applies them.
+
+    override: for a caller the policy's override of that name matches (it must be of kind).
+    """
     engine = engine or Engine(policy)
-    etype = engine.event_type(kind, feature, action)
-    rules = policy.kinds[kind]
-    kind_surface = surface(policy).kind(kind)
     steps: list[Step] = []
+    found = next((o for o in policy.overrides if o.name == override), None) if override else None
+    if override and (found is None or found.kind != kind):
+        raise ValueError(f"the policy has no override {override!r} for {kind}")
+    if found is None:
+        etype = engine.event_type(kind, feature, action)
+        rules = policy.kinds[kind]
+        kind_surface = surface(policy).kind(kind)
+    else:
+        etype = engine.event_type(found.key, feature, action)
+        rules = found.rules
+        kind_surface = _kind_surface(policy, rules, found)
+        how = ", ".join(f"{name} = {value}" for name, value in found.match)
+        steps.append(Step("override", f"the rules of {found.key} apply", f"{found.key}.match", how))
     for rpc in kind_surface.access:
         if rpc.rpc not in EVENT_RPCS:
             continue
@@ -685,7 +808,9 @@ def explain(policy: Policy, kind: str, feature: str, action: str, engine: Engine
     untouched = [f.path for f in collapse(kind_surface.fields) if f.status == "leaves" and not f.rule]
     steps.append(Step("other fields", "leave as sent", "", ", ".join(untouched)))
     leaves = kind_surface.sends_events and etype.dropped_by is None and not (etype.invalid and invalid.value == "drop")
-    return Explanation(policy.name, policy.sha256, kind, feature, action, leaves, tuple(steps))
+    return Explanation(
+        policy.name, policy.sha256, kind, feature, action, leaves, tuple(steps), "" if found is None else found.name
+    )
 
 
 def _private_step(rules: KindRules, entry: AllowlistEntry | None) -> Step:

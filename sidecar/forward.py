@@ -244,8 +244,11 @@ class Forwarder:
         guard = stream.guard
         try:  # fail closed as interceptors.errors.evaluating does, without a context manager per payload
             try:
-                # The stream's identifier was admitted as stream.kind by this engine: not judged again per payload.
-                outcome = guard.engine.record_events_admitted(raw, stream.kind, detailed=guard.detailed)
+                # The stream's identifier was admitted as stream.kind (and stream.override) by this engine:
+                # not judged again per payload.
+                outcome = guard.engine.record_events_admitted(
+                    raw, stream.kind, detailed=guard.detailed, override=stream.override
+                )
             except DecodeError:
                 raise wire_error(stream.rpc) from None
             if outcome.denial is not None:

@@ -470,6 +470,44 @@ def test_gateway_rule(
     check(row, seen)
 
 
+OVERRIDDEN_POLICY = """\
+version: 1
+access:
+  RecordEvents: [licensed_instance, unlicensed_instance, managed_service, workspace]
+  RecordEvent: [managed_service]
+defaults:
+  private_metadata: {mode: keep}
+  invalid_events: forward
+overrides:
+  checked-service:
+    match: {kind: managed_service, service_id: svc-1}
+    invalid_events: drop
+  checked-instance:
+    match: {kind: unlicensed_instance, instance_id: inst-unlicensed}
+    invalid_events: drop
+"""
+
+
+@pytest.mark.parametrize("target", TARGETS[:4])
+def test_invalid_events_dropped_by_an_override_are_acknowledged_as_the_gateway_would(
+    target: str, tmp_path: Path
+) -> None:
+    """The override's rules decide what is removed; the kind decides how the gateway reports it."""
+    path = tmp_path / "overridden.yaml"
+    path.write_text(OVERRIDDEN_POLICY)
+    policy = load_policy(path)
+    service = Row("service", INVALID_ACKS, "RecordEvents",
+                  [metadata_request("managed_service"), events_request(event("v6"), invalid_event("i6"))], OK,
+                  token=True, acked=["v6"], sent=["v6"])  # fmt: skip
+    instance = Row("instance", INVALID_ACKS, "RecordEvents",
+                   [metadata_request("unlicensed_instance"), events_request(event("v7"), invalid_event("i7"))], OK,
+                   acked=["v7", "i7"], sent=["v7"])  # fmt: skip
+    unary = Row("unary", INVALID_ACKS, "RecordEvent", [record_event_request("managed_service", invalid_event("u9"))],
+                INTERNAL, says=("overrides.checked-service.invalid_events",), token=True)  # fmt: skip
+    for row in (service, instance, unary):
+        check(row, via_interceptors(target, row, policy))
+
+
 # -- credentials as SAMS checks them: token introspection -----------------------------------------------
 
 WRITE = "telemetry_gateway::events::write"

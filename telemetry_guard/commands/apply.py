@@ -16,7 +16,15 @@ from telemetry_guard.policy import access
 from telemetry_guard.policy.cases import REQUEST_TYPES, apply_request, parse_error_text, stream_identifier, to_json
 from telemetry_guard.policy.engine import Engine
 from telemetry_guard.policy.kinds import KINDS, RPCS
-from telemetry_guard.render.common import EXIT_OK, EXIT_USAGE, POLICY_HELP, add_parser, fail, load_policy_arg
+from telemetry_guard.render.common import (
+    EXIT_OK,
+    EXIT_USAGE,
+    POLICY_HELP,
+    add_parser,
+    fail,
+    load_policy_arg,
+    override_problem,
+)
 from telemetrygateway.v1 import telemetrygateway_pb2 as pb
 
 HELP = "apply a policy to request messages (protobuf JSON lines) and print what would leave"
@@ -40,6 +48,7 @@ EXAMPLES = (
     "telemetry-guard apply policy.yaml --kind licensed_instance --input requests.jsonl",
     "exporter-dump | telemetry-guard apply builtin:default --kind workspace --rpc RecordEvents > leaves.jsonl",
     "telemetry-guard apply policy.yaml --kind managed_service --rpc RecordEvent -i one.jsonl --show-keys",
+    "telemetry-guard apply gateway.yaml --kind licensed_instance --override sourcegraph-com -i dotcom.jsonl",
 )
 
 MAX_LINE_BYTES = 64 * 1024 * 1024
@@ -56,6 +65,12 @@ def register(sub: Any) -> None:
     )
     parser.add_argument("--kind", required=True, choices=KINDS, help="identifier kind of the caller")
     parser.add_argument("--rpc", choices=RPCS, default="RecordEvents", help="the RPC (default: RecordEvents)")
+    parser.add_argument(
+        "--override",
+        metavar="NAME",
+        help="treat every --kind caller as matching the policy's override NAME (e.g. one matched on a license "
+        "key fingerprint); without it, an override applies when a message's identifier matches it",
+    )
     parser.add_argument("--show-keys", action="store_true", help="name removed private_metadata keys")
     parser.add_argument("-o", "--output", metavar="FILE", help="write the JSON lines to FILE instead of stdout")
     progress = parser.add_mutually_exclusive_group()
@@ -105,6 +120,11 @@ class _Stats:
 
 def run(args: argparse.Namespace) -> int:
     engine = Engine(load_policy_arg(args.policy))
+    if args.override is not None:
+        problem = override_problem(engine.policy, args.override, args.kind)
+        if problem:
+            return fail("apply", problem)
+        engine = engine.pinned(args.override)
     try:
         source: IO[bytes] = sys.stdin.buffer if args.input == "-" else open(args.input, "rb")  # noqa: SIM115
     except OSError as exc:

@@ -7,7 +7,16 @@ from typing import Any
 
 from telemetry_guard.policy.kinds import KINDS
 from telemetry_guard.policy.surface import explain
-from telemetry_guard.render.common import EXIT_OK, POLICY_HELP, add_output, add_parser, load_policy_arg, write_or_fail
+from telemetry_guard.render.common import (
+    EXIT_OK,
+    POLICY_HELP,
+    add_output,
+    add_parser,
+    fail,
+    load_policy_arg,
+    override_problem,
+    write_or_fail,
+)
 from telemetry_guard.render.jsonfmt import explain_json
 from telemetry_guard.render.text import explain_text
 
@@ -22,6 +31,8 @@ drop_fields, legacy_metadata and unknown fields. Each step names the policy key.
 EXAMPLES = (
     "telemetry-guard explain policy.yaml --kind licensed_instance --feature cody.completion --action accepted",
     "telemetry-guard explain builtin:default --kind workspace --feature search --action submitted --format json",
+    "telemetry-guard explain gateway.yaml --kind licensed_instance --override sourcegraph-com --feature search "
+    "--action submitted",
 )
 
 
@@ -31,12 +42,20 @@ def register(sub: Any) -> None:
     parser.add_argument("--kind", required=True, choices=KINDS, help="identifier kind of the caller")
     parser.add_argument("--feature", required=True, help="the event's feature, e.g. cody.completion")
     parser.add_argument("--action", required=True, help="the event's action, e.g. accepted")
+    parser.add_argument(
+        "--override", metavar="NAME", help="for a caller matched by the policy's override NAME (of --kind)"
+    )
     parser.add_argument("--format", choices=("text", "json"), default="text", help="output format")
     add_output(parser)
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    explanation = explain(load_policy_arg(args.policy), args.kind, args.feature, args.action)
+    policy = load_policy_arg(args.policy)
+    if args.override is not None:
+        problem = override_problem(policy, args.override, args.kind)
+        if problem:
+            return fail("explain", problem)
+    explanation = explain(policy, args.kind, args.feature, args.action, override=args.override)
     out = explain_json(explanation) if args.format == "json" else explain_text(explanation)
     return write_or_fail("explain", out, args.output) or EXIT_OK

@@ -82,3 +82,14 @@ def load_policy_arg(path: str) -> Policy:
 
 
 POLICY_HELP = f"policy file ({BUILTIN_DEFAULT} for the shipped default policy)"
+
+
+def override_problem(policy: Policy, name: str, kind: str) -> str | None:
+    """Why --override NAME cannot be used with --kind KIND under this policy, or None."""
+    found = next((o for o in policy.overrides if o.name == name), None)
+    if found is None:
+        known = ", ".join(o.name for o in policy.overrides) or "none"
+        return f"the policy has no override {name!r} (it has: {known})"
+    if found.kind != kind:
+        return f"override {name!r} matches {found.kind} identifiers, not --kind {kind}"
+    return None

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from telemetry_guard.policy.lint import display_path
-from telemetry_guard.policy.surface import FieldRule, Surface, SurfaceDiff, collapse
+from telemetry_guard.policy.surface import Change, FieldRule, Surface, SurfaceDiff, collapse
 
 Style = Literal["", "code", "strong", "removed", "leaves", "partial"]
 Fragment = tuple[str, Style]
@@ -274,6 +274,39 @@ def _user_metadata_block(surface: Surface) -> Block:
     )
 
 
+def _change_text(changes: tuple[Change, ...]) -> Text:
+    if not changes:
+        return text("-")
+    return text("; ".join(f"{c.area} {c.subject}: {c.old} -> {c.new}" for c in changes))
+
+
+def _overrides_block(surface: Surface) -> Block:
+    rows = tuple(
+        (
+            text((o.rule, "code"), f": {o.description}" if o.description else ""),
+            text((o.kind, "code")),
+            text((o.match_text, "code")),
+            text(("license key fingerprint", "strong") if o.verified else "self-reported fields only"),
+            _change_text(o.widening),
+            _change_text(o.narrowing),
+            text((shown(o.origin), "code")),
+        )
+        for o in surface.overrides
+    )
+    return Block(
+        "Overrides: single identifiers",
+        lines=(
+            text(
+                "An override's rules replace its kind's, key by key, for the identifier it matches (every field "
+                "given must be equal; license_key_sha256 is the SHA-256 of the license key). Compared with the "
+                "kind's rules above: what the matched identifier may send in addition (widens) and no longer "
+                "(narrows). A widening override must match on the license key fingerprint.",
+            ),
+        ),
+        table=Table(("override", "kind", "match", "matched on", "widens", "narrows", "written at"), rows),
+    )
+
+
 def surface_blocks(surface: Surface) -> list[Block]:
     header = Block(
         f"Export surface of {surface.name}",
@@ -298,6 +331,7 @@ def surface_blocks(surface: Surface) -> list[Block]:
         *_private_block(surface),
         _settings_block(surface),
         _user_metadata_block(surface),
+        *([_overrides_block(surface)] if surface.overrides else []),
     ]
 
 
@@ -323,10 +357,7 @@ def diff_blocks(result: SurfaceDiff) -> list[Block]:
         changes = result.by_direction(direction)  # type: ignore[arg-type]
         if not changes:
             continue
-        rows = tuple(
-            (text(c.kind or "every kind"), text(c.area), text((c.subject, "code")), text(c.old), text(c.new))
-            for c in changes
-        )
+        rows = tuple((text(c.who), text(c.area), text((c.subject, "code")), text(c.old), text(c.new)) for c in changes)
         blocks.append(Block(title, table=Table(("kind", "area", "what", "before", "after"), rows)))
     if not result.changes:
         blocks.append(Block("No change", lines=(text("The two policies let exactly the same things leave."),)))

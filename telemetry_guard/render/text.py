@@ -46,14 +46,16 @@ def diff_text(result: SurfaceDiff) -> str:
             continue
         lines.append(f"\n{title} ({len(changes)}):")
         for c in changes:
-            who = c.kind or "every kind"
+            who = c.who
             lines.append(f"  {who}: {c.area}: {c.subject}: {c.old} -> {c.new}")
     return "\n".join(lines) + "\n"
 
 
 def explain_text(e: Explanation) -> str:
     lines = [
-        f"event type {e.feature}/{e.action} from a {e.kind} caller, under {e.policy} (sha256 {e.sha256[:12]})",
+        f"event type {e.feature}/{e.action} from a {e.kind} caller"
+        + (f" matched by overrides.{e.override}" if e.override else "")
+        + f", under {e.policy} (sha256 {e.sha256[:12]})",
         f"can it leave at all: {'yes' if e.leaves else 'no'}",
         "",
     ]
