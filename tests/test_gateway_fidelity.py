@@ -20,6 +20,7 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from types import EllipsisType
 from typing import Any
 
 import grpc
@@ -214,7 +215,7 @@ class Row:
     policy: str = "gateway"
     situation: str = ""
     acked: Sequence[str] = ()
-    sent: Sequence[str] | type[Ellipsis] | None = None
+    sent: Sequence[str] | EllipsisType | None = None
 
 
 NO_IDENTIFIER = "no identifier"
@@ -518,7 +519,7 @@ TOKENS = {
     "tok-publish": {"active": True, "scope": "telemetry_gateway::events::publish"},  # the seed's name only
 }
 
-CREDENTIAL_CALLS = {
+CREDENTIAL_CALLS: dict[str, list[Any]] = {
     "RecordEvents": [metadata_request("managed_service"), events_request(event("c1"))],
     "RecordEvent": [record_event_request("managed_service", event("c1"))],
 }
@@ -625,7 +626,7 @@ def test_a_list_of_scopes_accepts_a_token_covering_any_one(endpoint: Endpoint, t
     assert len(recorder.calls) == 2
 
 
-CANCELLED_CALLS = {
+CANCELLED_CALLS: dict[str, list[Any]] = {
     "RecordEvents": [metadata_request("managed_service"), events_request(event("k1"))],
     "RecordEvent": [record_event_request("managed_service", event("k1"))],
 }
