@@ -3,7 +3,8 @@
 A record says which RPC, side (server or client), identifier kind and publisher id
 (instance_id, service_id or workspace_id; never the license key), the request_id, the
 position of the message in its stream, how many things each rule removed, the ids of the
-events removed whole, and the refusal (code, rule, message) if the call was refused.
+events removed whole, and the refusal (code, rule, message, and the reason where the caller
+was given the gateway's own short or opaque message) if the call was refused.
 It never holds a removed value.
 
 Names of removed private_metadata keys can say something about the data themselves, so they
@@ -217,6 +218,8 @@ class AuditLog:
                 record["unknown_fields"] = decision.unknown_fields
         if refusal is not None:
             record["refused"] = {"code": refusal.code.name, "rule": refusal.rule, "message": refusal.message}
+            if refusal.reason:
+                record["refused"]["reason"] = refusal.reason
         self._emit(level, record)
         if decision is not None and self.logger.isEnabledFor(logging.DEBUG):
             self._debug_keys(record, decision)

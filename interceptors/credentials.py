@@ -1,16 +1,22 @@
-"""Checking the bearer token of kinds that must present credentials.
+"""Checking the bearer token of kinds that must present credentials, as the gateway checks it.
 
 The engine already refuses a call of such a kind that has no `authorization: Bearer <token>`
 (UNAUTHENTICATED). A verifier decides whether a present token is good enough:
 
-- BearerPresent (the default): any token; the gateway verifies it again.
+- BearerPresent (the default): any token; the gateway verifies it again (nothing about the
+  token, its activity or its scope, is verified here).
 - TokenIntrospection: OAuth 2.0 token introspection (RFC 7662) against a configured
-  endpoint, with the standard library only. The token must be active and carry the
-  policy's scope (telemetry_gateway::events::publish by default). Answers are cached in
-  bounded TTL caches, a rejection only briefly. An endpoint that cannot be reached or does
-  not answer usably refuses the call with UNAVAILABLE: never allow.
+  endpoint (Sourcegraph Accounts, SAMS), with the standard library only. The token must be
+  active and carry a scope that covers one of the policy's scopes, matched as the SAMS SDK
+  matches them (policy/scopes.py; telemetry_gateway::events::write by default).
 
-A verifier refuses by raising GuardError. Its messages never contain the token.
+Answers are the gateway's: an endpoint that cannot be reached or does not answer usably is
+INTERNAL "unable to validate token" (CANCELLED when the call was cancelled meanwhile: never
+allow); an inactive token or one without the scope is PERMISSION_DENIED "permission denied".
+The reason goes to the audit log only (GuardError.reason), never to the caller. Answers are
+cached in bounded TTL caches, a rejection only briefly.
+
+A verifier refuses by raising GuardError. Neither its message nor its reason contains the token.
 """
 
 from __future__ import annotations
@@ -32,10 +38,15 @@ import grpc
 from cachetools import TTLCache
 
 from telemetry_guard.interceptors.errors import GuardError
+from telemetry_guard.policy import scopes as sams
 
 RULE_INTROSPECTION = "credentials.introspection"
 RULE_SCOPE = "credentials.scope"
 RULE_REQUIRED = "credentials.required_for"
+
+# The gateway's answers (GATEWAY.md): exporters see these and nothing more.
+PERMISSION_DENIED = "permission denied"
+UNABLE_TO_VALIDATE = "unable to validate token"
 
 
 _Refusal = tuple[grpc.StatusCode, str, str]  # code, rule, reason (without the RPC)
@@ -43,25 +54,35 @@ _Refusal = tuple[grpc.StatusCode, str, str]  # code, rule, reason (without the R
 
 def _refuse(rpc: str, refusal: _Refusal) -> GuardError:
     code, rule, reason = refusal
-    return GuardError(code, rule, f"{rpc}: {reason} (rule {rule})")
+    return GuardError(code, rule, PERMISSION_DENIED, f"{rpc}: {reason} (rule {rule})")
+
+
+def cancelled(reason: str) -> GuardError:
+    """A call cancelled while its token was being validated: CANCELLED, as the gateway answers it."""
+    return GuardError(
+        grpc.StatusCode.CANCELLED, RULE_INTROSPECTION, UNABLE_TO_VALIDATE, f"{reason}; the call was cancelled"
+    )
 
 
 class CredentialVerifier(ABC):
-    """Decides whether a bearer token may publish. Raise GuardError to refuse."""
+    """Decides whether a bearer token may publish. Raise GuardError to refuse.
+
+    scopes: the policy's credentials.scope, one or more; a token that covers any one of them suffices.
+    """
 
     @abstractmethod
-    def verify(self, token: str, scope: str, rpc: str) -> None:
+    def verify(self, token: str, scopes: tuple[str, ...], rpc: str) -> None:
         """Refuse (raise GuardError) or return. May block: called directly by sync interceptors."""
 
-    async def verify_async(self, token: str, scope: str, rpc: str) -> None:
+    async def verify_async(self, token: str, scopes: tuple[str, ...], rpc: str) -> None:
         """The aio form. The default calls verify(): right for verifiers that never block."""
-        self.verify(token, scope, rpc)
+        self.verify(token, scopes, rpc)
 
 
 class BearerPresent(CredentialVerifier):
-    """A token must be there; its worth is left to the gateway (the default)."""
+    """A token must be there; its worth (activity, scope) is left to the gateway (the default)."""
 
-    def verify(self, token: str, scope: str, rpc: str) -> None:
+    def verify(self, token: str, scopes: tuple[str, ...], rpc: str) -> None:
         if not token:
             raise GuardError(
                 grpc.StatusCode.UNAUTHENTICATED,
@@ -78,7 +99,7 @@ class _NoRedirect(urllib.request.HTTPRedirectHandler):
 
 
 class TokenIntrospection(CredentialVerifier):
-    """RFC 7662 introspection: POST token=<token> to `url`, require active + scope.
+    """RFC 7662 introspection: POST token=<token> to `url`, require active + a scope covering one required.
 
     client_id/client_secret: HTTP Basic credentials of this resource server at the endpoint
     (RFC 7662 section 2.1), or `authorization`: a complete Authorization header value.
@@ -120,23 +141,23 @@ class TokenIntrospection(CredentialVerifier):
 
     # -- the interface ------------------------------------------------------------------
 
-    def verify(self, token: str, scope: str, rpc: str) -> None:
-        key = self._key(token, scope)
+    def verify(self, token: str, scopes: tuple[str, ...], rpc: str) -> None:
+        key = self._key(token, scopes)
         if self._cached(key, rpc):
             return
         answer = self._introspect(token, rpc)
-        self._decide(key, answer, scope, rpc)
+        self._decide(key, answer, scopes, rpc)
 
-    async def verify_async(self, token: str, scope: str, rpc: str) -> None:
-        if self._cached(self._key(token, scope), rpc):  # no thread for a cache hit
+    async def verify_async(self, token: str, scopes: tuple[str, ...], rpc: str) -> None:
+        if self._cached(self._key(token, scopes), rpc):  # no thread for a cache hit
             return
-        await asyncio.get_running_loop().run_in_executor(self._executor, self.verify, token, scope, rpc)
+        await asyncio.get_running_loop().run_in_executor(self._executor, self.verify, token, scopes, rpc)
 
     # -- cache --------------------------------------------------------------------------
 
     @staticmethod
-    def _key(token: str, scope: str) -> bytes:
-        return hashlib.sha256(f"{scope}\0{token}".encode()).digest()
+    def _key(token: str, scopes: tuple[str, ...]) -> bytes:
+        return hashlib.sha256("\0".join((*scopes, token)).encode()).digest()
 
     def _cached(self, key: bytes, rpc: str) -> bool:
         """True for a trusted token; raises a remembered refusal; False when unknown."""
@@ -178,21 +199,23 @@ class TokenIntrospection(CredentialVerifier):
     @staticmethod
     def _unavailable(rpc: str, why: str) -> GuardError:
         return GuardError(
-            grpc.StatusCode.UNAVAILABLE,
+            grpc.StatusCode.INTERNAL,
             RULE_INTROSPECTION,
+            UNABLE_TO_VALIDATE,
             f"{rpc}: token introspection {why}; the call is refused (rule {RULE_INTROSPECTION})",
         )
 
-    def _decide(self, key: bytes, answer: dict[str, Any], scope: str, rpc: str) -> None:
+    def _decide(self, key: bytes, answer: dict[str, Any], scopes: tuple[str, ...], rpc: str) -> None:
         exp = answer.get("exp")
         expires = float(exp) if isinstance(exp, int | float) and not isinstance(exp, bool) else None
-        scopes = answer.get("scope")
-        granted = scopes.split() if isinstance(scopes, str) else []
+        scope_text = answer.get("scope")
+        granted = scope_text.split() if isinstance(scope_text, str) else []
         refusal: _Refusal
         if answer.get("active") is not True or (expires is not None and expires <= time.time()):
             refusal = (grpc.StatusCode.PERMISSION_DENIED, RULE_INTROSPECTION, "bearer token is not active")
-        elif scope not in granted:
-            refusal = (grpc.StatusCode.PERMISSION_DENIED, RULE_SCOPE, f"bearer token lacks scope {scope}")
+        elif not sams.satisfied(granted, scopes):
+            wanted = " or ".join(scopes)
+            refusal = (grpc.StatusCode.PERMISSION_DENIED, RULE_SCOPE, f"bearer token has no scope covering {wanted}")
         else:
             with self._lock:
                 self._accepted[key] = float("inf") if expires is None else expires

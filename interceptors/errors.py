@@ -15,31 +15,36 @@ from typing import Any
 import grpc
 import grpc.aio
 
-from telemetry_guard.policy import Denial
+from telemetry_guard.policy import Denial, access
 
 _LOG = logging.getLogger("telemetry_guard.errors")
 
 # Rules named by refusals that do not come from the policy file itself.
-RULE_PROTOCOL = "protocol"  # the stream protocol (GATEWAY.md): metadata first and only once
+RULE_PROTOCOL = access.RULE_PROTOCOL  # the stream protocol (GATEWAY.md): metadata first and only once
 RULE_WIRE = "wire"  # a request that is not a valid message of the RPC's request type
 RULE_EVALUATION = "evaluation"  # the policy could not be evaluated
 
 
 class GuardError(Exception):
-    """A call refused by telemetry-guard: a status code, the rule and a message naming the RPC."""
+    """A call refused by telemetry-guard: a status code, the rule and the message the caller gets.
 
-    def __init__(self, code: grpc.StatusCode, rule: str, message: str) -> None:
+    The message names the RPC and the rule, except where the gateway's own answer is given (its
+    exact message, or an opaque one for credentials): then `reason` says why, for the audit log only.
+    """
+
+    def __init__(self, code: grpc.StatusCode, rule: str, message: str, reason: str = "") -> None:
         super().__init__(message)
         self.code = code
         self.rule = rule
         self.message = message
+        self.reason = reason
 
     def __str__(self) -> str:
         return f"{self.code.name}: {self.message}"
 
     @classmethod
     def from_denial(cls, denial: Denial) -> GuardError:
-        return cls(denial.code, denial.rule, denial.message)
+        return cls(denial.code, denial.rule, denial.message, denial.reason)
 
     def as_rpc_error(self) -> GuardRpcError:
         """The form a sync channel raises: a grpc.RpcError that is also a grpc.Call."""

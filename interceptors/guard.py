@@ -16,18 +16,20 @@ Any exception other than a GuardError while doing so becomes INTERNAL naming the
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
+import grpc
 from google.protobuf.message import DecodeError, Message
 
 from telemetry_guard.interceptors.audit import AuditLog, DecisionLines
-from telemetry_guard.interceptors.credentials import BearerPresent, CredentialVerifier
+from telemetry_guard.interceptors.credentials import BearerPresent, CredentialVerifier, cancelled
 from telemetry_guard.interceptors.errors import GuardError, evaluating, wire_error
 from telemetry_guard.policy import RPCS, Decision, Engine, Policy, default_policy
-from telemetry_guard.policy.access import bearer_token
+from telemetry_guard.policy.access import bearer_token, check_event
 from telemetry_guard.policy.engine import PUBLISH_USER_METADATA, RECORD_EVENT, RECORD_EVENTS
 from telemetry_guard.policy.kinds import method_path
 from telemetry_guard.policy.safety import check_enforceable
@@ -178,9 +180,7 @@ class CallGuard:
 
     def _admit(self, identifier: pb.Identifier | None) -> None:
         """Identifier, kind and token presence; remembers who is calling (audited even if refused)."""
-        if identifier is not None:
-            self.identifier = pb.Identifier()
-            self.identifier.CopyFrom(identifier)
+        self._remember(identifier)
         found = self.guard.engine.check_access(self.rpc, identifier, self.authorization)
         if not isinstance(found, str):
             raise GuardError.from_denial(found)
@@ -191,6 +191,12 @@ class CallGuard:
             self._token = bearer_token(self.authorization)
         else:
             self._verified = True
+
+    def _remember(self, identifier: pb.Identifier | None) -> None:
+        """Who is calling, for the audit log (a copy: the request may be filtered in place)."""
+        if identifier is not None:
+            self.identifier = pb.Identifier()
+            self.identifier.CopyFrom(identifier)
 
     def refuse(self, error: GuardError, *, message: int | None = None) -> GuardError:
         """Remember and audit a refusal (the first one wins); returns it for raising."""
@@ -230,8 +236,8 @@ class CallGuard:
             )
         return lines
 
-    def _scope(self) -> str:
-        return self.guard.engine.policy.credentials_scope
+    def _scopes(self) -> tuple[str, ...]:
+        return self.guard.engine.policy.credentials_scopes
 
     @contextmanager
     def judging(self, message: int | None = None) -> Iterator[None]:
@@ -246,17 +252,31 @@ class CallGuard:
         self.raw = isinstance(item, bytes | bytearray | memoryview)
         return self.guard.decode(self.rpc, item)
 
-    def verify(self) -> None:
-        """Let the verifier judge the token, if this kind must present one. Blocking."""
+    def verify(self, active: Callable[[], bool] | None = None) -> None:
+        """Let the verifier judge the token, if this kind must present one. Blocking.
+
+        active: whether the call is still live (a server's context.is_active): a verification that
+        failed while the call was cancelled is answered CANCELLED, as the gateway answers it.
+        """
         if not self._verified:
             with self.judging():
-                self.guard.verifier.verify(self._token or "", self._scope(), self.rpc)
+                try:
+                    self.guard.verifier.verify(self._token or "", self._scopes(), self.rpc)
+                except GuardError as exc:
+                    if exc.code == grpc.StatusCode.INTERNAL and active is not None and not active():
+                        raise cancelled(exc.reason) from None
+                    raise
             self._verified = True
 
     async def verify_async(self) -> None:
+        """The aio form: a call cancelled meanwhile is audited as CANCELLED before the cancellation goes on."""
         if not self._verified:
             with self.judging():
-                await self.guard.verifier.verify_async(self._token or "", self._scope(), self.rpc)
+                try:
+                    await self.guard.verifier.verify_async(self._token or "", self._scopes(), self.rpc)
+                except asyncio.CancelledError:
+                    self.refuse(cancelled(f"{self.rpc}: the token was being validated"))
+                    raise
             self._verified = True
 
     def pass_on(self, encode: Encode, message: Message) -> Any:
@@ -281,7 +301,12 @@ class UnaryGuard(CallGuard):
             if not isinstance(request, pb.RecordEventRequest):
                 raise TypeError(type(request).__name__)
             self.request_id = request.metadata.request_id
-            self._admit(request.metadata.identifier if request.HasField("metadata") else None)
+            identifier = request.metadata.identifier if request.HasField("metadata") else None
+            missing = check_event(request)  # the gateway judges the event before the identifier
+            if missing is not None:
+                self._remember(identifier)
+                raise GuardError.from_denial(missing)
+            self._admit(identifier)
             return request
 
     def filter(self, request: pb.RecordEventRequest) -> pb.RecordEventRequest | None:

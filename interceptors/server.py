@@ -79,7 +79,7 @@ def _record_event(guard: Guard, rpc: str, handler: Handler, authorization: str |
         call = UnaryGuard(guard, rpc, authorization)
         try:
             request = call.admit(raw)
-            call.verify()
+            call.verify(context.is_active)
             kept = call.filter(request)
             if kept is None:
                 return removed_event_response(handler.response_serializer)
@@ -103,7 +103,7 @@ def _record_events(guard: Guard, rpc: str, handler: Handler, authorization: str 
         stream = StreamGuard(guard, rpc, authorization)
         try:
             first = stream.first(raw)
-            stream.verify()
+            stream.verify(context.is_active)
         except GuardError as exc:
             context.abort(exc.code, exc.message)
         try:
@@ -130,7 +130,7 @@ def _publish_user_metadata(guard: Guard, rpc: str, handler: Handler, authorizati
         stream = StreamGuard(guard, rpc, authorization)
         try:
             first = stream.first(raw)
-            stream.verify()
+            stream.verify(context.is_active)
         except GuardError as exc:
             context.abort(exc.code, exc.message)
         response = None

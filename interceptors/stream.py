@@ -67,15 +67,17 @@ class StreamGuard(CallGuard):
                 metadata = request.metadata
                 self.request_id = metadata.request_id
                 self._admit(metadata.identifier if metadata.HasField("identifier") else None)
+            elif self.kind is None:
+                raise protocol_error(self.rpc, f"got {payload} when metadata not yet received")
             else:
-                if self.kind is None:
-                    raise protocol_error(self.rpc, f"got {payload} when metadata not yet received")
                 self._require_verified()
             outcome = self._filter(request, payload)
             if outcome.denial is not None:
                 raise GuardError.from_denial(outcome.denial)
-            if self.acks is not None and payload == "events" and isinstance(request, pb.RecordEventsRequest):
-                self.acks.forwarded(request.events.events, outcome.decision.dropped_event_ids)
+            kind = self.kind
+            if self.acks is not None and payload == "events" and kind and isinstance(request, pb.RecordEventsRequest):
+                acknowledged = self.guard.engine.acknowledged_removals(kind, outcome.decision)
+                self.acks.forwarded(request.events.events, acknowledged)
             self.audit(outcome.decision, index)
             return request
 

@@ -1,7 +1,9 @@
 """Who may call what: identifier checks, RPC access by kind, credentials presence.
 
-Verifying a token (introspection) is the interceptors' job; the policy only says
-which kinds must present one, so the engine checks that it is there and well formed.
+Two sources of refusal, kept apart: what Sourcegraph's gateway itself refuses (its code and
+message, which exporters already handle), and what only the policy refuses (PERMISSION_DENIED
+naming the policy rule). Verifying a token (introspection) is the interceptors' job; the policy
+only says which kinds must present one, so the engine checks that it is there and well formed.
 """
 
 from __future__ import annotations
@@ -9,8 +11,16 @@ from __future__ import annotations
 import grpc
 
 from telemetry_guard.policy.decision import Denial
+from telemetry_guard.policy.kinds import GATEWAY_KINDS
 from telemetry_guard.policy.model import Policy
 from telemetrygateway.v1 import telemetrygateway_pb2 as pb
+
+# The gateway's own messages (GATEWAY.md): exporters are written against them.
+UNSUPPORTED_IDENTIFIER = "unsupported identifier type"
+EVENT_REQUIRED = "event is required"
+RULE_IDENTIFIER = "identifier"
+RULE_EVENT = "event"
+RULE_PROTOCOL = "protocol"  # the stream protocol: metadata first and only once
 
 # The field that must be non-empty for each identifier kind (the gateway's checks).
 REQUIRED_ID_FIELD = {
@@ -26,22 +36,45 @@ def identifier_kind(identifier: pb.Identifier | None) -> str | None:
 
 
 def check_identifier(rpc: str, identifier: pb.Identifier | None) -> str | Denial:
-    """The identifier's kind, or a denial when it is missing or incomplete."""
+    """The identifier's kind, or the gateway's own refusal (GATEWAY.md), which exporters handle.
+
+    No identifier, or a kind the gateway does not serve for the RPC: UNIMPLEMENTED "unsupported
+    identifier type"; a served kind without its required field: INVALID_ARGUMENT. Both come before
+    the policy is asked, as the gateway would answer them with or without telemetry-guard.
+    """
     kind = identifier_kind(identifier)
-    if kind is None or identifier is None:
+    if kind is None or identifier is None or kind not in GATEWAY_KINDS[rpc]:
+        served = ", ".join(sorted(GATEWAY_KINDS[rpc]))
         return Denial(
-            grpc.StatusCode.INVALID_ARGUMENT,
-            "identifier",
-            f"{rpc}: no identifier in the request metadata (or a kind this proto does not know)",
+            grpc.StatusCode.UNIMPLEMENTED,
+            RULE_IDENTIFIER,
+            UNSUPPORTED_IDENTIFIER,
+            f"{rpc}: identifier kind {kind or 'none'} is not served by the gateway (it serves {served})",
         )
     required = REQUIRED_ID_FIELD[kind]
     if not getattr(getattr(identifier, kind), required):
         return Denial(
             grpc.StatusCode.INVALID_ARGUMENT,
-            "identifier",
-            f"{rpc}: identifier.{kind}.{required} is empty",
+            RULE_IDENTIFIER,
+            f"{rpc}: identifier.{kind}.{required} is required (rule {RULE_IDENTIFIER})",
         )
     return kind
+
+
+def check_event(request: pb.RecordEventRequest) -> Denial | None:
+    """RecordEvent without an event: the gateway's INVALID_ARGUMENT, judged before the identifier."""
+    if request.HasField("event"):
+        return None
+    return Denial(grpc.StatusCode.INVALID_ARGUMENT, RULE_EVENT, EVENT_REQUIRED, f"RecordEvent: {EVENT_REQUIRED}")
+
+
+def before_metadata(rpc: str, payload: str) -> Denial:
+    """A payload with no metadata message before it: the gateway's INVALID_ARGUMENT (the stream protocol)."""
+    return Denial(
+        grpc.StatusCode.INVALID_ARGUMENT,
+        RULE_PROTOCOL,
+        f"{rpc}: got {payload} when metadata not yet received (rule {RULE_PROTOCOL})",
+    )
 
 
 def placeholder_identifier(kind: str, value: str) -> pb.Identifier:

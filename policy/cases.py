@@ -39,7 +39,7 @@ import jsonschema
 from google.protobuf import json_format
 from google.protobuf.message import Message
 
-from telemetry_guard.policy import loader
+from telemetry_guard.policy import access, loader
 from telemetry_guard.policy.decision import Decision
 from telemetry_guard.policy.engine import Engine, Outcome
 from telemetry_guard.policy.errors import PolicyError, Problem
@@ -368,6 +368,9 @@ def evaluate(engine: Engine, case: Case) -> Outcome[Any]:
     """A case's outcome: access and credentials first (as the interceptors do), then the engine."""
     request = case.message()
     identifier = case.identifier or stream_identifier(request)
+    payload = None if case.rpc == "RecordEvent" else request.WhichOneof("payload")
+    if identifier is None and payload not in (None, "metadata"):  # a payload of a stream that sent no metadata
+        return Outcome(None, Decision(case.rpc, denial=access.before_metadata(case.rpc, payload)))
     admitted = engine.check_access(case.rpc, identifier, case.authorization)
     if not isinstance(admitted, str):
         decision = Decision(case.rpc, denial=admitted)

@@ -29,11 +29,16 @@ def clip(text: str, limit: int = NAME_LIMIT) -> str:
 
 @dataclass(frozen=True, slots=True)
 class Denial:
-    """The request may not pass at all: a gRPC status and the rule that refused it."""
+    """The request may not pass at all: a gRPC status and the rule that refused it.
+
+    message: what the caller gets. reason: for the audit log only, where the message is the
+    gateway's own short text (exporters are written against it) and says less than the record should.
+    """
 
     code: grpc.StatusCode
     rule: str
     message: str
+    reason: str = ""
 
     def __str__(self) -> str:
         return f"{self.code.name}: {self.message}"
@@ -186,6 +191,8 @@ class Decision:
             out["override"] = self.override
         if self.denial is not None:
             out["denial"] = {"code": self.denial.code.name, "rule": self.denial.rule, "message": self.denial.message}
+            if self.denial.reason:
+                out["denial"]["reason"] = self.denial.reason
         out["events_in"] = self.events_in
         out["events_out"] = self.events_out
         out["removed_per_rule"] = self.counts()

@@ -26,6 +26,7 @@ from google.protobuf.message import Message
 
 from telemetry_guard.policy import access, fastpath, fieldpaths, validity, views
 from telemetry_guard.policy.decision import Decision, Denial, EventRecord, Removal
+from telemetry_guard.policy.kinds import SINGLE_TENANT_KINDS
 from telemetry_guard.policy.model import MATCH_FINGERPRINT, AllowlistEntry, KindRules, Override, Policy
 from telemetrygateway.v1 import telemetrygateway_pb2 as pb
 
@@ -338,8 +339,9 @@ class Engine:
         """A metadata message, judged by its own identifier, whatever the stream's (rare: once a stream);
         anything else reaching here has no identifier at all (decision: the one to deny)."""
         request = pb.RecordEventsRequest.FromString(data)
-        if request.WhichOneof("payload") != "metadata":
-            self._admit(RECORD_EVENTS, None, decision)  # no identifier at all: the denial says so
+        payload = request.WhichOneof("payload")
+        if payload != "metadata":  # no metadata before it: the stream protocol's refusal, as the gateway's
+            decision.denial = access.before_metadata(RECORD_EVENTS, payload or "a message")
             return Outcome(None, decision)
         out = self._stream_metadata(RECORD_EVENTS, request, None)
         return Outcome(None if out.request is None else out.request.SerializeToString(), out.decision)
@@ -363,13 +365,13 @@ class Engine:
     def record_event(self, request: pb.RecordEventRequest, *, detailed: bool = False) -> Outcome[pb.RecordEventRequest]:
         """The unary RPC: the identifier travels in the request. A removed event leaves no event."""
         decision = Decision(RECORD_EVENT, request_id=request.metadata.request_id)
+        decision.denial = access.check_event(request)  # the gateway judges the event before the identifier
+        if decision.denial is not None:
+            return Outcome(None, decision)
         kind = self._admit(
             RECORD_EVENT, request.metadata.identifier if request.HasField("metadata") else None, decision
         )
         if kind is None:
-            return Outcome(None, decision)
-        if not request.HasField("event"):
-            decision.denial = Denial(grpc.StatusCode.INVALID_ARGUMENT, "event", f"{RECORD_EVENT}: event is required")
             return Outcome(None, decision)
         plan = self._plans[kind]
         # The same path as RecordEvents: the event as a one-event payload of the kind's view.
@@ -381,9 +383,48 @@ class Engine:
             request.event.Clear()
             request.event.MergeFromString(events[0].SerializeToString())
         else:
+            refused = self._invalid_unacknowledged(kind, decision, request.event)
+            if refused is not None:
+                decision.denial = refused
+                return Outcome(None, decision)
             request.ClearField("event")
         self._unknown(plan, request, decision)
         return Outcome(request, decision)
+
+    def _invalid_unacknowledged(self, key: str, decision: Decision, event: pb.Event) -> Denial | None:
+        """RecordEvent's one event removed as invalid, for a kind whose invalid events the gateway fails:
+        refused as the gateway refuses a publish failure (INTERNAL), never answered as a success.
+        key: the plan applied (the kind, or overrides.NAME)."""
+        plan = self._plans[key]
+        if plan.rules.kind in SINGLE_TENANT_KINDS or not decision.events:
+            return None
+        if decision.events[0].dropped_by != plan.invalid_rule:
+            return None
+        problem = validity.event_problem(event) or "invalid"
+        return Denial(
+            grpc.StatusCode.INTERNAL,
+            plan.invalid_rule,
+            f"{RECORD_EVENT}: the event is invalid ({problem}) and was not published (rule {plan.invalid_rule})",
+        )
+
+    # -- acknowledgements -------------------------------------------------------------------
+
+    def acknowledged_removals(self, kind: str, decision: Decision) -> list[str]:
+        """The ids of a payload's events removed whole that are acknowledged, as the gateway reports them.
+
+        Removed by the feature filter: acknowledged (the policy's choice; never sent, never retried).
+        Removed as invalid (invalid_events: drop): acknowledged for instances, whose invalid events the
+        gateway reports as succeeded so that exporters do not retry them forever; not for managed
+        services and workspaces, whose invalid events it reports as failed.
+        """
+        dropped = decision.dropped_event_ids
+        if not dropped or kind in SINGLE_TENANT_KINDS:
+            return dropped
+        plan = self._plans[kind if decision.override is None else self._overrides[decision.override].key]
+        if not plan.drop_invalid:
+            return dropped
+        invalid = plan.invalid_rule
+        return [e.event_id for e in decision.events if e.dropped_by is not None and e.dropped_by != invalid]
 
     # -- PublishInstanceUserMetadata ------------------------------------------------------
 

@@ -22,3 +22,14 @@ RPCS: Final = ("RecordEvents", "RecordEvent", "PublishInstanceUserMetadata")
 def method_path(rpc: str) -> str:
     """The gRPC method path of one of RPCS, e.g. /telemetrygateway.v1.TelemeteryGatewayService/RecordEvent."""
     return f"/{SERVICE}/{rpc}"
+
+
+# The identifier kinds Sourcegraph's gateway serves, per RPC (GATEWAY.md). Any other kind, or no
+# identifier, it refuses UNIMPLEMENTED "unsupported identifier type", whatever a policy allows:
+# RecordEvent serves managed services only; PublishInstanceUserMetadata is the instances' own
+# RPC; RecordEvents serves every kind, workspaces with SAMS credentials as managed services.
+GATEWAY_KINDS: Final = {
+    "RecordEvents": frozenset(KINDS),
+    "RecordEvent": frozenset({"managed_service"}),
+    "PublishInstanceUserMetadata": SINGLE_TENANT_KINDS,
+}

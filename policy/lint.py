@@ -20,8 +20,9 @@ from pathlib import Path
 from typing import Any, Final, Literal
 
 from telemetry_guard.policy import loader
+from telemetry_guard.policy import scopes as sams
 from telemetry_guard.policy.errors import PolicyError, Problem
-from telemetry_guard.policy.kinds import KINDS, SINGLE_TENANT_KINDS
+from telemetry_guard.policy.kinds import GATEWAY_KINDS, KINDS, SINGLE_TENANT_KINDS
 from telemetry_guard.policy.model import KindRules, Policy
 from telemetry_guard.policy.sourcegraph_env import awaits_review
 from telemetry_guard.policy.yamlsource import Located, Path_, dotted, parse, read
@@ -110,7 +111,7 @@ _RULES: Final = (
     Rule(
         "record-event-instance",
         "error",
-        "RecordEvent is open to an instance kind; the gateway accepts it only from managed services and workspaces.",
+        "RecordEvent is open to an instance kind; the gateway accepts it only from managed services.",
         "Remove licensed_instance and unlicensed_instance from access.RecordEvent; instances use RecordEvents.",
     ),
     Rule(
@@ -119,6 +120,22 @@ _RULES: Final = (
         "managed_service or workspace callers need no bearer token.",
         "The gateway requires SAMS credentials from managed services and workspaces: list both under "
         "credentials.required_for (the default when the key is absent).",
+    ),
+    Rule(
+        "kind-not-served",
+        "warning",
+        "access lists an identifier kind the gateway does not serve for that RPC: its calls are refused "
+        "UNIMPLEMENTED whatever the policy says.",
+        "RecordEvent serves managed_service only, PublishInstanceUserMetadata licensed_instance and "
+        "unlicensed_instance only: remove the kind so that the policy says what happens.",
+    ),
+    Rule(
+        "scope-not-issued",
+        "error",
+        "No scope under credentials.scope ends in an action Sourcegraph Accounts issues (read, write, delete): "
+        "with token introspection every managed service is refused.",
+        "Require telemetry_gateway::events::write (the default), what the gateway checks and Sourcegraph's client "
+        "library requests; list the seed's telemetry_gateway::events::publish beside it to accept both.",
     ),
     Rule(
         "override-widening-unverified",
@@ -593,7 +610,19 @@ def _lint_access(doc: Located) -> list[Finding]:
                     f"access.RecordEvent opens the unary RPC to {kind}",
                 )
             )
+    for rpc in ("RecordEvent", "PublishInstanceUserMetadata"):
+        for i, kind in enumerate(data.get("access", {}).get(rpc, [])):
+            if kind not in GATEWAY_KINDS[rpc] and not (rpc == "RecordEvent" and kind in SINGLE_TENANT_KINDS):
+                message = f"access.{rpc} lists {kind}, which the gateway does not serve for {rpc}"
+                findings.append(_at(doc, ("access", rpc, i), "kind-not-served", message))
     credentials = data.get("credentials", {})
+    scopes = credentials.get("scope")
+    listed = [scopes] if isinstance(scopes, str) else scopes if isinstance(scopes, list) else []
+    parsed = [sams.parse(scope) for scope in listed if isinstance(scope, str)]
+    if listed and not any(found is not None and found[2] in sams.SAMS_ACTIONS for found in parsed):
+        required = " or ".join(map(str, listed))
+        message = f"credentials.scope requires {required}: no SAMS client is issued such a scope"
+        findings.append(_at(doc, ("credentials", "scope"), "scope-not-issued", message))
     if "required_for" in credentials:
         missing = [k for k in ("managed_service", "workspace") if k not in credentials["required_for"]]
         if missing:

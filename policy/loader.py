@@ -38,9 +38,9 @@ from telemetry_guard.policy.model import (
     Setting,
     UserMetadataRules,
 )
+from telemetry_guard.policy.scopes import DEFAULT_SCOPES
 from telemetry_guard.policy.yamlsource import Located, Path_, dotted, read
 
-DEFAULT_SCOPE = "telemetry_gateway::events::publish"
 DEFAULT_REPLACEMENT = "telemetry-guard: value is not a string"
 
 # What a key the policy does not set falls back to: the strictest choice.
@@ -152,7 +152,7 @@ def load_policy(path: str | Path) -> Policy:
         sha256=digest,
         access=MappingProxyType({rpc: frozenset(access.get(rpc, [])) for rpc in RPCS}),
         credentials_required=frozenset(credentials.get("required_for", ["managed_service", "workspace"])),
-        credentials_scope=credentials.get("scope", DEFAULT_SCOPE),
+        credentials_scopes=_scopes(credentials.get("scope", DEFAULT_SCOPES)),
         user_metadata=UserMetadataRules(
             enabled=bool(user_meta.get("enabled", False)),
             user_fields=frozenset(user_meta.get("user_fields", [])),
@@ -163,6 +163,11 @@ def load_policy(path: str | Path) -> Policy:
         acknowledged=frozenset(data.get("acknowledged", [])),
         overrides=overrides,
     )
+
+
+def _scopes(value: str | list[str] | tuple[str, ...]) -> tuple[str, ...]:
+    """credentials.scope as written: one scope or a list of them (the schema checked their form)."""
+    return (value,) if isinstance(value, str) else tuple(value)
 
 
 def _anchored_pattern(
@@ -209,6 +214,8 @@ def explain_schema_error(error: jsonschema.ValidationError) -> str:
     if error.validator == "enum":
         allowed = [str(v) for v in _listed(error.validator_value)]
         return f"{error.instance!r} is not allowed; use one of: {', '.join(allowed)}"
+    if error.validator == "pattern" and isinstance(error.schema, dict) and "x-expected" in error.schema:
+        return f"{error.instance!r} is not {error.schema['x-expected']}"
     if error.validator == "const":
         return f"{error.instance!r} is not allowed; must be {error.validator_value!r}"
     return str(error.message)

@@ -176,7 +176,7 @@ class Policy:
     sha256: str  # over the bytes of every file read, in order
     access: Mapping[str, frozenset[str]]  # RPC -> kinds allowed
     credentials_required: frozenset[str]
-    credentials_scope: str
+    credentials_scopes: tuple[str, ...]  # SAMS scopes; a token covering any one of them suffices
     user_metadata: UserMetadataRules
     kinds: Mapping[str, KindRules]
     allowlist: Allowlist

@@ -30,6 +30,8 @@ def _kind_of(node: dict[str, Any], root: dict[str, Any]) -> str:
     if "const" in node:
         return f"`{node['const']}`"
     kind = node.get("type", "")
+    if isinstance(kind, list):  # one value or a list of them: each form in turn
+        return " or ".join(_kind_of({**node, "type": one}, root) for one in kind)
     if kind == "array":
         items = _resolve(node.get("items", {}), root)
         return f"list of {_kind_of(items, root)}"

@@ -19,8 +19,9 @@ from typing import Final, Literal
 
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
 
+from telemetry_guard.policy.access import UNSUPPORTED_IDENTIFIER
 from telemetry_guard.policy.engine import Engine
-from telemetry_guard.policy.kinds import KINDS, RPCS, SINGLE_TENANT_KINDS
+from telemetry_guard.policy.kinds import GATEWAY_KINDS, KINDS, RPCS, SINGLE_TENANT_KINDS
 from telemetry_guard.policy.lint import display_path
 from telemetry_guard.policy.model import AllowlistEntry, FeatureFilter, KindRules, Override, Policy
 from telemetrygateway.v1 import telemetrygateway_pb2 as pb
@@ -46,8 +47,13 @@ EVENT_RPCS: Final = ("RecordEvents", "RecordEvent")
 class RpcAccess:
     rpc: str
     allowed: bool
-    rule: str  # the key that allows or refuses it
+    rule: str  # the key that allows or refuses it ("" when the gateway serves no such kind)
     credentials_required: bool
+    served: bool = True  # False: the gateway answers UNIMPLEMENTED, whatever the policy says
+
+
+# What the audit report describes as verified, per verifier (interceptors.credentials).
+VERIFIERS: Final = ("bearer-present", "introspection")
 
 
 @dataclass(frozen=True, slots=True)
@@ -170,7 +176,8 @@ class Surface:
     name: str
     sha256: str
     files: tuple[str, ...]
-    credentials_scope: str
+    credentials_scopes: tuple[str, ...]
+    verifier: str  # one of VERIFIERS: what the report says is verified of a token
     kinds: tuple[KindSurface, ...]
     user_metadata: UserMetadataSurface
     overrides: tuple[OverrideSurface, ...] = ()
@@ -287,6 +294,9 @@ def collapse(fields: Sequence[FieldRule], label: Callable[[FieldRule], object] |
 def _access(policy: Policy, kind: str, override: Override | None = None) -> tuple[RpcAccess, ...]:
     out = []
     for rpc in RPCS:
+        if kind not in GATEWAY_KINDS[rpc]:
+            out.append(RpcAccess(rpc, False, "", kind in policy.credentials_required, served=False))
+            continue
         allowed = kind in policy.access[rpc]
         rule = f"access.{rpc}"
         if override is not None and override.access is not None:
@@ -357,8 +367,10 @@ def _tagged(changes: Iterable[Change], override: str) -> list[Change]:
     return [dataclasses.replace(c, override=override) for c in changes]
 
 
-def surface(policy: Policy) -> Surface:
-    """The export surface of a loaded policy."""
+def surface(policy: Policy, verifier: str = "bearer-present") -> Surface:
+    """The export surface of a loaded policy; verifier: the credential verifier in use (one of VERIFIERS)."""
+    if verifier not in VERIFIERS:
+        raise ValueError(f"verifier must be one of {', '.join(VERIFIERS)}")
     kinds = tuple(_kind_surface(policy, policy.kinds[kind]) for kind in KINDS)
     by_kind = {k.kind: k for k in kinds}
     overrides = tuple(_override_surface(policy, o, by_kind[o.kind]) for o in policy.overrides)
@@ -367,7 +379,8 @@ def surface(policy: Policy) -> Surface:
         name=policy.name,
         sha256=policy.sha256,
         files=policy.files,
-        credentials_scope=policy.credentials_scope,
+        credentials_scopes=policy.credentials_scopes,
+        verifier=verifier,
         kinds=kinds,
         user_metadata=UserMetadataSurface(
             enabled=um.enabled,
@@ -657,6 +670,8 @@ _ORDERED_SETTINGS: Final = (
 
 
 def _access_text(access: RpcAccess) -> str:
+    if not access.served:
+        return "not served by the gateway (UNIMPLEMENTED)"
     return f"{'allowed' if access.allowed else 'refused'} ({access.rule})"
 
 
@@ -684,8 +699,9 @@ def diff(old: Surface, new: Surface) -> SurfaceDiff:
     changes += _choice_changes(
         "organization_fields", old.user_metadata.organization_fields, new.user_metadata.organization_fields
     )
-    if old.credentials_scope != new.credentials_scope:
-        changes.append(Change("changed", "", "credentials", "scope", old.credentials_scope, new.credentials_scope))
+    if old.credentials_scopes != new.credentials_scopes:
+        was, now = " or ".join(old.credentials_scopes), " or ".join(new.credentials_scopes)
+        changes.append(Change("changed", "", "credentials", "scope", was, now))
     changes += _override_changes(old, new)
     order = {"widening": 0, "narrowing": 1, "changed": 2}
     changes.sort(key=lambda c: (order[c.direction], KINDS.index(c.kind) if c.kind else len(KINDS)))
@@ -753,6 +769,9 @@ def explain(
             if rpc.credentials_required
             else ("no credentials are required")
         )
+        if not rpc.served:
+            steps.append(Step(f"access {rpc.rpc}", "refused by the gateway", "", UNSUPPORTED_IDENTIFIER))
+            continue
         steps.append(
             Step(f"access {rpc.rpc}", "allowed" if rpc.allowed else "refused", rpc.rule, creds if rpc.allowed else "")
         )

@@ -252,7 +252,7 @@ class Forwarder:
                 raise GuardError.from_denial(outcome.denial)
             decision = outcome.decision
             if stream.acks is not None:
-                dropped = decision.dropped_event_ids
+                dropped = guard.engine.acknowledged_removals(stream.kind, decision)
                 if dropped:
                     # An id both removed and forwarded must not be acknowledged by us: read the forwarded
                     # ids from the bytes that leave, only when something was removed whole.

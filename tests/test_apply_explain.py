@@ -85,8 +85,9 @@ def test_apply_record_event_refusal_and_placeholder_identifier() -> None:
     assert refused.returncode == 2  # line 2 is a managed_service, not a licensed_instance
     first = json.loads(refused.stdout.splitlines()[0])
     assert first["leaves"] is None
-    assert first["decision"]["denial"]["code"] == "PERMISSION_DENIED"
-    assert first["decision"]["denial"]["rule"] == "access.RecordEvent"
+    assert first["decision"]["denial"]["code"] == "UNIMPLEMENTED"  # the gateway serves managed services only
+    assert first["decision"]["denial"]["rule"] == "identifier"
+    assert first["decision"]["denial"]["message"] == "unsupported identifier type"
     allowed = cli("apply", "builtin:default", "--kind", "managed_service", "--rpc", "RecordEvent", "-q", stdin=lines)
     assert allowed.returncode == 0, allowed.stderr
     placeheld, own = (json.loads(line) for line in allowed.stdout.splitlines())
@@ -204,4 +205,11 @@ def test_explain_steps_for_each_situation() -> None:
     assert step(kept, "private_metadata") == ("every key leaves", "defaults.private_metadata")
     assert step(kept, "validity")[1] == "defaults.invalid_events" and kept.leaves
     refused = explain(default_policy(), "workspace", "cody.chat", "submitted")
-    assert step(refused, "access RecordEvent") == ("refused", "access.RecordEvent")
+    assert step(refused, "access RecordEvent") == ("refused by the gateway", "")
+    narrowed = explain(
+        load_policy(ROOT / "tests" / "testdata" / "policies" / "access.yaml"),
+        "managed_service",
+        "cody.chat",
+        "submitted",
+    )
+    assert step(narrowed, "access RecordEvent") == ("refused", "access.RecordEvent")

@@ -132,9 +132,11 @@ def test_default_policy_surface_matches_the_seed_rules() -> None:
     licensed, managed = s.kind("licensed_instance"), s.kind("managed_service")
     assert [(a.rpc, a.allowed, a.rule) for a in licensed.access] == [
         ("RecordEvents", True, "access.RecordEvents"),
-        ("RecordEvent", False, "access.RecordEvent"),
+        ("RecordEvent", False, ""),  # not served by the gateway: no policy key decides it
         ("PublishInstanceUserMetadata", False, "user_metadata.enabled"),
     ]
+    assert [a.served for a in licensed.access] == [True, False, True]
+    assert [a.served for a in managed.access] == [True, True, False]
     assert not licensed.credentials_required and managed.credentials_required
     fields = {f.path: f for f in licensed.fields}
     assert fields["marketing_tracking.utm_source"].status == "removed"
@@ -220,7 +222,13 @@ def test_cli_json_is_the_surface() -> None:
     assert [k["kind"] for k in data["kinds"]] == list(IDENTIFIERS)
     assert data["sha256"] == default_policy().sha256
     workspace = data["kinds"][3]
-    assert {"rpc": "RecordEvent", "allowed": False, "rule": "access.RecordEvent", "credentials_required": True} in (
-        workspace["access"]
-    )
+    assert {
+        "rpc": "RecordEvent",
+        "allowed": False,
+        "rule": "",
+        "credentials_required": True,
+        "served": False,
+    } in workspace["access"]
+    assert data["credentials_scopes"] == ["telemetry_gateway::events::write"]
+    assert data["verifier"] == "bearer-present"
     assert data["user_metadata"]["enabled"] is False

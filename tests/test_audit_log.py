@@ -123,7 +123,7 @@ def test_refusals_are_recorded_as_warnings(stack: str, caplog: pytest.LogCapture
         Call("RecordEvent", [record_event_request("licensed_instance", event("x2"), request_id="req-y")]),
     ]
     exercise(stack, "server", calls)
-    unauthenticated, denied = audit_records(caplog)
+    unauthenticated, unsupported = audit_records(caplog)
     assert unauthenticated["level"] == "WARNING"
     assert unauthenticated["refused"]["code"] == "UNAUTHENTICATED"
     assert unauthenticated["refused"]["rule"] == "credentials.required_for"
@@ -132,8 +132,11 @@ def test_refusals_are_recorded_as_warnings(stack: str, caplog: pytest.LogCapture
         "svc-1",
         "req-x",
     )
-    assert denied["refused"]["code"] == "PERMISSION_DENIED" and denied["request_id"] == "req-y"
-    assert denied["refused"]["rule"] == "access.RecordEvent"
+    # The caller got the gateway's own words; the audit record says why, with the RPC and the kind.
+    assert unsupported["refused"]["code"] == "UNIMPLEMENTED" and unsupported["request_id"] == "req-y"
+    assert unsupported["refused"]["rule"] == "identifier"
+    assert unsupported["refused"]["message"] == "unsupported identifier type"
+    assert "RecordEvent" in unsupported["refused"]["reason"] and "licensed_instance" in unsupported["refused"]["reason"]
 
 
 def test_identity_names_the_publisher_never_the_license_key() -> None:

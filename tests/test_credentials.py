@@ -33,8 +33,9 @@ from grpc_harness import (
 
 from telemetry_guard.interceptors import BearerPresent, GuardError, TokenIntrospection
 
-SCOPE = "telemetry_gateway::events::publish"
-UNAVAILABLE = grpc.StatusCode.UNAVAILABLE
+SCOPE = "telemetry_gateway::events::write"
+SCOPES = (SCOPE,)
+INTERNAL = grpc.StatusCode.INTERNAL  # the gateway's answer when a token cannot be validated
 
 
 def _answers() -> dict[str, Any]:
@@ -42,7 +43,7 @@ def _answers() -> dict[str, Any]:
     return {
         "tok-good": {"active": True, "scope": f"openid {SCOPE}", "exp": now + 3600},
         "tok-noexp": {"active": True, "scope": SCOPE},
-        "tok-noscope": {"active": True, "scope": "telemetry_gateway::events::write"},
+        "tok-noscope": {"active": True, "scope": "openid telemetry_gateway::events::read telemetry_gateway::ev::write"},
         "tok-inactive": {"active": False},
         "tok-truthy": {"active": "true", "scope": SCOPE},  # not the JSON true: refused
         "tok-expired": {"active": True, "scope": SCOPE, "exp": now - 10},
@@ -124,7 +125,7 @@ def closed_port_url() -> str:
 
 def refusal(verifier: TokenIntrospection, token: str) -> GuardError | None:
     try:
-        verifier.verify(token, SCOPE, "RecordEvents")
+        verifier.verify(token, SCOPES, "RecordEvents")
     except GuardError as exc:
         return exc
     return None
@@ -140,10 +141,10 @@ VERDICTS = [
     ("tok-truthy", DENIED, "credentials.introspection"),
     ("tok-expired", DENIED, "credentials.introspection"),
     ("tok-unknown", DENIED, "credentials.introspection"),
-    ("tok-500", UNAVAILABLE, "credentials.introspection"),
-    ("tok-badjson", UNAVAILABLE, "credentials.introspection"),
-    ("tok-array", UNAVAILABLE, "credentials.introspection"),
-    ("tok-redirect", UNAVAILABLE, "credentials.introspection"),
+    ("tok-500", INTERNAL, "credentials.introspection"),
+    ("tok-badjson", INTERNAL, "credentials.introspection"),
+    ("tok-array", INTERNAL, "credentials.introspection"),
+    ("tok-redirect", INTERNAL, "credentials.introspection"),
 ]
 
 
@@ -156,8 +157,10 @@ def test_introspection_verdicts(token: str, code: grpc.StatusCode | None, rule: 
         return
     assert error is not None
     assert (error.code, error.rule) == (code, rule)
-    assert "RecordEvents" in error.message and rule in error.message
-    assert token not in error.message and token not in str(error)
+    # The caller gets the gateway's words; the RPC and the rule go to the audit log (the reason).
+    assert error.message == ("permission denied" if code == DENIED else "unable to validate token")
+    assert "RecordEvents" in error.reason and rule in error.reason
+    assert token not in error.message and token not in str(error) and token not in error.reason
     assert endpoint.tokens()[0] == token
 
 
@@ -167,17 +170,17 @@ def test_redirect_is_not_followed() -> None:
     assert [r["path"] for r in endpoint.requests] == ["/oauth/introspect"]
 
 
-def test_unreachable_endpoint_is_unavailable_never_allowed() -> None:
+def test_unreachable_endpoint_is_internal_never_allowed() -> None:
     verifier = TokenIntrospection(closed_port_url(), timeout=2)
     for _ in range(2):
         error = refusal(verifier, "tok-good")
-        assert error is not None and error.code == UNAVAILABLE
+        assert error is not None and error.code == INTERNAL
 
 
-def test_slow_endpoint_times_out_as_unavailable() -> None:
+def test_slow_endpoint_times_out_as_internal() -> None:
     with introspection_endpoint() as endpoint:
         error = refusal(TokenIntrospection(endpoint.url, timeout=0.1), "tok-slow")
-    assert error is not None and error.code == UNAVAILABLE
+    assert error is not None and error.code == INTERNAL
 
 
 def test_request_follows_rfc7662_with_client_credentials() -> None:
@@ -221,7 +224,7 @@ def test_unavailable_is_never_cached() -> None:
         endpoint.fail_first.add("tok-good")
         verifier = TokenIntrospection(endpoint.url)
         first = refusal(verifier, "tok-good")
-        assert first is not None and first.code == UNAVAILABLE
+        assert first is not None and first.code == INTERNAL
         assert refusal(verifier, "tok-good") is None
     assert endpoint.tokens() == ["tok-good", "tok-good"]
 
@@ -234,7 +237,7 @@ def test_cache_is_bounded_and_keyed_by_scope() -> None:
             assert refusal(verifier, f"tok-{name}") is None
         assert verifier._accepted.maxsize == 2 and len(verifier._accepted) <= 2
         with pytest.raises(GuardError) as raised:
-            verifier.verify("tok-a", "another::scope", "RecordEvent")
+            verifier.verify("tok-a", ("another::scope::write",), "RecordEvent")
     assert raised.value.rule == "credentials.scope"
 
 
@@ -250,10 +253,10 @@ def test_verify_async_runs_in_the_executor_and_not_for_a_cache_hit() -> None:
         verifier = TokenIntrospection(endpoint.url, executor=executor)
 
         async def run() -> None:
-            await verifier.verify_async("tok-good", SCOPE, "RecordEvents")
-            await verifier.verify_async("tok-good", SCOPE, "RecordEvents")
+            await verifier.verify_async("tok-good", SCOPES, "RecordEvents")
+            await verifier.verify_async("tok-good", SCOPES, "RecordEvents")
             with pytest.raises(GuardError):
-                await verifier.verify_async("tok-inactive", SCOPE, "RecordEvents")
+                await verifier.verify_async("tok-inactive", SCOPES, "RecordEvents")
 
         asyncio.run(run())
     assert len(submitted) == 2
@@ -267,9 +270,9 @@ def test_only_http_endpoints() -> None:
 
 
 def test_bearer_present_is_the_default_and_only_wants_a_token() -> None:
-    BearerPresent().verify("anything", SCOPE, "RecordEvent")
+    BearerPresent().verify("anything", SCOPES, "RecordEvent")
     with pytest.raises(GuardError) as raised:
-        BearerPresent().verify("", SCOPE, "RecordEvent")
+        BearerPresent().verify("", SCOPES, "RecordEvent")
     assert raised.value.code == UNAUTHENTICATED
 
 
@@ -283,7 +286,7 @@ def _calls(token: str) -> list[Call]:
     auth = (("authorization", f"Bearer {token}"),)
     return [
         Call("RecordEvents", [metadata_request("managed_service"), events_request(event("e1"))], auth),
-        Call("RecordEvent", [record_event_request("workspace", event("e2"))], auth),
+        Call("RecordEvent", [record_event_request("managed_service", event("e2"))], auth),
     ]
 
 
@@ -291,7 +294,7 @@ def _calls(token: str) -> list[Call]:
 @pytest.mark.parametrize("stack", STACKS)
 @pytest.mark.parametrize(
     ("token", "code"),
-    [("tok-good", OK), ("tok-inactive", DENIED), ("tok-noscope", DENIED), ("tok-500", UNAVAILABLE)],
+    [("tok-good", OK), ("tok-inactive", DENIED), ("tok-noscope", DENIED), ("tok-500", INTERNAL)],
 )
 def test_introspection_behind_the_interceptors(stack: str, side: str, token: str, code: grpc.StatusCode) -> None:
     with introspection_endpoint() as endpoint:
@@ -310,8 +313,8 @@ def test_introspection_behind_the_interceptors(stack: str, side: str, token: str
 def test_unreachable_introspection_behind_the_interceptors(stack: str, side: str) -> None:
     verifier = TokenIntrospection(closed_port_url(), timeout=2)
     results, recorder = exercise(stack, side, _calls("tok-good"), verifier=verifier)
-    assert [r.code for r in results] == [UNAVAILABLE, UNAVAILABLE]
-    assert all(call.rpc in r.details for call, r in zip(_calls("tok-good"), results, strict=True))
+    assert [r.code for r in results] == [INTERNAL, INTERNAL]
+    assert all(r.details == "unable to validate token" for r in results)
     assert recorder.calls == []
 
 

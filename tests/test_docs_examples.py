@@ -23,7 +23,7 @@ EXPECTED = {
     "exporter": [
         "gateway got e2",
         "sent e2",
-        "PERMISSION_DENIED RecordEvent: identifier kind unlicensed_instance is not allowed",
+        "UNIMPLEMENTED unsupported identifier type",
     ],
 }
 

@@ -816,7 +816,7 @@ UNARY = [
     pytest.param(case, id=f"{rule}-{case.id}")
     for rule, cases in ALL_CASES.items()
     for case in cases
-    if rule != "default_policy" and case.kind in ("managed_service", "workspace") and len(case.given()) == 1
+    if rule != "default_policy" and case.kind == "managed_service" and len(case.given()) == 1  # the only kind served
 ]
 
 
@@ -1012,7 +1012,7 @@ def test_unknown_fields_kept_inside_what_the_filters_keep() -> None:
     assert sorted(ev.parameters.private_metadata.fields) == ["model"]
 
 
-@pytest.mark.parametrize(("kind", "kept"), [("managed_service", False), ("workspace", True)])
+@pytest.mark.parametrize(("kind", "kept"), [("managed_service", False)])
 def test_unknown_fields_in_record_event(kind: str, kept: bool) -> None:
     request = pb.RecordEventRequest(
         metadata=pb.RecordEventsRequestMetadata(request_id="r", identifier=identifier(kind)),
@@ -1117,7 +1117,7 @@ def _orgs() -> pb.PublishInstanceUserMetadataRequest:
     )
 
 
-@pytest.mark.parametrize("kind", ["licensed_instance", "unlicensed_instance", "workspace"])
+@pytest.mark.parametrize("kind", ["licensed_instance", "unlicensed_instance"])
 def test_user_metadata_only_listed_user_fields_pass(kind: str) -> None:
     outcome = make_engine("user_metadata").publish_instance_user_metadata(_users(), identifier(kind))
     assert outcome.denial is None
@@ -1152,14 +1152,18 @@ def test_user_metadata_only_listed_organization_fields_pass() -> None:
 
 def test_user_metadata_stream_metadata_message_passes() -> None:
     request = pb.PublishInstanceUserMetadataRequest(
-        metadata=pb.PublishInstanceUserMetadataRequestMetadata(request_id="u-1", identifier=identifier("workspace"))
+        metadata=pb.PublishInstanceUserMetadataRequestMetadata(
+            request_id="u-1", identifier=identifier("unlicensed_instance")
+        )
     )
     outcome = make_engine("user_metadata").publish_instance_user_metadata(request)
     assert outcome.denial is None
     assert outcome.request == pb.PublishInstanceUserMetadataRequest(
-        metadata=pb.PublishInstanceUserMetadataRequestMetadata(request_id="u-1", identifier=identifier("workspace"))
+        metadata=pb.PublishInstanceUserMetadataRequestMetadata(
+            request_id="u-1", identifier=identifier("unlicensed_instance")
+        )
     )
-    assert (outcome.decision.kind, outcome.decision.request_id) == ("workspace", "u-1")
+    assert (outcome.decision.kind, outcome.decision.request_id) == ("unlicensed_instance", "u-1")
 
 
 @pytest.mark.parametrize(
@@ -1167,9 +1171,10 @@ def test_user_metadata_stream_metadata_message_passes() -> None:
     [
         ("default", "licensed_instance", "user_metadata.enabled"),  # allowed kind, but not enabled
         ("default", "unlicensed_instance", "user_metadata.enabled"),
-        ("default", "managed_service", "access.PublishInstanceUserMetadata"),
-        ("default", "workspace", "access.PublishInstanceUserMetadata"),
-        ("user_metadata", "managed_service", "access.PublishInstanceUserMetadata"),
+        ("access", "licensed_instance", "access.PublishInstanceUserMetadata"),  # enabled, kind not listed
+        ("default", "managed_service", "identifier"),  # a kind the gateway does not serve for the RPC
+        ("default", "workspace", "identifier"),
+        ("user_metadata", "managed_service", "identifier"),
     ],
 )
 @pytest.mark.parametrize("payload", [_users, _orgs])
@@ -1178,7 +1183,8 @@ def test_user_metadata_refused(policy: str, kind: str, rule: str, payload: Calla
     outcome = make_engine(policy).publish_instance_user_metadata(request, identifier(kind))  # type: ignore[arg-type]
     assert outcome.request is None
     assert outcome.denial is not None
-    assert (outcome.denial.code, outcome.denial.rule) == (grpc.StatusCode.PERMISSION_DENIED, rule)
+    code = grpc.StatusCode.UNIMPLEMENTED if rule == "identifier" else grpc.StatusCode.PERMISSION_DENIED
+    assert (outcome.denial.code, outcome.denial.rule) == (code, rule)
 
 
 def test_user_metadata_refused_when_disabled_even_for_the_metadata_message() -> None:
@@ -1193,6 +1199,8 @@ def test_user_metadata_refused_when_disabled_even_for_the_metadata_message() -> 
 # --- access ----------------------------------------------------------------------------------------
 
 OK = "ok"
+UNSUPPORTED = (grpc.StatusCode.UNIMPLEMENTED, "identifier")  # the gateway serves no such kind for the RPC
+
 ACCESS = [
     # policy, rpc, kind, required-field value, authorization, expected (kind or (code, rule))
     ("access", "RecordEvents", "licensed_instance", "key", None, "licensed_instance"),
@@ -1248,7 +1256,7 @@ ACCESS = [
         (grpc.StatusCode.UNAUTHENTICATED, "credentials.required_for"),
     ),
     ("access", "RecordEvents", "workspace", "ws", "tok", (grpc.StatusCode.UNAUTHENTICATED, "credentials.required_for")),
-    ("access", "RecordEvent", "workspace", "ws", "Bearer tok", "workspace"),
+    ("access", "RecordEvent", "workspace", "ws", "Bearer tok", UNSUPPORTED),  # the gateway's refusal first
     (
         "access",
         "RecordEvent",
@@ -1257,14 +1265,7 @@ ACCESS = [
         "Bearer tok",
         (grpc.StatusCode.PERMISSION_DENIED, "access.RecordEvent"),
     ),
-    (
-        "access",
-        "RecordEvent",
-        "licensed_instance",
-        "key",
-        None,
-        (grpc.StatusCode.PERMISSION_DENIED, "access.RecordEvent"),
-    ),
+    ("access", "RecordEvent", "licensed_instance", "key", None, UNSUPPORTED),
     (
         "access",
         "PublishInstanceUserMetadata",
@@ -1283,22 +1284,9 @@ ACCESS = [
     ("default", "RecordEvents", "unlicensed_instance", "i", None, "unlicensed_instance"),
     ("default", "RecordEvents", "workspace", "ws", None, (grpc.StatusCode.UNAUTHENTICATED, "credentials.required_for")),
     ("default", "RecordEvent", "managed_service", "svc", "Bearer t", "managed_service"),
-    (
-        "default",
-        "RecordEvent",
-        "workspace",
-        "ws",
-        "Bearer t",
-        (grpc.StatusCode.PERMISSION_DENIED, "access.RecordEvent"),
-    ),
-    (
-        "default",
-        "RecordEvent",
-        "licensed_instance",
-        "k",
-        None,
-        (grpc.StatusCode.PERMISSION_DENIED, "access.RecordEvent"),
-    ),
+    ("default", "RecordEvent", "workspace", "ws", "Bearer t", UNSUPPORTED),
+    ("default", "RecordEvent", "licensed_instance", "k", None, UNSUPPORTED),
+    ("default", "PublishInstanceUserMetadata", "managed_service", "svc", "Bearer t", UNSUPPORTED),
 ]
 
 
@@ -1310,7 +1298,11 @@ def test_check_access(policy: str, rpc: str, kind: str, value: str, authorizatio
     else:
         assert isinstance(got, Denial)
         assert (got.code, got.rule) == expected
-        assert rpc in got.message
+        if expected == UNSUPPORTED:  # the gateway's own message; the RPC and kind go to the audit log
+            assert got.message == "unsupported identifier type"
+            assert rpc in got.reason and kind in got.reason
+        else:
+            assert rpc in got.message
 
 
 @pytest.mark.parametrize("missing", [None, pb.Identifier()], ids=["none", "empty-oneof"])
@@ -1318,7 +1310,7 @@ def test_check_access(policy: str, rpc: str, kind: str, value: str, authorizatio
 def test_check_access_without_identifier(rpc: str, missing: pb.Identifier | None) -> None:
     got = make_engine("default").check_access(rpc, missing, "Bearer t")
     assert isinstance(got, Denial)
-    assert (got.code, got.rule) == (grpc.StatusCode.INVALID_ARGUMENT, "identifier")
+    assert (got.code, got.rule, got.message) == (*UNSUPPORTED, "unsupported identifier type")
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -1327,7 +1319,8 @@ def test_record_events_denied_without_identifier(kind: str) -> None:
     outcome = make_engine("default").record_events(request, None)
     assert outcome.request is None
     assert outcome.denial is not None
-    assert (outcome.denial.code, outcome.denial.rule) == (grpc.StatusCode.INVALID_ARGUMENT, "identifier")
+    assert (outcome.denial.code, outcome.denial.rule) == (grpc.StatusCode.INVALID_ARGUMENT, "protocol")
+    assert "when metadata not yet received" in outcome.denial.message
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -1370,22 +1363,28 @@ def test_record_event_without_event_is_invalid_argument() -> None:
     assert (outcome.denial.code, outcome.denial.rule) == (grpc.StatusCode.INVALID_ARGUMENT, "event")
 
 
-def test_record_event_without_metadata_is_invalid_argument() -> None:
+def test_record_event_without_metadata_is_unimplemented() -> None:
+    """No identifier: the gateway's UNIMPLEMENTED "unsupported identifier type"."""
     outcome = make_engine("default").record_event(pb.RecordEventRequest(event=event()))
     assert outcome.request is None
     assert outcome.denial is not None
-    assert (outcome.denial.code, outcome.denial.rule) == (grpc.StatusCode.INVALID_ARGUMENT, "identifier")
+    assert (outcome.denial.code, outcome.denial.rule) == UNSUPPORTED
 
 
 @pytest.mark.parametrize(
-    ("kind", "rule"), [("licensed_instance", "access.RecordEvent"), ("workspace", "access.RecordEvent")]
+    ("policy", "kind", "expected"),
+    [
+        ("default", "licensed_instance", UNSUPPORTED),
+        ("default", "workspace", UNSUPPORTED),
+        ("access", "managed_service", (grpc.StatusCode.PERMISSION_DENIED, "access.RecordEvent")),
+    ],
 )
-def test_record_event_kind_not_allowed(kind: str, rule: str) -> None:
+def test_record_event_kind_not_allowed(policy: str, kind: str, expected: tuple[grpc.StatusCode, str]) -> None:
     request = pb.RecordEventRequest(metadata=pb.RecordEventsRequestMetadata(identifier=identifier(kind)), event=event())
-    outcome = make_engine("default").record_event(request)
+    outcome = make_engine(policy).record_event(request)
     assert outcome.request is None
     assert outcome.denial is not None
-    assert (outcome.denial.code, outcome.denial.rule) == (grpc.StatusCode.PERMISSION_DENIED, rule)
+    assert (outcome.denial.code, outcome.denial.rule) == expected
 
 
 # -- regressions -----------------------------------------------------------------------

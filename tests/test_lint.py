@@ -25,6 +25,7 @@ EXPECT = re.compile(r"^# expect: (\S+) (?:(\S+):)?(\d+):(\d+)( acknowledged)?$",
 
 PERMISSIVE_RULES = {
     "record-event-instance",
+    "kind-not-served",
     "credentials-not-required",
     "user-metadata-personal",
     "marketing-tracking-single-tenant",

@@ -193,9 +193,10 @@ WIDENING = {
     "fewer drop_fields": "drop_fields: []",
     "unknown fields kept": "unknown_fields: keep",
     "invalid events forwarded": "invalid_events: forward",
-    "an RPC the kind may not call": "access: [RecordEvents, RecordEvent]",
 }
 NARROWING = {
+    # The gateway serves RecordEvent to managed services only: opening it to an instance widens nothing.
+    "an RPC the gateway does not serve the kind": "access: [RecordEvents, RecordEvent]",
     "private_metadata dropped": "private_metadata: {mode: drop}",
     "cody only": "events: {include: [cody, cody.*]}",
     "more drop_fields": "drop_fields: [user.anonymous_user_id, interaction.geolocation]",

@@ -295,7 +295,7 @@ def test_default_policy_compiles_to_the_seed_rules() -> None:
         "PublishInstanceUserMetadata": frozenset({"licensed_instance", "unlicensed_instance"}),
     }
     assert policy.credentials_required == frozenset({"managed_service", "workspace"})
-    assert policy.credentials_scope == "telemetry_gateway::events::publish"
+    assert policy.credentials_scopes == ("telemetry_gateway::events::write",)
     assert policy.user_metadata.enabled is False
     assert policy.user_metadata.user_fields == frozenset()
     assert policy.user_metadata.organization_fields == frozenset()
@@ -389,7 +389,7 @@ def test_defaults_and_kinds_override_key_by_key() -> None:
         "PublishInstanceUserMetadata": frozenset(),
     }
     assert policy.credentials_required == frozenset({"workspace"})
-    assert policy.credentials_scope == "custom::scope"
+    assert policy.credentials_scopes == ("custom::scope::write", "telemetry_gateway::events::publish")
     assert policy.user_metadata.enabled is True
     assert policy.user_metadata.user_fields == frozenset({"id", "username"})
     assert policy.user_metadata.organization_fields == frozenset({"name"})
@@ -435,7 +435,7 @@ def test_missing_keys_fall_back_to_the_strictest_choice() -> None:
     policy = load_policy(TESTDATA / "policies" / "minimal.yaml")
     assert dict(policy.access) == dict.fromkeys(RPCS, frozenset())  # no kind may call anything
     assert policy.credentials_required == frozenset({"managed_service", "workspace"})
-    assert policy.credentials_scope == "telemetry_gateway::events::publish"
+    assert policy.credentials_scopes == ("telemetry_gateway::events::write",)
     assert policy.user_metadata.enabled is False
     assert policy.user_metadata.user_fields == frozenset()
     assert policy.user_metadata.organization_fields == frozenset()

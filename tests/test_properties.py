@@ -24,6 +24,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+import grpc
 from google.protobuf import struct_pb2
 from google.protobuf.message import Message
 from google.protobuf.unknown_fields import UnknownFieldSet
@@ -31,6 +32,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from telemetry_guard.policy import Engine, default_policy, load_policy
+from telemetry_guard.policy.kinds import GATEWAY_KINDS
 from telemetrygateway.v1 import telemetrygateway_pb2 as pb
 
 POLICIES = Path(__file__).parent / "testdata" / "policies"
@@ -449,12 +451,19 @@ def test_record_event_filters_like_a_one_event_batch(scenario: Any) -> None:
     engine, kind, ident, request = scenario
     if not request.events.events or ident is None or kind not in engine.policy.access["RecordEvent"]:
         return
+    if kind not in GATEWAY_KINDS["RecordEvent"]:  # the gateway's refusal, whatever the policy allows
+        return
     single = pb.RecordEventsRequest()
     single.events.events.add().CopyFrom(request.events.events[0])
     unary = pb.RecordEventRequest(metadata=pb.RecordEventsRequestMetadata(identifier=ident))
     unary.event.CopyFrom(request.events.events[0])
     batch_outcome = engine.record_events(single, ident)
     unary_outcome = engine.record_event(unary)
+    invalid_rule = engine.policy.kinds[kind].invalid_events.rule
+    if batch_outcome.denial is None and any(e.dropped_by == invalid_rule for e in batch_outcome.decision.events):
+        # The gateway fails a service's invalid event: its RecordEvent is refused, never answered as a success.
+        assert unary_outcome.denial is not None and unary_outcome.denial.code == grpc.StatusCode.INTERNAL
+        return
     assert (batch_outcome.denial is None) == (unary_outcome.denial is None)
     if batch_outcome.request is None or unary_outcome.request is None:
         return

@@ -81,7 +81,10 @@ def _access_block(surface: Surface) -> Block:
     for k in surface.kinds:
         cells = [text((k.kind, "code"), " (single-tenant)" if k.single_tenant else "")]
         for a in k.access:
-            cells.append(_status("allowed" if a.allowed else "refused", a.rule))
+            if a.served:
+                cells.append(_status("allowed" if a.allowed else "refused", a.rule))
+            else:
+                cells.append(_status("not served by the gateway", ""))
         cells.append(text("required" if k.credentials_required else "not required"))
         rows.append(tuple(cells))
     headers = ("identifier kind", *(a.rpc for a in surface.kinds[0].access), "bearer token")
@@ -89,13 +92,37 @@ def _access_block(surface: Surface) -> Block:
         "Who may call what",
         lines=(
             text(
-                "A refused RPC is answered PERMISSION_DENIED before any content is read. "
-                "A required bearer token must carry the scope ",
-                (surface.credentials_scope, "code"),
-                " (verified by the interceptors, not by this report).",
+                "A refused RPC is answered before any content is read: PERMISSION_DENIED naming the rule when "
+                "the policy refuses it; UNIMPLEMENTED ",
+                ('"unsupported identifier type"', "code"),
+                " where Sourcegraph's gateway serves no such kind for the RPC, whatever the policy lists.",
             ),
+            _credentials_line(surface),
         ),
         table=Table(headers, tuple(rows)),
+    )
+
+
+def _credentials_line(surface: Surface) -> Text:
+    """Exactly what the configured verifier establishes about a required bearer token, and no more."""
+    scopes: list[Fragment] = []
+    for index, scope in enumerate(surface.credentials_scopes):
+        scopes += [(" or " if index else "", ""), (scope, "code")]
+    if surface.verifier == "introspection":
+        return text(
+            "Verifier: token introspection (RFC 7662). A required bearer token must be active and carry a scope "
+            "covering ",
+            *scopes,
+            " (SAMS matching: same service and action, the granted permission equal or a dot-prefix; rule ",
+            ("credentials.scope", "code"),
+            "); otherwise PERMISSION_DENIED.",
+        )
+    return text(
+        "Verifier: bearer token present (the default). A required bearer token must be present "
+        "('authorization: Bearer <token>'); whether it is active and which scopes it carries is not verified "
+        "here but left to the gateway. The policy's scopes (",
+        *scopes,
+        ") are checked only with token introspection (serve --introspection-url).",
     )
 
 
