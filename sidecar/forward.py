@@ -35,7 +35,11 @@ counted when they are raised.
 Errors, in order of precedence: a refusal by the guard (its status, the call upstream
 cancelled: nothing more is forwarded); an upstream error (its code and details, unchanged;
 an unreachable upstream is UNAVAILABLE); anything else: INTERNAL, naming only the type.
-Deadlines, cancellation and the `authorization` metadata pass through.
+Deadlines, cancellation and the `authorization` metadata pass through, and so does the W3C
+trace context (`traceparent`, `tracestate`), so that the gateway's spans join the exporter's
+trace; with tracing on (sidecar/tracing.py) the sidecar's own span takes the exporter's place as
+their parent. gRPC's binary `grpc-trace-bin` is in the set too, but grpcio's core keeps it from
+the handlers: it passes only where the runtime hands it over.
 """
 
 from __future__ import annotations
@@ -66,7 +70,8 @@ if TYPE_CHECKING:
 
 LOG = logging.getLogger("telemetry_guard.sidecar.forward")
 
-DEFAULT_FORWARD_METADATA = ("authorization",)
+TRACE_CONTEXT_METADATA = ("traceparent", "tracestate", "grpc-trace-bin")
+DEFAULT_FORWARD_METADATA = ("authorization", *TRACE_CONTEXT_METADATA)
 DEFAULT_WINDOW = 64  # events payloads per stream sent upstream and not yet answered
 END_SETTLE_SECONDS = 0.01
 CORE_WRITE_RACE = "Internal error from Core"

@@ -123,13 +123,15 @@ def register(sub: Any) -> None:
         "--forward-metadata",
         action="append",
         metavar="KEY",
-        help="call metadata passed upstream (repeat; default: authorization)",
+        help="call metadata passed upstream besides authorization and the trace context "
+        "(traceparent, tracestate, grpc-trace-bin), which always pass (repeat)",
     )
     run_group.add_argument("--log-level", choices=LEVELS, default="info", help="default: %(default)s")
     parser.set_defaults(func=run)
 
 
 def _config(args: argparse.Namespace) -> Any:
+    from telemetry_guard.sidecar.forward import DEFAULT_FORWARD_METADATA
     from telemetry_guard.sidecar.server import Config, split_host_port
 
     for name in ("listen", "upstream", "metrics_listen"):
@@ -164,7 +166,7 @@ def _config(args: argparse.Namespace) -> Any:
         grace=args.grace,
         reload_interval=args.reload_interval,
         max_message_bytes=args.max_message_bytes,
-        forward_metadata=tuple(args.forward_metadata or ("authorization",)),
+        forward_metadata=tuple(dict.fromkeys([*DEFAULT_FORWARD_METADATA, *(args.forward_metadata or ())])),
         introspection_url=args.introspection_url,
         introspection_client_id=args.introspection_client_id,
         log_level=args.log_level,
