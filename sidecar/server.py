@@ -9,8 +9,10 @@ On its port: TelemeteryGatewayService (the forwarder), the gRPC health service
 (grpc.health.v1.Health: "" and the telemetry service, SERVING until shutdown begins) and
 server reflection. Requests larger than max_message_bytes (the gateway's limit: gRPC's
 default of 4 MiB) are refused by grpc with RESOURCE_EXHAUSTED. `run()` adds the process
-part: SIGHUP reloads the policy; SIGTERM and SIGINT shut down gracefully (health NOT_SERVING,
-no new calls, calls in flight get `grace` seconds, then are cancelled).
+part: SIGHUP reloads the policy; SIGTERM and SIGINT shut down gracefully: health NOT_SERVING at
+once, new calls still accepted for `drain` seconds (so that a load balancer or Kubernetes takes
+the instance out of rotation before it stops listening; a second signal ends the drain), then
+no new calls, calls in flight get `grace` seconds, then are cancelled.
 """
 
 from __future__ import annotations
@@ -60,6 +62,7 @@ class Config:
     metrics_listen: str | None = None
     workers: int = 1
     grace: float = 10.0
+    drain: float = 0.0
     reload_interval: float = 2.0
     max_message_bytes: int = GATEWAY_MAX_MESSAGE_BYTES
     forward_metadata: tuple[str, ...] = DEFAULT_FORWARD_METADATA
@@ -201,6 +204,16 @@ class Sidecar:
         )
         return self.port
 
+    async def drain(self, seconds: float, cut_short: asyncio.Event) -> None:
+        """Readiness off, still serving: health NOT_SERVING now, new calls accepted for `seconds` or until cut_short."""
+        if self._health is not None:
+            await self._health.enter_graceful_shutdown()
+        if seconds <= 0:
+            return
+        LOG.info("draining", extra=fields(drain_seconds=seconds))
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(cut_short.wait(), seconds)
+
     async def stop(self, grace: float | None = None) -> None:
         """Graceful: health NOT_SERVING, no new calls, calls in flight get `grace` seconds, then cancelled."""
         if self._health is not None:
@@ -223,9 +236,14 @@ class Sidecar:
         LOG.info("stopped")
 
     async def run(self) -> int:
-        """Serve until SIGTERM or SIGINT; SIGHUP reloads the policy. The exit code."""
+        """Serve until SIGTERM or SIGINT (then drain, stop); SIGHUP reloads the policy. The exit code."""
         loop = asyncio.get_running_loop()
         done = asyncio.Event()
+        again = asyncio.Event()  # a second SIGTERM or SIGINT: end the drain now
+
+        def terminate() -> None:
+            (again if done.is_set() else done).set()
+
         reloads: set[asyncio.Task[bool]] = set()
 
         def hangup() -> None:
@@ -240,9 +258,10 @@ class Sidecar:
             await self.stop(0)
             return 2
         for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, done.set)
+            loop.add_signal_handler(sig, terminate)
         loop.add_signal_handler(signal.SIGHUP, hangup)
         await done.wait()
+        await self.drain(self.config.drain, again)
         await self.stop(self.config.grace)
         return 0
 

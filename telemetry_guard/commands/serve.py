@@ -17,7 +17,8 @@ examples:
   telemetry-guard serve --listen 0.0.0.0:10085 --upstream gateway:443 --upstream-ca ca.pem \\
       --tls-cert tls.crt --tls-key tls.key --metrics-listen 0.0.0.0:9090 --workers 2
 
-signals: SIGHUP reloads the policy (so does a change of its files); SIGTERM stops gracefully.
+signals: SIGHUP reloads the policy (so does a change of its files); SIGTERM stops gracefully
+(health NOT_SERVING, --drain seconds still serving, then --grace for the calls in flight).
 logs: JSON lines on stderr (the audit trail included). --log-level debug also logs the names
 of removed private_metadata keys; never their values.
 """
@@ -113,6 +114,14 @@ def register(sub: Any) -> None:
         help="on SIGTERM, how long calls in flight may take to finish (default: %(default)s)",
     )
     run_group.add_argument(
+        "--drain",
+        type=_seconds,
+        default=0.0,
+        metavar="SECONDS",
+        help="on SIGTERM, first report NOT_SERVING on the health service and keep accepting calls this long, "
+        "so that load balancers stop sending new ones; a second SIGTERM cuts it short (default: %(default)s)",
+    )
+    run_group.add_argument(
         "--max-message-bytes",
         type=_positive_int,
         default=4 * 1024 * 1024,
@@ -164,6 +173,7 @@ def _config(args: argparse.Namespace) -> Any:
         metrics_listen=args.metrics_listen,
         workers=args.workers,
         grace=args.grace,
+        drain=args.drain,
         reload_interval=args.reload_interval,
         max_message_bytes=args.max_message_bytes,
         forward_metadata=tuple(dict.fromkeys([*DEFAULT_FORWARD_METADATA, *(args.forward_metadata or ())])),
