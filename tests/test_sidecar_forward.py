@@ -332,7 +332,8 @@ def test_trace_context_passes_through_on_all_three_rpcs(sidecar: Sidecar, upstre
     assert streamed.code == grpc.StatusCode.OK, streamed.details
     single = unary(stub.RecordEvent, record_event_request("managed_service", event("t2")), md)
     assert single.code == grpc.StatusCode.OK, single.details
-    stub.PublishInstanceUserMetadata(iter([publish_metadata("licensed_instance"), users()]), metadata=md, timeout=TIMEOUT)
+    published = iter([publish_metadata("licensed_instance"), users()])
+    stub.PublishInstanceUserMetadata(published, metadata=md, timeout=TIMEOUT)
     calls = upstream.servicer.received()
     assert sorted(call.rpc for call in calls) == ["PublishInstanceUserMetadata", "RecordEvent", "RecordEvents"]
     for call in calls:
