@@ -317,6 +317,22 @@ def test_kubectl_kustomize_renders_the_base() -> None:
     assert kinds == {"ConfigMap", "Deployment", "Service", "HorizontalPodAutoscaler", "PodDisruptionBudget"}
 
 
+@pytest.mark.skipif(KUBECTL is None, reason="kubectl is not installed: the render step needs it")
+def test_the_readme_overlay_renders_on_the_base(tmp_path: Path) -> None:
+    (block,) = re.findall(r"```yaml\n(# kustomization.yaml of your overlay\n.*?)```", README, flags=re.S)
+    overlay = tmp_path / "overlays" / "production"
+    overlay.mkdir(parents=True)
+    base = os.path.relpath(K8S, overlay)
+    (overlay / "kustomization.yaml").write_text(block.replace("../../deploy/kubernetes", base))
+    rendered = _rendered(overlay)
+    assert _names(rendered) == _names(_base_files())
+    assert {o["metadata"]["namespace"] for o in rendered} == {"telemetry"}
+    images = {
+        c["image"] for o in rendered if o["kind"] == "Deployment" for c in o["spec"]["template"]["spec"]["containers"]
+    }
+    assert images == {"registry.example.com/telemetry-guard:0.1.0", "registry.example.com/telemetry-gateway:6.0.0"}
+
+
 def test_every_object_validates_against_the_kubernetes_schemas_offline(monkeypatch: pytest.MonkeyPatch) -> None:
     """kubernetes-validate ships the schemas: no connection may be opened. Rendered objects where kubectl
     is installed, else the base's files (what kustomize would put out unchanged: the base transforms nothing)."""
