@@ -169,7 +169,8 @@ class Forwarder:
     """The sidecar's TelemeteryGatewayService: enforce, then forward to `channel`.
 
     guards: returns the guard in force (called once per call: a call keeps the policy it
-    started with). forward_metadata: invocation metadata keys passed upstream.
+    started with). forward_metadata: invocation metadata keys passed upstream. trace_context: with
+    tracing on, puts the sidecar's span in the exporter's place (sidecar.tracing.Tracing.outgoing).
     """
 
     def __init__(
@@ -180,6 +181,7 @@ class Forwarder:
         *,
         forward_metadata: Collection[str] = DEFAULT_FORWARD_METADATA,
         window: int = DEFAULT_WINDOW,
+        trace_context: Callable[[Metadata, Collection[str]], Metadata] | None = None,
     ) -> None:
         if window < 1:
             raise ValueError("window must be at least 1")
@@ -187,6 +189,7 @@ class Forwarder:
         self.metrics = metrics
         self._forward = frozenset(key.lower() for key in forward_metadata)
         self._window = window
+        self._trace_context = trace_context
         # Raw bytes both ways: no serializers.
         self._record_events: grpc.aio.StreamStreamMultiCallable[bytes, bytes] = channel.stream_stream(
             method_path(RECORD_EVENTS)
@@ -211,7 +214,8 @@ class Forwarder:
     # -- call plumbing ------------------------------------------------------------------
 
     def _outgoing(self, metadata: Any) -> Metadata:
-        return tuple((item[0], item[1]) for item in metadata or () if item[0].lower() in self._forward)
+        out = tuple((item[0], item[1]) for item in metadata or () if item[0].lower() in self._forward)
+        return out if self._trace_context is None else self._trace_context(out, self._forward)
 
     @staticmethod
     def _timeout(context: Context) -> float | None:

@@ -24,6 +24,7 @@ import os
 import signal
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import grpc
 import grpc.aio
@@ -39,6 +40,9 @@ from telemetry_guard.sidecar.forward import DEFAULT_FORWARD_METADATA, DEFAULT_WI
 from telemetry_guard.sidecar.logs import fields
 from telemetry_guard.sidecar.metrics import Metrics, MetricsAudit, multiprocess
 from telemetry_guard.sidecar.reload import PolicyReloader
+
+if TYPE_CHECKING:
+    from telemetry_guard.sidecar.tracing import Tracing
 
 LOG = logging.getLogger("telemetry_guard.sidecar")
 
@@ -113,7 +117,8 @@ def upstream_channel(config: Config, target: str) -> grpc.aio.Channel:
 
 
 class Sidecar:
-    """One serving process. sink: where the embedded gateway writes (no upstream); None: JSON lines."""
+    """One serving process. sink: where the embedded gateway writes (no upstream); None: JSON lines.
+    tracing: spans of the sidecar's calls (sidecar.spans.from_environment); the caller shuts it down."""
 
     def __init__(
         self,
@@ -122,8 +127,10 @@ class Sidecar:
         metrics: Metrics | None = None,
         sink: gateway.Sink | None = None,
         reuse_port: bool = False,
+        tracing: Tracing | None = None,
     ) -> None:
         self.config = config
+        self.tracing = tracing
         self.metrics = metrics or Metrics()
         self._sink = sink
         self._reuse_port = reuse_port
@@ -158,10 +165,11 @@ class Sidecar:
         self._channel = upstream_channel(config, target) if config.upstream else grpc.aio.insecure_channel(target)
 
         server = grpc.aio.server(
+            interceptors=self.tracing.interceptors() if self.tracing is not None else None,
             options=[
                 ("grpc.max_receive_message_length", config.max_message_bytes),
                 ("grpc.so_reuseport", 1 if self._reuse_port else 0),
-            ]
+            ],
         )
         forwarder = Forwarder(
             self._channel,
@@ -169,6 +177,7 @@ class Sidecar:
             self.metrics,
             forward_metadata=config.forward_metadata,
             window=config.window,
+            trace_context=self.tracing.outgoing if self.tracing is not None else None,
         )
         server.add_generic_rpc_handlers((forwarder.handler(),))
         self._health = health.aio.HealthServicer()
@@ -196,6 +205,7 @@ class Sidecar:
                 port=self.port,
                 pid=os.getpid(),
                 tls=bool(config.tls_cert),
+                tracing=self.tracing is not None,
                 upstream=config.upstream or f"embedded gateway ({_output_name(config.gateway_output)})",
                 policy=self.reloader.policy.name,
                 sha256=self.reloader.policy.sha256,

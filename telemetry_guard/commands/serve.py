@@ -186,10 +186,13 @@ def _config(args: argparse.Namespace) -> Any:
 def run(args: argparse.Namespace) -> int:
     # Imports here, not at the top: the CLI imports every command to build its parser, and
     # --workers must switch prometheus_client to multiprocess mode before any metric exists.
-    from telemetry_guard.sidecar import logs
+    import os
+
+    from telemetry_guard.sidecar import logs, spans
 
     try:
         config = _config(args)
+        spans.check_environment(os.environ)  # TracingError (a ValueError): tracing asked for, not possible
     except (ValueError, OSError) as exc:
         print(f"telemetry-guard serve: {exc}", file=sys.stderr)
         return 2
@@ -217,9 +220,18 @@ def _worker(config: Any, host: str, port: int) -> int:
 
 
 def _serve(config: Any, *, reuse_port: bool) -> int:
+    import os
+
+    from telemetry_guard.sidecar import spans
     from telemetry_guard.sidecar.server import Sidecar
 
-    async def main() -> int:
-        return await Sidecar(config, reuse_port=reuse_port).run()
+    tracing = spans.from_environment(os.environ)  # in each worker: after the fork
 
-    return asyncio.run(main())
+    async def main() -> int:
+        return await Sidecar(config, reuse_port=reuse_port, tracing=tracing).run()
+
+    try:
+        return asyncio.run(main())
+    finally:
+        if tracing is not None:
+            tracing.shutdown()
