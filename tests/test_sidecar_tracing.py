@@ -219,6 +219,7 @@ def test_the_environment_turns_spans_on_in_the_real_process(tmp_path: Path) -> N
     [
         ({"OTEL_TRACES_EXPORTER": "zipkin_json"}, "no installed span exporter is called 'zipkin_json'"),
         ({"OTEL_TRACES_EXPORTER": "otlp", "OTEL_EXPORTER_OTLP_PROTOCOL": "carrier-pigeon"}, "'carrier-pigeon'"),
+        ({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:9", "OTEL_EXPORTER_OTLP_TIMEOUT": "soon"}, "(ValueError)"),
     ],
 )
 def test_tracing_that_cannot_run_is_a_usage_error(env: dict[str, str], message: str) -> None:

@@ -225,7 +225,11 @@ def _serve(config: Any, *, reuse_port: bool) -> int:
     from telemetry_guard.sidecar import spans
     from telemetry_guard.sidecar.server import Sidecar
 
-    tracing = spans.from_environment(os.environ)  # in each worker: after the fork
+    try:
+        tracing = spans.from_environment(os.environ)  # in each worker: after the fork
+    except spans.TracingError as exc:  # an exporter that cannot start
+        print(f"telemetry-guard serve: {exc}", file=sys.stderr)
+        return 2
 
     async def main() -> int:
         return await Sidecar(config, reuse_port=reuse_port, tracing=tracing).run()
