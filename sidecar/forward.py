@@ -35,7 +35,11 @@ counted when they are raised.
 Errors, in order of precedence: a refusal by the guard (its status, the call upstream
 cancelled: nothing more is forwarded); an upstream error (its code and details, unchanged;
 an unreachable upstream is UNAVAILABLE); anything else: INTERNAL, naming only the type.
-Deadlines, cancellation and the `authorization` metadata pass through.
+Deadlines, cancellation and the `authorization` metadata pass through, and so does the W3C
+trace context (`traceparent`, `tracestate`), so that the gateway's spans join the exporter's
+trace; with tracing on (sidecar/tracing.py) the sidecar's own span takes the exporter's place as
+their parent. gRPC's binary `grpc-trace-bin` is in the set too, but grpcio's core keeps it from
+the handlers: it passes only where the runtime hands it over.
 """
 
 from __future__ import annotations
@@ -66,7 +70,8 @@ if TYPE_CHECKING:
 
 LOG = logging.getLogger("telemetry_guard.sidecar.forward")
 
-DEFAULT_FORWARD_METADATA = ("authorization",)
+TRACE_CONTEXT_METADATA = ("traceparent", "tracestate", "grpc-trace-bin")
+DEFAULT_FORWARD_METADATA = ("authorization", *TRACE_CONTEXT_METADATA)
 DEFAULT_WINDOW = 64  # events payloads per stream sent upstream and not yet answered
 END_SETTLE_SECONDS = 0.01
 NO_DEADLINE = 10.0**9  # seconds; beyond this a client's deadline is "none"
@@ -161,7 +166,8 @@ class Forwarder:
     """The sidecar's TelemeteryGatewayService: enforce, then forward to `channel`.
 
     guards: returns the guard in force (called once per call: a call keeps the policy it
-    started with). forward_metadata: invocation metadata keys passed upstream.
+    started with). forward_metadata: invocation metadata keys passed upstream. trace_context: with
+    tracing on, puts the sidecar's span in the exporter's place (sidecar.tracing.Tracing.outgoing).
     """
 
     def __init__(
@@ -172,6 +178,7 @@ class Forwarder:
         *,
         forward_metadata: Collection[str] = DEFAULT_FORWARD_METADATA,
         window: int = DEFAULT_WINDOW,
+        trace_context: Callable[[Metadata, Collection[str]], Metadata] | None = None,
     ) -> None:
         if window < 1:
             raise ValueError("window must be at least 1")
@@ -179,6 +186,7 @@ class Forwarder:
         self.metrics = metrics
         self._forward = frozenset(key.lower() for key in forward_metadata)
         self._window = window
+        self._trace_context = trace_context
         # Raw bytes both ways: no serializers.
         self._record_events: grpc.aio.StreamStreamMultiCallable[bytes, bytes] = channel.stream_stream(
             method_path(RECORD_EVENTS)
@@ -203,7 +211,8 @@ class Forwarder:
     # -- call plumbing ------------------------------------------------------------------
 
     def _outgoing(self, metadata: Any) -> Metadata:
-        return tuple((item[0], item[1]) for item in metadata or () if item[0].lower() in self._forward)
+        out = tuple((item[0], item[1]) for item in metadata or () if item[0].lower() in self._forward)
+        return out if self._trace_context is None else self._trace_context(out, self._forward)
 
     @staticmethod
     def _timeout(context: Context) -> float | None:

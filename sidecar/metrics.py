@@ -31,6 +31,7 @@ from prometheus_client.exposition import generate_latest
 from telemetry_guard.interceptors.audit import AuditLog, Sink
 from telemetry_guard.interceptors.errors import GuardError
 from telemetry_guard.policy import Decision, Policy
+from telemetry_guard.sidecar.spans import CALL
 from telemetry_guard.sidecar.workers import MULTIPROC_ENV
 from telemetrygateway.v1 import telemetrygateway_pb2 as pb
 
@@ -168,6 +169,7 @@ class MetricsAudit(AuditLog):
         counts: dict[str, int] | None = None,
     ) -> None:
         m = self.metrics
+        call = CALL.get()  # the call's span counts, with tracing on
         kind = (decision.kind if decision is not None else None) or (
             identifier.WhichOneof("identifier") if identifier is not None else None
         )
@@ -182,8 +184,12 @@ class MetricsAudit(AuditLog):
                 counts = decision.counts()  # known without building per-event records
             for rule, count in counts.items():
                 m.child(m.removals, rpc, kind, rule).inc(count)
+            if call is not None:
+                call.judged(decision.events_in, decision.events_out, counts)
         if refusal is not None:
             m.child(m.denials, rpc, refusal.code.name, refusal.rule).inc()
+            if call is not None:
+                call.refused(refusal.code.name, refusal.rule)
         elif not self.logger.isEnabledFor(logging.INFO):
             return  # a decision record is INFO (its key names DEBUG): nothing would be written
         super().record(
@@ -208,12 +214,14 @@ class StreamTally:
     that every held decision is counted exactly once. The totals reach the registry at least every
     FLUSH_SECONDS while the stream runs and when it ends (flush(), called by the forwarder): five
     or more counter updates per payload, each a lock and with --workers an mmap write, become a
-    few per half second. Refusals are still counted by MetricsAudit.record when they happen.
+    few per half second. Refusals are still counted by MetricsAudit.record when they happen. With
+    tracing on, hold() also adds the decision to the call's span counts (sidecar.spans).
     """
 
     FLUSH_SECONDS = 0.5
 
     __slots__ = (
+        "_call",
         "_counters",
         "_flushed",
         "_held",
@@ -235,11 +243,14 @@ class StreamTally:
         self._removals: dict[str, int] = {}  # rule -> removals not yet published
         self._held: tuple[int, int, dict[str, int]] | None = None
         self._flushed = time.monotonic()
+        self._call = CALL.get()
 
     def hold(self, events_in: int, events_out: int, counts: dict[str, int]) -> None:
         """A decision of the stream's kind to count at the next count() (counts: decision.counts())."""
         self._add_held()
         self._held = (events_in, events_out, counts)
+        if self._call is not None:
+            self._call.judged(events_in, events_out, counts)
 
     def count(self) -> None:
         """Add the held decision, if any, to the stream's totals; publish them if it is time."""

@@ -9,8 +9,10 @@ On its port: TelemeteryGatewayService (the forwarder), the gRPC health service
 (grpc.health.v1.Health: "" and the telemetry service, SERVING until shutdown begins) and
 server reflection. Requests larger than max_message_bytes (the gateway's limit: gRPC's
 default of 4 MiB) are refused by grpc with RESOURCE_EXHAUSTED. `run()` adds the process
-part: SIGHUP reloads the policy; SIGTERM and SIGINT shut down gracefully (health NOT_SERVING,
-no new calls, calls in flight get `grace` seconds, then are cancelled).
+part: SIGHUP reloads the policy; SIGTERM and SIGINT shut down gracefully: health NOT_SERVING at
+once, new calls still accepted for `drain` seconds (so that a load balancer or Kubernetes takes
+the instance out of rotation before it stops listening; a second signal ends the drain), then
+no new calls, calls in flight get `grace` seconds, then are cancelled.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import os
 import signal
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import grpc
 import grpc.aio
@@ -37,6 +40,9 @@ from telemetry_guard.sidecar.forward import DEFAULT_FORWARD_METADATA, DEFAULT_WI
 from telemetry_guard.sidecar.logs import fields
 from telemetry_guard.sidecar.metrics import Metrics, MetricsAudit, multiprocess
 from telemetry_guard.sidecar.reload import PolicyReloader
+
+if TYPE_CHECKING:
+    from telemetry_guard.sidecar.tracing import Tracing
 
 LOG = logging.getLogger("telemetry_guard.sidecar")
 
@@ -60,6 +66,7 @@ class Config:
     metrics_listen: str | None = None
     workers: int = 1
     grace: float = 10.0
+    drain: float = 0.0
     reload_interval: float = 2.0
     max_message_bytes: int = GATEWAY_MAX_MESSAGE_BYTES
     forward_metadata: tuple[str, ...] = DEFAULT_FORWARD_METADATA
@@ -111,7 +118,8 @@ def upstream_channel(config: Config, target: str) -> grpc.aio.Channel:
 
 
 class Sidecar:
-    """One serving process. sink: where the embedded gateway writes (no upstream); None: JSON lines."""
+    """One serving process. sink: where the embedded gateway writes (no upstream); None: JSON lines.
+    tracing: spans of the sidecar's calls (sidecar.spans.from_environment); the caller shuts it down."""
 
     def __init__(
         self,
@@ -120,8 +128,10 @@ class Sidecar:
         metrics: Metrics | None = None,
         sink: gateway.Sink | None = None,
         reuse_port: bool = False,
+        tracing: Tracing | None = None,
     ) -> None:
         self.config = config
+        self.tracing = tracing
         self.metrics = metrics or Metrics()
         self._sink = sink
         self._reuse_port = reuse_port
@@ -158,10 +168,11 @@ class Sidecar:
         self._channel = upstream_channel(config, target) if config.upstream else grpc.aio.insecure_channel(target)
 
         server = grpc.aio.server(
+            interceptors=self.tracing.interceptors() if self.tracing is not None else None,
             options=[
                 ("grpc.max_receive_message_length", config.max_message_bytes),
                 ("grpc.so_reuseport", 1 if self._reuse_port else 0),
-            ]
+            ],
         )
         forwarder = Forwarder(
             self._channel,
@@ -169,6 +180,7 @@ class Sidecar:
             self.metrics,
             forward_metadata=config.forward_metadata,
             window=config.window,
+            trace_context=self.tracing.outgoing if self.tracing is not None else None,
         )
         server.add_generic_rpc_handlers((forwarder.handler(),))
         self._health = health.aio.HealthServicer()
@@ -196,6 +208,7 @@ class Sidecar:
                 port=self.port,
                 pid=os.getpid(),
                 tls=bool(config.tls_cert),
+                tracing=self.tracing is not None,
                 upstream=config.upstream or f"embedded gateway ({_output_name(config.gateway_output)})",
                 policy=self.reloader.policy.name,
                 sha256=self.reloader.policy.sha256,
@@ -203,6 +216,16 @@ class Sidecar:
             ),
         )
         return self.port
+
+    async def drain(self, seconds: float, cut_short: asyncio.Event) -> None:
+        """Readiness off, still serving: health NOT_SERVING now, new calls accepted for `seconds` or until cut_short."""
+        if self._health is not None:
+            await self._health.enter_graceful_shutdown()
+        if seconds <= 0:
+            return
+        LOG.info("draining", extra=fields(drain_seconds=seconds))
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(cut_short.wait(), seconds)
 
     async def stop(self, grace: float | None = None) -> None:
         """Graceful: health NOT_SERVING, no new calls, calls in flight get `grace` seconds, then cancelled."""
@@ -226,9 +249,14 @@ class Sidecar:
         LOG.info("stopped")
 
     async def run(self) -> int:
-        """Serve until SIGTERM or SIGINT; SIGHUP reloads the policy. The exit code."""
+        """Serve until SIGTERM or SIGINT (then drain, stop); SIGHUP reloads the policy. The exit code."""
         loop = asyncio.get_running_loop()
         done = asyncio.Event()
+        again = asyncio.Event()  # a second SIGTERM or SIGINT: end the drain now
+
+        def terminate() -> None:
+            (again if done.is_set() else done).set()
+
         reloads: set[asyncio.Task[bool]] = set()
 
         def hangup() -> None:
@@ -243,9 +271,10 @@ class Sidecar:
             await self.stop(0)
             return 2
         for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, done.set)
+            loop.add_signal_handler(sig, terminate)
         loop.add_signal_handler(signal.SIGHUP, hangup)
         await done.wait()
+        await self.drain(self.config.drain, again)
         await self.stop(self.config.grace)
         return 0
 

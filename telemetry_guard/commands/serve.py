@@ -17,7 +17,8 @@ examples:
   telemetry-guard serve --listen 0.0.0.0:10085 --upstream gateway:443 --upstream-ca ca.pem \\
       --tls-cert tls.crt --tls-key tls.key --metrics-listen 0.0.0.0:9090 --workers 2
 
-signals: SIGHUP reloads the policy (so does a change of its files); SIGTERM stops gracefully.
+signals: SIGHUP reloads the policy (so does a change of its files); SIGTERM stops gracefully
+(health NOT_SERVING, --drain seconds still serving, then --grace for the calls in flight).
 exit status: 0 stopped by SIGTERM, 1 a worker failed while stopping, 2 bad arguments, a policy
 that cannot be loaded or that lint refuses, an address that cannot be bound; 3 --workers kept
 dying (a crash loop: a dead worker is otherwise replaced).
@@ -122,6 +123,14 @@ def register(sub: Any) -> None:
         help="on SIGTERM, how long calls in flight may take to finish (default: %(default)s)",
     )
     run_group.add_argument(
+        "--drain",
+        type=_seconds,
+        default=0.0,
+        metavar="SECONDS",
+        help="on SIGTERM, first report NOT_SERVING on the health service and keep accepting calls this long, "
+        "so that load balancers stop sending new ones; a second SIGTERM cuts it short (default: %(default)s)",
+    )
+    run_group.add_argument(
         "--max-message-bytes",
         type=_positive_int,
         default=4 * 1024 * 1024,
@@ -132,13 +141,15 @@ def register(sub: Any) -> None:
         "--forward-metadata",
         action="append",
         metavar="KEY",
-        help="call metadata passed upstream (repeat; default: authorization)",
+        help="call metadata passed upstream besides authorization and the trace context "
+        "(traceparent, tracestate, grpc-trace-bin), which always pass (repeat)",
     )
     run_group.add_argument("--log-level", choices=LEVELS, default="info", help="default: %(default)s")
     parser.set_defaults(func=run)
 
 
 def _config(args: argparse.Namespace) -> Any:
+    from telemetry_guard.sidecar.forward import DEFAULT_FORWARD_METADATA
     from telemetry_guard.sidecar.server import Config, split_host_port
 
     for name in ("listen", "upstream", "metrics_listen"):
@@ -171,9 +182,10 @@ def _config(args: argparse.Namespace) -> Any:
         metrics_listen=args.metrics_listen,
         workers=args.workers,
         grace=args.grace,
+        drain=args.drain,
         reload_interval=args.reload_interval,
         max_message_bytes=args.max_message_bytes,
-        forward_metadata=tuple(args.forward_metadata or ("authorization",)),
+        forward_metadata=tuple(dict.fromkeys([*DEFAULT_FORWARD_METADATA, *(args.forward_metadata or ())])),
         introspection_url=args.introspection_url,
         introspection_client_id=args.introspection_client_id,
         log_level=args.log_level,
@@ -184,10 +196,13 @@ def _config(args: argparse.Namespace) -> Any:
 def run(args: argparse.Namespace) -> int:
     # Imports here, not at the top: the CLI imports every command to build its parser, and
     # --workers must switch prometheus_client to multiprocess mode before any metric exists.
-    from telemetry_guard.sidecar import logs
+    import os
+
+    from telemetry_guard.sidecar import logs, spans
 
     try:
         config = _config(args)
+        spans.check_environment(os.environ)  # TracingError (a ValueError): tracing asked for, not possible
     except (ValueError, OSError) as exc:
         print(f"telemetry-guard serve: {exc}", file=sys.stderr)
         return 2
@@ -215,9 +230,22 @@ def _worker(config: Any, host: str, port: int) -> int:
 
 
 def _serve(config: Any, *, reuse_port: bool) -> int:
+    import os
+
+    from telemetry_guard.sidecar import spans
     from telemetry_guard.sidecar.server import Sidecar
 
-    async def main() -> int:
-        return await Sidecar(config, reuse_port=reuse_port).run()
+    try:
+        tracing = spans.from_environment(os.environ)  # in each worker: after the fork
+    except spans.TracingError as exc:  # an exporter that cannot start
+        print(f"telemetry-guard serve: {exc}", file=sys.stderr)
+        return 2
 
-    return asyncio.run(main())
+    async def main() -> int:
+        return await Sidecar(config, reuse_port=reuse_port, tracing=tracing).run()
+
+    try:
+        return asyncio.run(main())
+    finally:
+        if tracing is not None:
+            tracing.shutdown()
