@@ -1,0 +1,311 @@
+"""Shadow policy on live traffic, end to end: the real `telemetry-guard serve --shadow-policy` in
+front of a recording upstream on loopback, a candidate that narrows and one that widens.
+
+Every count is derived from what the test sends; the upstream must receive exactly what the policy
+in force lets out (computed by the engine from the same bytes); no removed value may appear in a
+log line or a metric. The shadow-report command reads the sidecar's own log.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+from test_sidecar_support import (
+    BEARER,
+    FORWARD_TAG,
+    POLICY,
+    ROOT,
+    SECRETS,
+    TIMEOUT,
+    ServedUpstream,
+    Sidecar,
+    dropped,
+    event,
+    free_port,
+    identifier,
+    metadata,
+    payload,
+    publish_metadata,
+    record_event_request,
+    record_events,
+    serve_upstream,
+    unary,
+    users,
+    wait_for,
+)
+
+from telemetry_guard.policy import Engine, load_policy
+from telemetrygateway.v1 import telemetrygateway_pb2 as pb
+
+PAYLOADS = 3  # events payloads per stream
+
+# Narrows: private_metadata dropped whole, search.* events removed, user metadata only from licensed instances.
+NARROW = (
+    POLICY.replace("private_metadata: {mode: allowlist, non_string: drop}", "private_metadata: {mode: drop}")
+    .replace('exclude: ["internal.*"]', 'exclude: ["internal.*", "search.*"]')
+    .replace("PublishInstanceUserMetadata: [licensed_instance, unlicensed_instance]", "PublishInstanceUserMetadata: [licensed_instance]")
+)  # fmt: skip
+
+# Widens: its own allowlist lets `prompt` out, internal.* events pass, user.anonymous_user_id is kept.
+WIDE = (
+    POLICY.replace("allowlists: [builtin:sourcegraph]", "allowlists: [wide.yaml]")
+    .replace('exclude: ["internal.*"]', "exclude: []")
+    .replace("drop_fields: [user.anonymous_user_id]", "drop_fields: []")
+)
+WIDE_ALLOWLIST = """\
+version: 1
+entries:
+  - feature: cody.completion
+    action: "*"
+    keys: [languageId, prompt]
+    reason: test of a widening candidate
+"""
+
+
+def completion(event_id: str) -> pb.Event:
+    """Allowlisted type: languageId leaves under the policy in force, prompt does not; an anonymous id is dropped."""
+    ev = event(event_id, private={"languageId": "go", "prompt": "SECRET-PRIVATE-VALUE"}, marketing=True)
+    ev.user.anonymous_user_id = "SECRET-ANONYMOUS-ID"
+    return ev
+
+
+def search(event_id: str) -> pb.Event:
+    """Not allowlisted: its private_metadata is removed whole under both policies."""
+    return event(event_id, feature="search.results", action="viewed", private={"query": "SECRET-PRIVATE-VALUE"})
+
+
+def payloads(stream: str) -> list[pb.RecordEventsRequest]:
+    return [payload(completion(f"{stream}c{i}"), search(f"{stream}s{i}"), dropped(f"{stream}d{i}")) for i in range(PAYLOADS)]  # fmt: skip
+
+
+@pytest.fixture
+def upstream(request: pytest.FixtureRequest) -> Iterator[ServedUpstream]:
+    served = serve_upstream()
+    served.servicer.reset(tag=request.node.name)
+    yield served
+    served.stop()
+
+
+@pytest.fixture
+def started() -> Iterator[list[Sidecar]]:
+    processes: list[Sidecar] = []
+    yield processes
+    for process in processes:
+        process.kill()
+
+
+def _start(started: list[Sidecar], tmp: Path, upstream: ServedUpstream, candidate: Path, *args: str) -> Sidecar:
+    policy = tmp / "policy.yaml"
+    policy.write_text(POLICY)
+    process = Sidecar(
+        ["--upstream", upstream.target, "--policy", str(policy), "--shadow-policy", str(candidate), *args, *FORWARD_TAG],
+        tmp,
+    )  # fmt: skip
+    started.append(process)
+    return process
+
+
+def _metrics(port: int) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=TIMEOUT) as response:
+        text: str = response.read().decode()
+    return text
+
+
+def _samples(text: str, name: str) -> dict[str, float]:
+    """name{labels} -> value for one metric family (the labels as exposed)."""
+    out = {}
+    for line in text.splitlines():
+        if line.startswith(name + "{"):
+            labels, value = line.rsplit(" ", 1)
+            out[labels[len(name) :]] = float(value)
+    return out
+
+
+def _labels(**labels: str) -> str:
+    return "{" + ",".join(f'{k}="{v}"' for k, v in labels.items()) + "}"
+
+
+def _in_force_output(path: Path, requests: list[pb.RecordEventsRequest]) -> list[pb.RecordEventsRequest]:
+    """What the policy in force (at path) lets out of these payloads (licensed_instance), by the engine itself."""
+    engine = Engine(load_policy(path))
+    out = []
+    for request in requests:
+        outcome = engine.record_events_bytes(request.SerializeToString(), identifier("licensed_instance"))
+        assert outcome.denial is None and outcome.request is not None
+        out.append(pb.RecordEventsRequest.FromString(outcome.request))
+    return out
+
+
+def _forwarded(upstream: ServedUpstream) -> list[pb.RecordEventsRequest]:
+    (call,) = upstream.servicer.received("RecordEvents")
+    return [m for m in call.messages if m.WhichOneof("payload") == "events"]
+
+
+def _no_value_in(*texts: str) -> None:
+    for text in texts:
+        for secret in SECRETS:
+            assert secret not in text
+
+
+def _report(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+    command = [sys.executable, "-m", "telemetry_guard", "shadow-report", *args]
+    return subprocess.run(command, capture_output=True, text=True, timeout=60, cwd=ROOT, input=stdin)
+
+
+def test_a_narrowing_candidate_is_counted_exactly_and_decides_nothing(
+    tmp_path: Path, upstream: ServedUpstream, started: list[Sidecar]
+) -> None:
+    candidate = tmp_path / "candidate.yaml"
+    candidate.write_text(NARROW)
+    metrics_port = free_port()
+    sidecar = _start(started, tmp_path, upstream, candidate, "--metrics-listen", f"127.0.0.1:{metrics_port}")
+    sent = payloads("n")
+    out = record_events(sidecar.stub(), [metadata("licensed_instance"), *sent])
+    assert out.code == grpc.StatusCode.OK, out.details
+    assert _forwarded(upstream) == _in_force_output(tmp_path / "policy.yaml", sent), "the upstream gets what the policy in force lets out"
+    published = sidecar.stub().PublishInstanceUserMetadata
+    done = unary(lambda r, **kw: published(iter(r), **kw), [publish_metadata("unlicensed_instance"), users()])
+    assert done.code == grpc.StatusCode.OK, "the candidate's refusal decides nothing"
+    assert len(upstream.servicer.received("PublishInstanceUserMetadata")) == 1
+    wait_for(lambda: sidecar.logs(audit="shadow_summary", rpc="RecordEvents"), what="the stream's summary")
+
+    text = _metrics(metrics_port)
+    differences = _samples(text, "telemetry_guard_shadow_differences_total")
+    rpc, kind = "RecordEvents", "licensed_instance"
+    assert differences == {
+        # languageId of each completion event: left under the policy in force, removed with all private_metadata
+        _labels(area="parameters.private_metadata", direction="candidate_removes", kind=kind, rpc=rpc, rule="defaults.private_metadata"): PAYLOADS,  # noqa: E501
+        # each search.results event: left (without its private_metadata), removed whole by the candidate
+        _labels(area="event", direction="candidate_removes", kind=kind, rpc=rpc, rule="defaults.events.exclude"): PAYLOADS,
+    }  # fmt: skip
+    assert _samples(text, "telemetry_guard_shadow_compared_total") == {_labels(kind=kind, rpc=rpc): PAYLOADS}
+    assert _samples(text, "telemetry_guard_shadow_events_compared_total") == {_labels(kind=kind, rpc=rpc): 3 * PAYLOADS}
+    assert _samples(text, "telemetry_guard_shadow_differing_total") == {_labels(kind=kind, rpc=rpc): PAYLOADS}
+    refusals = _samples(text, "telemetry_guard_shadow_refusals_total")
+    assert refusals == {
+        _labels(candidate="PERMISSION_DENIED", in_force="OK", kind="unlicensed_instance", rpc="PublishInstanceUserMetadata", rule="access.PublishInstanceUserMetadata"): 1,  # noqa: E501
+    }  # fmt: skip
+    lines = sidecar.logs(audit="shadow_difference")
+    assert [line["message"] for line in lines] == [1, 2, 3]  # the payloads' positions in the stream
+    assert all(line["policy_sha256"] != line["candidate_sha256"] for line in lines)
+    assert not sidecar.logs(audit="shadow_keys"), "key names only at --log-level debug"
+    assert "languageId" not in "\n".join(json.dumps(line) for line in lines)
+    _no_value_in(sidecar.log_text(), text)
+
+    report = _report(str(sidecar.log_path), "--format", "json")
+    assert report.returncode == 0, report.stderr
+    summary = json.loads(report.stdout)
+    assert summary["summary"] == {
+        "calls": 1, "compared_messages": PAYLOADS, "compared_events": 3 * PAYLOADS,
+        "differing_messages": PAYLOADS, "widening": False,
+    }  # fmt: skip
+    assert {(d["area"], d["rule"], d["count"]) for d in summary["candidate_removes"]} == {
+        ("parameters.private_metadata", "defaults.private_metadata", PAYLOADS),
+        ("event", "defaults.events.exclude", PAYLOADS),
+    }
+    assert summary["candidate_keeps"] == []
+    assert [(r["in_force"], r["candidate"], r["times"]) for r in summary["refusals"]] == [("OK", "PERMISSION_DENIED", 1)]
+    markdown = _report("-", stdin=sidecar.log_text())
+    assert markdown.returncode == 0, markdown.stderr
+    assert "| RecordEvents | `licensed_instance` | `event` | `defaults.events.exclude` | **3** | 3 |" in markdown.stdout
+    html = _report(str(sidecar.log_path), "--format", "html", "--fail-on-widening")
+    assert html.returncode == 0 and html.stdout.startswith("<!DOCTYPE html>")
+
+
+def test_a_widening_candidate_is_counted_exactly_names_keys_only_at_debug_and_fails_the_gate(
+    tmp_path: Path, upstream: ServedUpstream, started: list[Sidecar]
+) -> None:
+    (tmp_path / "wide.yaml").write_text(WIDE_ALLOWLIST)
+    candidate = tmp_path / "candidate.yaml"
+    candidate.write_text(WIDE)
+    metrics_port = free_port()
+    sidecar = _start(
+        started, tmp_path, upstream, candidate, "--metrics-listen", f"127.0.0.1:{metrics_port}", "--log-level", "debug"
+    )
+    sent = payloads("w")
+    out = record_events(sidecar.stub(), [metadata("licensed_instance"), *sent])
+    assert out.code == grpc.StatusCode.OK, out.details
+    assert _forwarded(upstream) == _in_force_output(tmp_path / "policy.yaml", sent), "nothing the candidate would let out is forwarded"
+    single = unary(sidecar.stub().RecordEvent, record_event_request("managed_service", completion("u1")), BEARER)
+    assert single.code == grpc.StatusCode.OK
+    (forwarded_single,) = upstream.servicer.received("RecordEvent")
+    assert set(forwarded_single.messages[0].event.parameters.private_metadata) == {"languageId"}
+    wait_for(lambda: sidecar.logs(audit="shadow_summary", rpc="RecordEvents"), what="the stream's summary")
+
+    text = _metrics(metrics_port)
+    kind = "licensed_instance"
+    keeps = "candidate_keeps"
+    assert _samples(text, "telemetry_guard_shadow_differences_total") == {
+        _labels(area="parameters.private_metadata", direction=keeps, kind=kind, rpc="RecordEvents", rule="defaults.private_metadata"): PAYLOADS,  # noqa: E501
+        _labels(area="user.anonymous_user_id", direction=keeps, kind=kind, rpc="RecordEvents", rule="defaults.drop_fields"): PAYLOADS,  # noqa: E501
+        _labels(area="event", direction=keeps, kind=kind, rpc="RecordEvents", rule="defaults.events.exclude"): PAYLOADS,
+        _labels(area="parameters.private_metadata", direction=keeps, kind="managed_service", rpc="RecordEvent", rule="defaults.private_metadata"): 1,  # noqa: E501
+        _labels(area="user.anonymous_user_id", direction=keeps, kind="managed_service", rpc="RecordEvent", rule="defaults.drop_fields"): 1,  # noqa: E501
+    }  # fmt: skip
+    assert not _samples(text, "telemetry_guard_shadow_refusals_total")
+    keys = sidecar.logs(audit="shadow_keys", rpc="RecordEvents")
+    assert len(keys) == PAYLOADS
+    assert {"direction": keeps, "area": "parameters.private_metadata", "rule": "defaults.private_metadata", "keys": ["prompt"]} in keys[0]["differences"]  # noqa: E501
+    assert all(line["level"] == "debug" for line in keys)
+    assert all("keys" not in d for line in sidecar.logs(audit="shadow_difference") for d in line["differences"])
+    _no_value_in(sidecar.log_text(), text)
+
+    gate = _report(str(sidecar.log_path), "--fail-on-widening", "--with-keys", "--format", "json")
+    assert gate.returncode == 1, gate.stderr
+    report = json.loads(gate.stdout)
+    assert report["summary"]["widening"] is True
+    assert report["summary"]["compared_messages"] == PAYLOADS + 1
+    private = [d for d in report["candidate_keeps"] if d["area"] == "parameters.private_metadata" and d["rpc"] == "RecordEvents"]  # noqa: E501
+    assert private == [
+        {"direction": keeps, "rpc": "RecordEvents", "kind": kind, "area": "parameters.private_metadata",
+         "rule": "defaults.private_metadata", "count": PAYLOADS, "messages": PAYLOADS, "keys": ["prompt"]},
+    ]  # fmt: skip
+
+
+def test_a_refused_candidate_is_ignored_until_a_valid_one_is_reloaded_and_sampling_is_exact(
+    tmp_path: Path, upstream: ServedUpstream, started: list[Sidecar]
+) -> None:
+    candidate = tmp_path / "candidate.yaml"
+    # lint refuses this with an error that cannot be acknowledged (marketing tracking kept for instances)
+    candidate.write_text(NARROW.replace("marketing_tracking: drop", "marketing_tracking: keep"))
+    metrics_port = free_port()
+    sidecar = _start(
+        started, tmp_path, upstream, candidate, "--metrics-listen", f"127.0.0.1:{metrics_port}",
+        "--shadow-sample", "0.5", "--reload-interval", "0.1",
+    )  # fmt: skip
+    (refused,) = sidecar.logs(message="shadow candidate refused and ignored; the policy in force is untouched")
+    assert refused["level"] == "error" and refused["trigger"] == "start"
+    assert any("marketing-tracking-single-tenant" in p for p in refused["problems"])
+    assert sidecar.logs(message="serving")[0]["shadow_sha256"] is None
+    out = record_events(sidecar.stub(), [metadata("licensed_instance"), *payloads("a")])
+    assert out.code == grpc.StatusCode.OK, out.details
+    assert not sidecar.logs(audit="shadow_summary") and not sidecar.logs(audit="shadow_difference")
+
+    candidate.write_text("version: 1\nnot_a_key: true\n")  # does not load: refused on the file change
+    wait_for(lambda: sidecar.logs(trigger="file", candidate=str(candidate)), what="the refusal of the change")
+    candidate.write_text(NARROW)
+    sidecar.signal(signal.SIGHUP)
+    wait_for(lambda: sidecar.logs(message="shadow candidate loaded"), what="the candidate")
+    text = _metrics(metrics_port)
+    failures = _samples(text, "telemetry_guard_shadow_candidate_failures_total")
+    assert failures == {'{trigger="start"}': 1, '{trigger="file"}': 1}
+    assert _samples(text, "telemetry_guard_policy_reload_failures_total") == {}, "the policy in force is untouched"
+    in_force = sidecar.logs(message="serving")[0]["sha256"]
+    assert [k for k, v in _samples(text, "telemetry_guard_policy_info").items() if v == 1] == [
+        _labels(name="policy.yaml", sha256=in_force)
+    ]
+
+    sent = [payload(completion(f"s{i}")) for i in range(10)]
+    out = record_events(sidecar.stub(), [metadata("licensed_instance"), *sent])
+    assert out.code == grpc.StatusCode.OK, out.details
+    (summary,) = wait_for(lambda: sidecar.logs(audit="shadow_summary"), what="the summary")
+    assert summary["compared_messages"] == 5, "rate 0.5: every second payload"
+    assert summary["differing_messages"] == 5
