@@ -46,13 +46,16 @@ from telemetry_guard.policy import Engine, load_policy
 from telemetrygateway.v1 import telemetrygateway_pb2 as pb
 
 PAYLOADS = 3  # events payloads per stream
+PRIVATE = "parameters.private_metadata"
+REMOVES, KEEPS = "candidate_removes", "candidate_keeps"
+PRIVATE_RULE, EVENTS_RULE, FIELDS_RULE = "defaults.private_metadata", "defaults.events.exclude", "defaults.drop_fields"
 
 # Narrows: private_metadata dropped whole, search.* events removed, user metadata only from licensed instances.
 NARROW = (
     POLICY.replace("private_metadata: {mode: allowlist, non_string: drop}", "private_metadata: {mode: drop}")
     .replace('exclude: ["internal.*"]', 'exclude: ["internal.*", "search.*"]')
-    .replace("PublishInstanceUserMetadata: [licensed_instance, unlicensed_instance]", "PublishInstanceUserMetadata: [licensed_instance]")
-)  # fmt: skip
+    .replace("Metadata: [licensed_instance, unlicensed_instance]", "Metadata: [licensed_instance]")
+)
 
 # Widens: its own allowlist lets `prompt` out, internal.* events pass, user.anonymous_user_id is kept.
 WIDE = (
@@ -83,7 +86,10 @@ def search(event_id: str) -> pb.Event:
 
 
 def payloads(stream: str) -> list[pb.RecordEventsRequest]:
-    return [payload(completion(f"{stream}c{i}"), search(f"{stream}s{i}"), dropped(f"{stream}d{i}")) for i in range(PAYLOADS)]  # fmt: skip
+    """PAYLOADS payloads of three events each: a completion, a search, one the policy in force drops whole."""
+    return [
+        payload(completion(f"{stream}c{i}"), search(f"{stream}s{i}"), dropped(f"{stream}d{i}")) for i in range(PAYLOADS)
+    ]
 
 
 @pytest.fixture
@@ -105,10 +111,8 @@ def started() -> Iterator[list[Sidecar]]:
 def _start(started: list[Sidecar], tmp: Path, upstream: ServedUpstream, candidate: Path, *args: str) -> Sidecar:
     policy = tmp / "policy.yaml"
     policy.write_text(POLICY)
-    process = Sidecar(
-        ["--upstream", upstream.target, "--policy", str(policy), "--shadow-policy", str(candidate), *args, *FORWARD_TAG],
-        tmp,
-    )  # fmt: skip
+    shadow = ["--shadow-policy", str(candidate)]
+    process = Sidecar(["--upstream", upstream.target, "--policy", str(policy), *shadow, *args, *FORWARD_TAG], tmp)
     started.append(process)
     return process
 
@@ -170,7 +174,8 @@ def test_a_narrowing_candidate_is_counted_exactly_and_decides_nothing(
     sent = payloads("n")
     out = record_events(sidecar.stub(), [metadata("licensed_instance"), *sent])
     assert out.code == grpc.StatusCode.OK, out.details
-    assert _forwarded(upstream) == _in_force_output(tmp_path / "policy.yaml", sent), "the upstream gets what the policy in force lets out"
+    in_force = _in_force_output(tmp_path / "policy.yaml", sent)
+    assert _forwarded(upstream) == in_force, "the upstream gets what the policy in force lets out"
     published = sidecar.stub().PublishInstanceUserMetadata
     done = unary(lambda r, **kw: published(iter(r), **kw), [publish_metadata("unlicensed_instance"), users()])
     assert done.code == grpc.StatusCode.OK, "the candidate's refusal decides nothing"
@@ -182,17 +187,24 @@ def test_a_narrowing_candidate_is_counted_exactly_and_decides_nothing(
     rpc, kind = "RecordEvents", "licensed_instance"
     assert differences == {
         # languageId of each completion event: left under the policy in force, removed with all private_metadata
-        _labels(area="parameters.private_metadata", direction="candidate_removes", kind=kind, rpc=rpc, rule="defaults.private_metadata"): PAYLOADS,  # noqa: E501
+        _labels(area=PRIVATE, direction=REMOVES, kind=kind, rpc=rpc, rule=PRIVATE_RULE): PAYLOADS,
         # each search.results event: left (without its private_metadata), removed whole by the candidate
-        _labels(area="event", direction="candidate_removes", kind=kind, rpc=rpc, rule="defaults.events.exclude"): PAYLOADS,
-    }  # fmt: skip
+        _labels(area="event", direction=REMOVES, kind=kind, rpc=rpc, rule=EVENTS_RULE): PAYLOADS,
+    }
     assert _samples(text, "telemetry_guard_shadow_compared_total") == {_labels(kind=kind, rpc=rpc): PAYLOADS}
     assert _samples(text, "telemetry_guard_shadow_events_compared_total") == {_labels(kind=kind, rpc=rpc): 3 * PAYLOADS}
     assert _samples(text, "telemetry_guard_shadow_differing_total") == {_labels(kind=kind, rpc=rpc): PAYLOADS}
     refusals = _samples(text, "telemetry_guard_shadow_refusals_total")
+    publish = "PublishInstanceUserMetadata"
     assert refusals == {
-        _labels(candidate="PERMISSION_DENIED", in_force="OK", kind="unlicensed_instance", rpc="PublishInstanceUserMetadata", rule="access.PublishInstanceUserMetadata"): 1,  # noqa: E501
-    }  # fmt: skip
+        _labels(
+            candidate="PERMISSION_DENIED",
+            in_force="OK",
+            kind="unlicensed_instance",
+            rpc=publish,
+            rule=f"access.{publish}",
+        ): 1,
+    }
     lines = sidecar.logs(audit="shadow_difference")
     assert [line["message"] for line in lines] == [1, 2, 3]  # the payloads' positions in the stream
     assert all(line["policy_sha256"] != line["candidate_sha256"] for line in lines)
@@ -208,11 +220,12 @@ def test_a_narrowing_candidate_is_counted_exactly_and_decides_nothing(
         "differing_messages": PAYLOADS, "widening": False,
     }  # fmt: skip
     assert {(d["area"], d["rule"], d["count"]) for d in summary["candidate_removes"]} == {
-        ("parameters.private_metadata", "defaults.private_metadata", PAYLOADS),
-        ("event", "defaults.events.exclude", PAYLOADS),
+        (PRIVATE, PRIVATE_RULE, PAYLOADS),
+        ("event", EVENTS_RULE, PAYLOADS),
     }
     assert summary["candidate_keeps"] == []
-    assert [(r["in_force"], r["candidate"], r["times"]) for r in summary["refusals"]] == [("OK", "PERMISSION_DENIED", 1)]
+    refused = [(r["in_force"], r["candidate"], r["times"]) for r in summary["refusals"]]
+    assert refused == [("OK", "PERMISSION_DENIED", 1)]
     markdown = _report("-", stdin=sidecar.log_text())
     assert markdown.returncode == 0, markdown.stderr
     assert "| RecordEvents | `licensed_instance` | `event` | `defaults.events.exclude` | **3** | 3 |" in markdown.stdout
@@ -233,7 +246,8 @@ def test_a_widening_candidate_is_counted_exactly_names_keys_only_at_debug_and_fa
     sent = payloads("w")
     out = record_events(sidecar.stub(), [metadata("licensed_instance"), *sent])
     assert out.code == grpc.StatusCode.OK, out.details
-    assert _forwarded(upstream) == _in_force_output(tmp_path / "policy.yaml", sent), "nothing the candidate would let out is forwarded"
+    in_force = _in_force_output(tmp_path / "policy.yaml", sent)
+    assert _forwarded(upstream) == in_force, "nothing the candidate would let out is forwarded"
     single = unary(sidecar.stub().RecordEvent, record_event_request("managed_service", completion("u1")), BEARER)
     assert single.code == grpc.StatusCode.OK
     (forwarded_single,) = upstream.servicer.received("RecordEvent")
@@ -242,18 +256,20 @@ def test_a_widening_candidate_is_counted_exactly_names_keys_only_at_debug_and_fa
 
     text = _metrics(metrics_port)
     kind = "licensed_instance"
-    keeps = "candidate_keeps"
+    stream, single_call, service = "RecordEvents", "RecordEvent", "managed_service"
     assert _samples(text, "telemetry_guard_shadow_differences_total") == {
-        _labels(area="parameters.private_metadata", direction=keeps, kind=kind, rpc="RecordEvents", rule="defaults.private_metadata"): PAYLOADS,  # noqa: E501
-        _labels(area="user.anonymous_user_id", direction=keeps, kind=kind, rpc="RecordEvents", rule="defaults.drop_fields"): PAYLOADS,  # noqa: E501
-        _labels(area="event", direction=keeps, kind=kind, rpc="RecordEvents", rule="defaults.events.exclude"): PAYLOADS,
-        _labels(area="parameters.private_metadata", direction=keeps, kind="managed_service", rpc="RecordEvent", rule="defaults.private_metadata"): 1,  # noqa: E501
-        _labels(area="user.anonymous_user_id", direction=keeps, kind="managed_service", rpc="RecordEvent", rule="defaults.drop_fields"): 1,  # noqa: E501
-    }  # fmt: skip
+        # prompt of each completion event, its anonymous user id, and each internal.* event
+        _labels(area=PRIVATE, direction=KEEPS, kind=kind, rpc=stream, rule=PRIVATE_RULE): PAYLOADS,
+        _labels(area="user.anonymous_user_id", direction=KEEPS, kind=kind, rpc=stream, rule=FIELDS_RULE): PAYLOADS,
+        _labels(area="event", direction=KEEPS, kind=kind, rpc=stream, rule=EVENTS_RULE): PAYLOADS,
+        # the same completion event once through RecordEvent
+        _labels(area=PRIVATE, direction=KEEPS, kind=service, rpc=single_call, rule=PRIVATE_RULE): 1,
+        _labels(area="user.anonymous_user_id", direction=KEEPS, kind=service, rpc=single_call, rule=FIELDS_RULE): 1,
+    }
     assert not _samples(text, "telemetry_guard_shadow_refusals_total")
     keys = sidecar.logs(audit="shadow_keys", rpc="RecordEvents")
     assert len(keys) == PAYLOADS
-    assert {"direction": keeps, "area": "parameters.private_metadata", "rule": "defaults.private_metadata", "keys": ["prompt"]} in keys[0]["differences"]  # noqa: E501
+    assert {"direction": KEEPS, "area": PRIVATE, "rule": PRIVATE_RULE, "keys": ["prompt"]} in keys[0]["differences"]
     assert all(line["level"] == "debug" for line in keys)
     assert all("keys" not in d for line in sidecar.logs(audit="shadow_difference") for d in line["differences"])
     _no_value_in(sidecar.log_text(), text)
@@ -263,10 +279,10 @@ def test_a_widening_candidate_is_counted_exactly_names_keys_only_at_debug_and_fa
     report = json.loads(gate.stdout)
     assert report["summary"]["widening"] is True
     assert report["summary"]["compared_messages"] == PAYLOADS + 1
-    private = [d for d in report["candidate_keeps"] if d["area"] == "parameters.private_metadata" and d["rpc"] == "RecordEvents"]  # noqa: E501
+    private = [d for d in report["candidate_keeps"] if d["area"] == PRIVATE and d["rpc"] == stream]
     assert private == [
-        {"direction": keeps, "rpc": "RecordEvents", "kind": kind, "area": "parameters.private_metadata",
-         "rule": "defaults.private_metadata", "count": PAYLOADS, "messages": PAYLOADS, "keys": ["prompt"]},
+        {"direction": KEEPS, "rpc": stream, "kind": kind, "area": PRIVATE, "rule": PRIVATE_RULE,
+         "count": PAYLOADS, "messages": PAYLOADS, "keys": ["prompt"]},
     ]  # fmt: skip
 
 
