@@ -16,17 +16,22 @@ rule is the candidate's); "candidate_keeps": removed by the policy in force, lef
 candidate (the rule is the one in force). Key names are kept for reports that ask for them;
 never a value (a decision holds none).
 
-Decisions of the C fast path name the keys of a private_metadata removed whole only when
-`detailed`: compare the `detailed=True` decisions of both engines when key names must line up.
+Decisions of the C fast path do not name the keys of a private_metadata removed whole (only
+`detailed` ones do): give `private_keys`, which names the keys of an event's private_metadata
+(from the message as received), and those removals are expanded to their keys. Without it the
+decisions must be detailed (a whole removal naming no key is then an empty private_metadata). Unknown fields
+of an event are recorded only in `detailed` decisions: compare detailed decisions when the two
+policies treat unknown fields differently.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
 from telemetry_guard.policy.decision import Decision, Denial, Removal
+from telemetry_guard.policy.fastpath import PRIVATE_PATH
 
 Direction = Literal["candidate_removes", "candidate_keeps"]
 DIRECTIONS: tuple[Direction, ...] = ("candidate_removes", "candidate_keeps")
@@ -34,6 +39,7 @@ EVENT_AREA = "event"
 ADMITTED = "OK"  # the status name of a call or message that is not refused
 
 Item = tuple[str, str]  # (area, key name or "")
+PrivateKeys = Callable[[int], Sequence[str]]  # event index -> the key names of its private_metadata
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,6 +77,16 @@ def compare_refusals(in_force: Denial | None, candidate: Denial | None) -> Refus
     return RefusalDifference(
         a, b, "" if in_force is None else in_force.rule, "" if candidate is None else candidate.rule
     )
+
+
+_WHOLE: Item = (PRIVATE_PATH, "")  # a private_metadata removed whole, its keys not named
+
+
+def _expand(items: dict[Item, str], keys: Sequence[str]) -> None:
+    """Name the keys of a private_metadata removed whole (an empty one: nothing of it leaves either way)."""
+    rule = items.pop(_WHOLE)
+    for key in keys:
+        items[(PRIVATE_PATH, key)] = rule
 
 
 def _items(removals: Iterable[Removal]) -> dict[Item, str]:
@@ -118,11 +134,11 @@ class _Tally:
         ]
 
 
-def compare(in_force: Decision, candidate: Decision) -> list[Difference]:
+def compare(in_force: Decision, candidate: Decision, private_keys: PrivateKeys | None = None) -> list[Difference]:
     """Where two decisions about the same message disagree on what leaves (empty: nowhere).
 
     Events are matched by their position in the message as received. Refusals are compared by
-    compare_refusals: a refused message has no removals to compare.
+    compare_refusals: a refused message has no removals to compare. private_keys: see the module.
     """
     tally = _Tally()
     events_a = {e.index: e for e in in_force.events}
@@ -138,8 +154,12 @@ def compare(in_force: Decision, candidate: Decision) -> list[Difference]:
             elif dropped_b is None and dropped_a is not None:
                 tally.add("candidate_keeps", (EVENT_AREA, ""), dropped_a)
             continue  # removed whole by one: what the other removes inside it is no difference
+        if a is not None and b is not None and a.removals == b.removals:
+            continue  # the same removals by the same rules (the usual case): nothing to take apart
         items_a = _items(a.removals) if a is not None else {}
         items_b = _items(b.removals) if b is not None else {}
+        if (_WHOLE in items_a) != (_WHOLE in items_b):  # one removed a private_metadata whole, unnamed
+            _expand(items_a if _WHOLE in items_a else items_b, () if private_keys is None else private_keys(index))
         for item in items_b.keys() - items_a.keys():
             tally.add("candidate_removes", item, items_b[item])
         for item in items_a.keys() - items_b.keys():

@@ -21,8 +21,11 @@ which identifier kinds may call, credentials required) is always compared: it is
 stream's payloads can only be judged by a candidate that admitted it.
 
 An events payload whose forwarded bytes equal the candidate's output is no difference (the fast
-path under both). Otherwise both policies judge it again with detailed decisions (the Python
-reference path, which names the keys of a private_metadata removed whole) and those are compared.
+path under both). Otherwise the policy in force judges it again (the fast path: its decision is
+not kept by the forwarder) and the two decisions are compared; the keys of a private_metadata one
+of them removed whole are read from the payload, parsed only then. Where the two policies treat
+unknown fields differently for the kind, both judge it with detailed decisions (the Python
+reference path), which alone record unknown fields per event.
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ from prometheus_client import Counter
 from telemetry_guard.interceptors.audit import AUDIT_LOGGER_NAME, Sink, identity
 from telemetry_guard.interceptors.guard import CallGuard, Guard
 from telemetry_guard.policy import Decision, Denial, Engine
-from telemetry_guard.policy.compare import Difference, RefusalDifference, compare, compare_refusals
+from telemetry_guard.policy.compare import Difference, PrivateKeys, RefusalDifference, compare, compare_refusals
 from telemetry_guard.sidecar import wire
 from telemetry_guard.sidecar.logs import fields
 from telemetry_guard.sidecar.metrics import NO_KIND, Metrics
@@ -46,6 +49,21 @@ from telemetrygateway.v1 import telemetrygateway_pb2 as pb
 
 LOG = logging.getLogger("telemetry_guard.sidecar.shadow")
 _encode = json.JSONEncoder(sort_keys=True).encode
+
+
+class _PrivateKeys:
+    """The key names of an event's private_metadata in a serialized payload; parsed on the first question."""
+
+    __slots__ = ("_events", "_raw")
+
+    def __init__(self, raw: bytes) -> None:
+        self._raw = raw
+        self._events: Any = None
+
+    def __call__(self, index: int) -> list[str]:
+        if self._events is None:
+            self._events = pb.RecordEventsRequest.FromString(self._raw).events.events
+        return sorted(self._events[index].parameters.private_metadata.fields)
 
 
 class Sampler:
@@ -156,6 +174,7 @@ class ShadowCall:
         "_in_force",
         "_kind",
         "_shadow",
+        "_unknown_differs",
         "rpc",
     )
 
@@ -165,6 +184,7 @@ class ShadowCall:
         self._in_force: Engine = guard.engine
         self._candidate = candidate
         self._kind: str | None = None  # the kind the candidate admitted the stream as
+        self._unknown_differs = False  # do the policies treat the kind's unknown fields differently?
         self._base: dict[str, Any] = {}
         self._compared = self._events = self._differing = 0
 
@@ -176,7 +196,12 @@ class ShadowCall:
             return  # no metadata read, or no identifier: refused alike by any policy
         try:
             self._describe(call.identifier, call.request_id)
-            self._kind = self._access(call.identifier, call.authorization)
+            kind = self._kind = self._access(call.identifier, call.authorization)
+            if kind is not None:
+                self._unknown_differs = (
+                    self._in_force.policy.kinds[kind].unknown_fields.value
+                    != self._candidate.policy.kinds[kind].unknown_fields.value
+                )
         except Exception as exc:
             self._failed(exc)
 
@@ -191,9 +216,13 @@ class ShadowCall:
             if out.denial is None and out.request == forwarded:
                 self._count(out.decision.events_in, [], None, message)
                 return
-            ours = self._in_force.record_events_admitted(raw, kind, detailed=True).decision
-            theirs = engine.record_events_admitted(raw, kind, detailed=True).decision
-            self._judged(ours, theirs, message)
+            if self._unknown_differs:
+                ours = self._in_force.record_events_admitted(raw, kind, detailed=True).decision
+                theirs = engine.record_events_admitted(raw, kind, detailed=True).decision
+                self._judged(ours, theirs, message)
+            else:
+                ours = self._in_force.record_events_admitted(raw, kind).decision
+                self._judged(ours, out.decision, message, _PrivateKeys(raw))
         except Exception as exc:
             self._failed(exc)
 
@@ -277,14 +306,16 @@ class ShadowCall:
             self._refused(refusal, None)
         return theirs if isinstance(theirs, str) else None
 
-    def _judged(self, ours: Decision, theirs: Decision, message: int | None) -> None:
+    def _judged(
+        self, ours: Decision, theirs: Decision, message: int | None, private_keys: PrivateKeys | None = None
+    ) -> None:
         refusal = compare_refusals(ours.denial, theirs.denial)
         if refusal is not None:
             self._refused(refusal, message)
             return
         if ours.denial is not None:
             return  # refused alike
-        self._count(ours.events_in, compare(ours, theirs), ours.kind, message)
+        self._count(ours.events_in, compare(ours, theirs, private_keys), ours.kind, message)
 
     def _count(self, events: int, differences: list[Difference], kind: str | None, message: int | None) -> None:
         m = self._shadow.metrics
