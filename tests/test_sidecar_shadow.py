@@ -9,6 +9,8 @@ log line or a metric. The shadow-report command reads the sidecar's own log.
 from __future__ import annotations
 
 import json
+import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -44,6 +46,7 @@ from test_sidecar_support import (
 
 from telemetry_guard.policy import Engine, load_policy
 from telemetrygateway.v1 import telemetrygateway_pb2 as pb
+from telemetrygateway.v1 import telemetrygateway_pb2_grpc as pb_grpc
 
 PAYLOADS = 3  # events payloads per stream
 PRIVATE = "parameters.private_metadata"
@@ -325,3 +328,78 @@ def test_a_refused_candidate_is_ignored_until_a_valid_one_is_reloaded_and_sampli
     (summary,) = wait_for(lambda: sidecar.logs(audit="shadow_summary"), what="the summary")
     assert summary["compared_messages"] == 5, "rate 0.5: every second payload"
     assert summary["differing_messages"] == 5
+
+
+# -- the README's roll-out, run as written ------------------------------------------------------------
+
+
+CURL = "-c 'import sys, urllib.request; sys.stdout.write(urllib.request.urlopen(sys.argv[1]).read().decode())'"
+
+
+def _readme_steps() -> list[str]:
+    """The commands of the README's shadow roll-out, one per logical line (continuations joined)."""
+    readme = (ROOT / "README.md").read_text()
+    section = re.split(r"\n##+ ", readme.split("### A policy change, rolled out in shadow", 1)[1], maxsplit=1)[0]
+    (block,) = re.findall(r"```sh\n(.*?)\n```", section, flags=re.S)
+    joined = block.replace("\\\n", " ")
+    return [" ".join(line.split()) for line in joined.splitlines() if line.strip() and not line.startswith("#")]
+
+
+def test_the_readme_roll_out_runs_as_written(tmp_path: Path, upstream: ServedUpstream) -> None:
+    """Every step of the README, verbatim but for the addresses (loopback, free ports) and the command
+    (this interpreter's telemetry_guard); traffic is sent between starting the sidecar and watching it."""
+    (tmp_path / "policy.yaml").write_text(POLICY)
+    (tmp_path / "candidate.yaml").write_text(NARROW)
+    metrics_port = free_port()
+    steps = _readme_steps()
+    assert [step.split()[0] for step in steps] == ["telemetry-guard"] * 3 + ["curl"] + ["telemetry-guard"] * 2 + ["cp"]
+    here = f"{sys.executable} -m telemetry_guard "
+
+    def run(step: str) -> subprocess.CompletedProcess[str]:
+        command = step.replace("telemetry-guard ", here).replace("localhost:9090", f"127.0.0.1:{metrics_port}")
+        if shutil.which("curl") is None:  # a machine without curl: the same GET by Python
+            command = command.replace("curl -s ", f"{sys.executable} {CURL} ")
+        return subprocess.run(["bash", "-c", command], capture_output=True, text=True, timeout=60, cwd=tmp_path)
+
+    for step in steps[:2]:  # lint and diff
+        done = run(step)
+        assert done.returncode == 0, (step, done.stdout, done.stderr)
+    serve = steps[2]
+    assert serve.endswith(" 2>> sidecar.log &")
+    serve = (
+        serve.removesuffix(" &")
+        .replace("telemetry-guard ", "exec " + here)
+        .replace("--listen 0.0.0.0:10085", "--listen 127.0.0.1:0")
+        .replace("--upstream gateway.internal:10080", f"--upstream {upstream.target}")
+        .replace("0.0.0.0:9090", f"127.0.0.1:{metrics_port}")
+    )
+    process = subprocess.Popen(["bash", "-c", serve], cwd=tmp_path)
+    try:
+        log = tmp_path / "sidecar.log"
+        port = wait_for(
+            lambda: log.exists() and [json.loads(x)["port"] for x in log.read_text().splitlines() if '"serving"' in x],
+            what="the sidecar to serve",
+        )[0]
+        channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+        stub = pb_grpc.TelemeteryGatewayServiceStub(channel)
+        requests = [metadata("licensed_instance"), *payloads("r")]
+        responses = list(stub.RecordEvents(iter(requests), timeout=TIMEOUT))
+        assert len(responses) == PAYLOADS
+        channel.close()
+        wait_for(lambda: '"shadow_summary"' in log.read_text(), what="the stream's summary")
+        watched = run(steps[3])
+        assert watched.returncode == 0, watched.stderr
+        compared = _labels(kind="licensed_instance", rpc="RecordEvents")
+        assert f"telemetry_guard_shadow_compared_total{compared} {float(PAYLOADS)}" in watched.stdout
+        html = run(steps[4])
+        assert html.returncode == 0, html.stderr
+        assert "<table>" in (tmp_path / "shadow-report.html").read_text()
+        gate = run(steps[5])
+        assert gate.returncode == 0, "the narrowing candidate lets nothing more out"
+        assert "Would be removed: leaves under the policy in force" in gate.stdout
+        assert run(steps[6]).returncode == 0
+        wait_for(lambda: '"policy reloaded"' in log.read_text(), what="the promoted policy to be reloaded")
+        _no_value_in(log.read_text())
+    finally:
+        process.terminate()
+        process.wait(TIMEOUT)
