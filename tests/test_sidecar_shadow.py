@@ -298,7 +298,7 @@ def test_a_refused_candidate_is_ignored_until_a_valid_one_is_reloaded_and_sampli
     metrics_port = free_port()
     sidecar = _start(
         started, tmp_path, upstream, candidate, "--metrics-listen", f"127.0.0.1:{metrics_port}",
-        "--shadow-sample", "0.5", "--reload-interval", "0.1",
+        "--shadow-sample", "0.5", "--reload-interval", "0",
     )  # fmt: skip
     (refused,) = sidecar.logs(message="shadow candidate refused and ignored; the policy in force is untouched")
     assert refused["level"] == "error" and refused["trigger"] == "start"
@@ -308,14 +308,15 @@ def test_a_refused_candidate_is_ignored_until_a_valid_one_is_reloaded_and_sampli
     assert out.code == grpc.StatusCode.OK, out.details
     assert not sidecar.logs(audit="shadow_summary") and not sidecar.logs(audit="shadow_difference")
 
-    candidate.write_text("version: 1\nnot_a_key: true\n")  # does not load: refused on the file change
-    wait_for(lambda: sidecar.logs(trigger="file", candidate=str(candidate)), what="the refusal of the change")
+    candidate.write_text("version: 1\nnot_a_key: true\n")  # does not load
+    sidecar.signal(signal.SIGHUP)
+    wait_for(lambda: sidecar.logs(trigger="signal", candidate=str(candidate)), what="the refusal of the change")
     candidate.write_text(NARROW)
     sidecar.signal(signal.SIGHUP)
-    wait_for(lambda: sidecar.logs(message="shadow candidate loaded"), what="the candidate")
+    wait_for(lambda: sidecar.logs(message="shadow candidate loaded", trigger="signal"), what="the candidate")
     text = _metrics(metrics_port)
     failures = _samples(text, "telemetry_guard_shadow_candidate_failures_total")
-    assert failures == {'{trigger="start"}': 1, '{trigger="file"}': 1}
+    assert failures == {'{trigger="start"}': 1, '{trigger="signal"}': 1}
     assert _samples(text, "telemetry_guard_policy_reload_failures_total") == {}, "the policy in force is untouched"
     in_force = sidecar.logs(message="serving")[0]["sha256"]
     assert [k for k, v in _samples(text, "telemetry_guard_policy_info").items() if v == 1] == [
@@ -397,6 +398,8 @@ def test_the_readme_roll_out_runs_as_written(tmp_path: Path, upstream: ServedUps
         gate = run(steps[5])
         assert gate.returncode == 0, "the narrowing candidate lets nothing more out"
         assert "Would be removed: leaves under the policy in force" in gate.stdout
+        (tmp_path / "candidate.yaml").write_text(WIDE.replace("allowlists: [wide.yaml]", "allowlists: []"))
+        wait_for(lambda: '"shadow candidate reloaded"' in log.read_text(), what="the candidate's change to be seen")
         assert run(steps[6]).returncode == 0
         wait_for(lambda: '"policy reloaded"' in log.read_text(), what="the promoted policy to be reloaded")
         _no_value_in(log.read_text())
