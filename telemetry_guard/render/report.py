@@ -319,12 +319,17 @@ _DIRECTIONS = {
 }
 
 
+def _count(n: int, what: str) -> str:
+    return f"{n:,} {what}{'' if n == 1 else 's'}"
+
+
 def shadow_blocks(report: ShadowReport) -> list[Block]:
     """A shadow roll-out's differences, for a policy review (from telemetry_guard.shadowlog)."""
     differ = report.differing_messages
     summary = text(
-        f"{report.compared_messages:,} messages ({report.compared_events:,} events) in {report.calls:,} calls were "
-        f"judged by both policies; {differ:,} would have left otherwise under the candidate.",
+        f"{_count(report.compared_messages, 'message')} ({_count(report.compared_events, 'event')}) in "
+        f"{_count(report.calls, 'call')} were judged by both policies; {differ:,} would have left otherwise "
+        "under the candidate.",
     )
     bullets = [text("log: ", (shown(source), "code")) for source in report.sources]
     if report.first:
