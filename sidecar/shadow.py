@@ -231,10 +231,10 @@ class ShadowCall:
         if not self._shadow.sampler.take():
             return
         try:
-            request = pb.RecordEventRequest.FromString(raw)
-        except DecodeError:
-            return  # refused alike by any policy (rule wire)
-        try:
+            try:
+                request = pb.RecordEventRequest.FromString(raw)
+            except DecodeError:
+                return  # refused alike by any policy (rule wire)
             identifier = request.metadata.identifier if request.HasField("metadata") else None
             if identifier is None:
                 return
@@ -296,7 +296,7 @@ class ShadowCall:
         }
 
     def _access(self, identifier: pb.Identifier, authorization: str | None) -> str | None:
-        """Compare admission; the kind the candidate admits (None: it refuses)."""
+        """Compare admission; the kind both policies admit (None: either refuses; nothing more to compare)."""
         ours = self._in_force.check_access(self.rpc, identifier, authorization)
         theirs = self._candidate.engine.check_access(self.rpc, identifier, authorization)
         refusal = compare_refusals(
@@ -304,7 +304,7 @@ class ShadowCall:
         )
         if refusal is not None:
             self._refused(refusal, None)
-        return theirs if isinstance(theirs, str) else None
+        return theirs if isinstance(theirs, str) and isinstance(ours, str) else None
 
     def _judged(
         self, ours: Decision, theirs: Decision, message: int | None, private_keys: PrivateKeys | None = None

@@ -60,9 +60,13 @@ NARROW = (
     .replace("Metadata: [licensed_instance, unlicensed_instance]", "Metadata: [licensed_instance]")
 )
 
-# Widens: its own allowlist lets `prompt` out, internal.* events pass, user.anonymous_user_id is kept.
+# Widens: its own allowlist lets `prompt` out, internal.* events pass, user.anonymous_user_id is kept, and
+# RecordEvent is open to unlicensed instances (a lint error it does not acknowledge: shadowed with a warning).
 WIDE = (
     POLICY.replace("allowlists: [builtin:sourcegraph]", "allowlists: [wide.yaml]")
+    .replace(
+        "RecordEvent: [managed_service, workspace]", "RecordEvent: [managed_service, workspace, unlicensed_instance]"
+    )
     .replace('exclude: ["internal.*"]', "exclude: []")
     .replace("drop_fields: [user.anonymous_user_id]", "drop_fields: []")
 )
@@ -253,6 +257,8 @@ def test_a_widening_candidate_is_counted_exactly_names_keys_only_at_debug_and_fa
     assert _forwarded(upstream) == in_force, "nothing the candidate would let out is forwarded"
     single = unary(sidecar.stub().RecordEvent, record_event_request("managed_service", completion("u1")), BEARER)
     assert single.code == grpc.StatusCode.OK
+    refused = unary(sidecar.stub().RecordEvent, record_event_request("unlicensed_instance", completion("u2")))
+    assert refused.code == grpc.StatusCode.PERMISSION_DENIED, "the policy in force decides"
     (forwarded_single,) = upstream.servicer.received("RecordEvent")
     assert set(forwarded_single.messages[0].event.parameters.private_metadata) == {"languageId"}
     wait_for(lambda: sidecar.logs(audit="shadow_summary", rpc="RecordEvents"), what="the stream's summary")
@@ -269,7 +275,17 @@ def test_a_widening_candidate_is_counted_exactly_names_keys_only_at_debug_and_fa
         _labels(area=PRIVATE, direction=KEEPS, kind=service, rpc=single_call, rule=PRIVATE_RULE): 1,
         _labels(area="user.anonymous_user_id", direction=KEEPS, kind=service, rpc=single_call, rule=FIELDS_RULE): 1,
     }
-    assert not _samples(text, "telemetry_guard_shadow_refusals_total")
+    assert _samples(text, "telemetry_guard_shadow_refusals_total") == {
+        _labels(
+            candidate="OK",
+            in_force="PERMISSION_DENIED",
+            kind="unlicensed_instance",
+            rpc=single_call,
+            rule=f"access.{single_call}",
+        ): 1,
+    }
+    (warned,) = sidecar.logs(message="shadow candidate has lint errors it does not acknowledge; shadowed all the same")
+    assert any("record-event-instance" in problem for problem in warned["problems"])
     keys = sidecar.logs(audit="shadow_keys", rpc="RecordEvents")
     assert len(keys) == PAYLOADS
     assert {"direction": KEEPS, "area": PRIVATE, "rule": PRIVATE_RULE, "keys": ["prompt"]} in keys[0]["differences"]
