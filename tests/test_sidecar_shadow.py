@@ -422,3 +422,20 @@ def test_the_readme_roll_out_runs_as_written(tmp_path: Path, upstream: ServedUps
     finally:
         process.terminate()
         process.wait(TIMEOUT)
+
+
+def test_usage_errors_are_one_clear_line_and_exit_2(tmp_path: Path) -> None:
+    def serve(*args: str) -> subprocess.CompletedProcess[str]:
+        command = [sys.executable, "-m", "telemetry_guard", "serve", "--listen", "127.0.0.1:0", *args]
+        return subprocess.run(command, capture_output=True, text=True, timeout=60, cwd=tmp_path)
+
+    out_of_range = serve("--shadow-policy", "candidate.yaml", "--shadow-sample", "1.5")
+    assert out_of_range.returncode == 2 and "--shadow-sample: must be more than 0 and at most 1" in out_of_range.stderr
+    alone = serve("--shadow-sample", "0.5")
+    assert alone.returncode == 2 and "--shadow-sample needs --shadow-policy" in alone.stderr
+    missing = _report(str(tmp_path / "missing.log"))
+    assert missing.returncode == 2 and f"cannot read {tmp_path / 'missing.log'}" in missing.stderr
+    unrelated = _report("-", stdin='{"message": "serving"}\nnot json\n')
+    assert unrelated.returncode == 2 and "no shadow record in -" in unrelated.stderr
+    for done in (out_of_range, alone, missing, unrelated):
+        assert "Traceback" not in done.stderr
