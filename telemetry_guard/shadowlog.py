@@ -17,6 +17,15 @@ from typing import Any
 RECORDS = ("shadow_summary", "shadow_difference", "shadow_refusal", "shadow_keys")
 
 
+def _int(value: Any) -> int:
+    """A count from a log line; anything else (a line edited or cut short) counts 0."""
+    return value if type(value) is int and value >= 0 else 0
+
+
+def _entries(value: Any) -> list[dict[str, Any]]:
+    return [d for d in value if isinstance(d, dict)] if isinstance(value, list) else []
+
+
 @dataclass
 class DifferenceRow:
     """Things one policy removes and the other lets leave, added up for one group."""
@@ -85,22 +94,23 @@ class ShadowReport:
             self.last = max(self.last, stamp)
         rpc, who = str(record.get("rpc", "")), str(record.get("kind") or "none")
         if kind == "shadow_summary":
-            messages = int(record.get("compared_messages", 0))
+            messages = _int(record.get("compared_messages"))
             self.calls += 1
             self.compared_messages += messages
-            self.compared_events += int(record.get("compared_events", 0))
-            self.differing_messages += int(record.get("differing_messages", 0))
+            self.compared_events += _int(record.get("compared_events"))
+            self.differing_messages += _int(record.get("differing_messages"))
             pair = (str(record.get("policy_sha256", "")), str(record.get("candidate_sha256", "")))
             self.policies[pair] = self.policies.get(pair, 0) + messages
         elif kind == "shadow_difference":
-            for d in record.get("differences", ()):
+            for d in _entries(record.get("differences")):
                 row = self._row(d, rpc, who)
-                row.count += int(d.get("count", 0))
+                row.count += _int(d.get("count"))
                 row.messages += 1
         elif kind == "shadow_keys":
             if self.with_keys:
-                for d in record.get("differences", ()):
-                    self._row(d, rpc, who).keys.update(str(k) for k in d.get("keys", ()))
+                for d in _entries(record.get("differences")):
+                    keys = d.get("keys")
+                    self._row(d, rpc, who).keys.update(str(k) for k in (keys if isinstance(keys, list) else ()))
         else:
             in_force, candidate = str(record.get("in_force", "")), str(record.get("candidate", ""))
             rule = str(record.get("candidate_rule") or record.get("in_force_rule") or "")

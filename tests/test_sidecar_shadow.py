@@ -437,5 +437,9 @@ def test_usage_errors_are_one_clear_line_and_exit_2(tmp_path: Path) -> None:
     assert missing.returncode == 2 and f"cannot read {tmp_path / 'missing.log'}" in missing.stderr
     unrelated = _report("-", stdin='{"message": "serving"}\nnot json\n')
     assert unrelated.returncode == 2 and "no shadow record in -" in unrelated.stderr
-    for done in (out_of_range, alone, missing, unrelated):
+    broken = '{"audit": "shadow_summary", "compared_messages": "3"}\n{"audit": "shadow_difference", "differences": 7}\n'
+    mangled = _report("-", stdin=broken)
+    assert mangled.returncode == 0, mangled.stderr
+    assert "0 messages (0 events) in 1 call" in mangled.stdout, "counts it cannot read are 0"
+    for done in (out_of_range, alone, missing, unrelated, mangled):
         assert "Traceback" not in done.stderr
