@@ -53,11 +53,13 @@ PRIVATE = "parameters.private_metadata"
 REMOVES, KEEPS = "candidate_removes", "candidate_keeps"
 PRIVATE_RULE, EVENTS_RULE, FIELDS_RULE = "defaults.private_metadata", "defaults.events.exclude", "defaults.drop_fields"
 
-# Narrows: private_metadata dropped whole, search.* events removed, user metadata only from licensed instances.
+# Narrows: private_metadata dropped whole, search.* events removed, user metadata only from licensed instances
+# and without usernames.
 NARROW = (
     POLICY.replace("private_metadata: {mode: allowlist, non_string: drop}", "private_metadata: {mode: drop}")
     .replace('exclude: ["internal.*"]', 'exclude: ["internal.*", "search.*"]')
     .replace("Metadata: [licensed_instance, unlicensed_instance]", "Metadata: [licensed_instance]")
+    .replace("user_fields: [id, username]", "user_fields: [id]")
 )
 
 # Widens: its own allowlist lets `prompt` out, internal.* events pass, user.anonymous_user_id is kept, and
@@ -186,23 +188,37 @@ def test_a_narrowing_candidate_is_counted_exactly_and_decides_nothing(
     published = sidecar.stub().PublishInstanceUserMetadata
     done = unary(lambda r, **kw: published(iter(r), **kw), [publish_metadata("unlicensed_instance"), users()])
     assert done.code == grpc.StatusCode.OK, "the candidate's refusal decides nothing"
-    assert len(upstream.servicer.received("PublishInstanceUserMetadata")) == 1
+    done = unary(lambda r, **kw: published(iter(r), **kw), [publish_metadata("licensed_instance"), users(), users()])
+    assert done.code == grpc.StatusCode.OK
+    publishes = upstream.servicer.received("PublishInstanceUserMetadata")
+    assert [[u.username for m in c.messages[1:] for u in m.user_metadata.users] for c in publishes] == [
+        ["alice"],
+        ["alice", "alice"],
+    ]
     wait_for(lambda: sidecar.logs(audit="shadow_summary", rpc="RecordEvents"), what="the stream's summary")
 
     text = _metrics(metrics_port)
     differences = _samples(text, "telemetry_guard_shadow_differences_total")
     rpc, kind = "RecordEvents", "licensed_instance"
+    publish = "PublishInstanceUserMetadata"
     assert differences == {
+        # the username of each of the two users published by the licensed instance
+        _labels(area="users.username", direction=REMOVES, kind=kind, rpc=publish, rule="user_metadata.user_fields"): 2,
         # languageId of each completion event: left under the policy in force, removed with all private_metadata
         _labels(area=PRIVATE, direction=REMOVES, kind=kind, rpc=rpc, rule=PRIVATE_RULE): PAYLOADS,
         # each search.results event: left (without its private_metadata), removed whole by the candidate
         _labels(area="event", direction=REMOVES, kind=kind, rpc=rpc, rule=EVENTS_RULE): PAYLOADS,
     }
-    assert _samples(text, "telemetry_guard_shadow_compared_total") == {_labels(kind=kind, rpc=rpc): PAYLOADS}
+    assert _samples(text, "telemetry_guard_shadow_compared_total") == {
+        _labels(kind=kind, rpc=rpc): PAYLOADS,
+        _labels(kind=kind, rpc=publish): 2,
+    }
     assert _samples(text, "telemetry_guard_shadow_events_compared_total") == {_labels(kind=kind, rpc=rpc): 3 * PAYLOADS}
-    assert _samples(text, "telemetry_guard_shadow_differing_total") == {_labels(kind=kind, rpc=rpc): PAYLOADS}
+    assert _samples(text, "telemetry_guard_shadow_differing_total") == {
+        _labels(kind=kind, rpc=rpc): PAYLOADS,
+        _labels(kind=kind, rpc=publish): 2,
+    }
     refusals = _samples(text, "telemetry_guard_shadow_refusals_total")
-    publish = "PublishInstanceUserMetadata"
     assert refusals == {
         _labels(
             candidate="PERMISSION_DENIED",
@@ -212,7 +228,7 @@ def test_a_narrowing_candidate_is_counted_exactly_and_decides_nothing(
             rule=f"access.{publish}",
         ): 1,
     }
-    lines = sidecar.logs(audit="shadow_difference")
+    lines = sidecar.logs(audit="shadow_difference", rpc=rpc)
     assert [line["message"] for line in lines] == [1, 2, 3]  # the payloads' positions in the stream
     assert all(line["policy_sha256"] != line["candidate_sha256"] for line in lines)
     assert not sidecar.logs(audit="shadow_keys"), "key names only at --log-level debug"
@@ -223,12 +239,13 @@ def test_a_narrowing_candidate_is_counted_exactly_and_decides_nothing(
     assert report.returncode == 0, report.stderr
     summary = json.loads(report.stdout)
     assert summary["summary"] == {
-        "calls": 1, "compared_messages": PAYLOADS, "compared_events": 3 * PAYLOADS,
-        "differing_messages": PAYLOADS, "widening": False,
+        "calls": 2, "compared_messages": PAYLOADS + 2, "compared_events": 3 * PAYLOADS,
+        "differing_messages": PAYLOADS + 2, "widening": False,
     }  # fmt: skip
     assert {(d["area"], d["rule"], d["count"]) for d in summary["candidate_removes"]} == {
         (PRIVATE, PRIVATE_RULE, PAYLOADS),
         ("event", EVENTS_RULE, PAYLOADS),
+        ("users.username", "user_metadata.user_fields", 2),
     }
     assert summary["candidate_keeps"] == []
     refused = [(r["in_force"], r["candidate"], r["times"]) for r in summary["refusals"]]
