@@ -6,7 +6,8 @@ from collections.abc import Sequence
 from html import escape
 
 from telemetry_guard.policy.surface import Surface
-from telemetry_guard.render.report import Block, Text, shadow_blocks, surface_blocks
+from telemetry_guard.render.report import Block, Text, surface_blocks
+from telemetry_guard.render.shadow import shadow_blocks
 from telemetry_guard.shadowlog import ShadowReport
 
 _STYLE = """

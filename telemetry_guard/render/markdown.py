@@ -5,7 +5,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from telemetry_guard.policy.surface import Surface, SurfaceDiff
-from telemetry_guard.render.report import Block, Text, diff_blocks, shadow_blocks, surface_blocks
+from telemetry_guard.render.report import Block, Text, diff_blocks, surface_blocks
+from telemetry_guard.render.shadow import shadow_blocks
 from telemetry_guard.shadowlog import ShadowReport
 
 
