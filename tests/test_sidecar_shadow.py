@@ -279,6 +279,8 @@ def test_a_widening_candidate_is_counted_exactly_names_keys_only_at_debug_and_fa
     (forwarded_single,) = upstream.servicer.received("RecordEvent")
     assert set(forwarded_single.messages[0].event.parameters.private_metadata) == {"languageId"}
     wait_for(lambda: sidecar.logs(audit="shadow_summary", rpc="RecordEvents"), what="the stream's summary")
+    # grpc.aio sends a refusal's status before the handler ends, and the shadow judges the call after: wait for it
+    wait_for(lambda: sidecar.logs(audit="shadow_refusal", rpc="RecordEvent"), what="the refused call's shadow")
 
     text = _metrics(metrics_port)
     kind = "licensed_instance"
