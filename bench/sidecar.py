@@ -3,6 +3,7 @@
     python -m bench.sidecar                       # the README's table (about six minutes)
     python -m bench.sidecar --quick               # shorter cells, one round, fewer events for the memory run
     python -m bench.sidecar --memory-events 1000000
+    python -m bench.sidecar --quick --shadow       # also the sidecar with a shadow policy (rate 1)
 
 Three paths, in the same run, all on 127.0.0.1, each its own process:
 
@@ -12,6 +13,11 @@ Three paths, in the same run, all on 127.0.0.1, each its own process:
                 for any Python proxy
 - sidecar:      client -> `telemetry-guard serve` (default policy, default logging: the audit
                 trail at info, to /dev/null) -> upstream
+- sidecar + shadow (--shadow): the same with `--shadow-policy bench/shadow/candidate.yaml
+                --shadow-sample RATE` (default 1): every payload is judged by the candidate too,
+                which differs from the default policy in one allowlist key that nearly every
+                100-event payload carries (the costly case: the two decisions are compared).
+                The table's notes say how many payloads the shadow compared and found different.
 
 The upstream parses each payload and acknowledges every event. The client sends RecordEvents
 streams as a licensed instance, batches from bench/workload.py (`batch(n)`: realistic events,
@@ -216,6 +222,30 @@ def start_passthrough(upstream: str, workers: int) -> list[Process]:
     ]
 
 
+SHADOW_CANDIDATE = ROOT / "bench" / "shadow" / "candidate.yaml"
+
+
+def shadow_args(rate: float) -> tuple[list[str], int]:
+    """serve's arguments for the shadow policy, with a metrics port to read its counts from; (args, port)."""
+    port = free_port()
+    args = ["--shadow-policy", str(SHADOW_CANDIDATE), "--shadow-sample", f"{rate:g}"]
+    return [*args, "--metrics-listen", f"{HOST}:{port}"], port
+
+
+def shadow_counts(port: int) -> tuple[float, float]:
+    """(messages compared, messages that differ) from a shadow sidecar's metrics."""
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://{HOST}:{port}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    totals = {"telemetry_guard_shadow_compared_total": 0.0, "telemetry_guard_shadow_differing_total": 0.0}
+    for line in text.splitlines():
+        name = line.split("{", 1)[0]
+        if name in totals:
+            totals[name] += float(line.rsplit(" ", 1)[1])
+    return totals["telemetry_guard_shadow_compared_total"], totals["telemetry_guard_shadow_differing_total"]
+
+
 def start_sidecar(upstream: str, workers: int, extra: Sequence[str] = ()) -> Process:
     port = free_port()
     command = [sys.executable, "-m", "telemetry_guard", "serve", "--listen", f"{HOST}:{port}", "--upstream", upstream]
@@ -345,6 +375,24 @@ def _ms(seconds: float) -> str:
     return f"{seconds * 1000:.2f}"
 
 
+def _shadow_summary(rows: Sequence[tuple[str, int, int, int, Result]], counts: Sequence[str], rate: float) -> None:
+    """What the shadow policy costs: the sidecar with it next to the sidecar without, cell by cell."""
+    plain = {(w, b, s): r for path, w, b, s, r in rows if path == "sidecar"}
+    rates, cpus = [], []
+    for path, workers, batch, streams, result in rows:
+        if path != "sidecar + shadow":
+            continue
+        base = plain[(workers, batch, streams)]
+        rates.append(result.rate / base.rate)
+        if result.cpu and base.cpu and result.payloads and base.payloads:
+            cpus.append((result.cpu / result.payloads) / (base.cpu / base.payloads))
+    print(
+        f"\nshadow policy at rate {rate:g} (bench/shadow/candidate.yaml): sidecar + shadow / sidecar events/s "
+        f"{statistics.mean(rates):.0%} on average ({min(rates):.0%} to {max(rates):.0%}); proxy CPU per payload "
+        f"x{statistics.mean(cpus):.2f} on average; {'; '.join(counts)}"
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="1 s cells and 100,000 events for the memory run")
@@ -352,6 +400,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=5, help="alternating rounds per cell (default: 5)")
     parser.add_argument("--memory-events", type=int, default=None, help="events in the memory run (default: 300,000)")
     parser.add_argument("--sidecar-arg", action="append", default=[], help="extra argument for serve (repeat)")
+    parser.add_argument("--shadow", action="store_true", help="also measure the sidecar with a shadow policy")
+    parser.add_argument("--shadow-sample", type=float, default=1.0, help="the shadow's sample rate (default: 1)")
     parser.add_argument("--role", choices=("upstream", "passthrough"), help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--upstream", help=argparse.SUPPRESS)
@@ -372,7 +422,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"protobuf {google.protobuf.__version__}; {seconds:g} s per round after {warmup:g} s of warm-up, "
         f"{rounds} alternating round{'s' if rounds > 1 else ''} per cell (events/s: the median round)"
     )
-    print(f"# reproduce: python -m bench.sidecar{' --quick' if args.quick else ''}")
+    flags = (" --quick" if args.quick else "") + (" --shadow" if args.shadow else "")
+    if args.shadow and args.shadow_sample != 1.0:
+        flags += f" --shadow-sample {args.shadow_sample:g}"
+    print(f"# reproduce: python -m bench.sidecar{flags}")
+    shadowed: list[str] = []
     rows: list[tuple[str, int, int, int, Result]] = []
     upstream = start_upstream()
     try:
@@ -385,25 +439,45 @@ def main(argv: Sequence[str] | None = None) -> int:
         for workers in (1, 2):
             proxies = start_passthrough(upstream.target, workers)
             sidecar = start_sidecar(upstream.target, workers, args.sidecar_arg)
+            shadow: Process | None = None
+            if args.shadow:
+                extra, shadow_port = shadow_args(args.shadow_sample)
+                shadow = start_sidecar(upstream.target, workers, [*args.sidecar_arg, *extra])
             measured: list[tuple[str, int, int, int, Result]] = []
+            with_shadow: list[tuple[str, int, int, int, Result]] = []
             try:
                 for batch in (100, 1000):
                     for streams in (1, 8):
                         passes: list[Result] = []
                         sides: list[Result] = []
+                        shadows: list[Result] = []
                         for _ in range(rounds):
                             passes.append(
                                 asyncio.run(drive(proxies[0].target, batch, streams, seconds, warmup, proxies))
                             )
                             sides.append(asyncio.run(drive(sidecar.target, batch, streams, seconds, warmup, [sidecar])))
+                            if shadow is not None:
+                                shadows.append(
+                                    asyncio.run(drive(shadow.target, batch, streams, seconds, warmup, [shadow]))
+                                )
                         floor[(workers, batch, streams)] = Result.median_of(passes)
                         measured.append(("sidecar", workers, batch, streams, Result.median_of(sides)))
+                        if shadows:
+                            with_shadow.append(("sidecar + shadow", workers, batch, streams, Result.median_of(shadows)))
                         rows.append(("pass-through", workers, batch, streams, floor[(workers, batch, streams)]))
+                if shadow is not None:
+                    compared, differing = shadow_counts(shadow_port)
+                    shadowed.append(
+                        f"{workers} worker{'s' if workers > 1 else ''}: {compared:,.0f} payloads compared, "
+                        f"{differing:,.0f} differed"
+                    )
             finally:
                 sidecar.stop()
+                if shadow is not None:
+                    shadow.stop()
                 for proxy in proxies:
                     proxy.stop()
-            rows += measured
+            rows += measured + with_shadow
 
         print()
         print(
@@ -432,6 +506,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"\nsidecar / pass-through events/s with 100-event batches: {statistics.mean(verdicts):.0%} on average, "
             f"{worst:.0%} at worst (target {TARGET:.0%}: {'met' if worst >= TARGET else 'NOT met'})"
         )
+        if shadowed:
+            _shadow_summary(rows, shadowed, args.shadow_sample)
 
         sidecar = start_sidecar(upstream.target, 1, args.sidecar_arg)
         try:

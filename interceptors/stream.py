@@ -45,6 +45,11 @@ class StreamGuard(CallGuard):
 
     # -- one message --------------------------------------------------------------------
 
+    @property
+    def received(self) -> int:
+        """How many messages the stream has received so far (the index of the last one is this minus 1)."""
+        return self._received
+
     def take_index(self) -> int:
         """The position of the next message received on the stream (0: the first), for audit records."""
         index = self._received

@@ -65,6 +65,8 @@ from telemetry_guard.sidecar.logs import fields
 from telemetry_guard.sidecar.metrics import NO_KIND, Metrics, MetricsAudit, StreamTally
 
 if TYPE_CHECKING:
+    from telemetry_guard.sidecar.shadow import Shadow, ShadowCall
+
     Context: TypeAlias = grpc.aio.ServicerContext[Any, Any]
     Metadata: TypeAlias = tuple[tuple[str, str | bytes], ...]
 
@@ -168,6 +170,8 @@ class Forwarder:
     guards: returns the guard in force (called once per call: a call keeps the policy it
     started with). forward_metadata: invocation metadata keys passed upstream. trace_context: with
     tracing on, puts the sidecar's span in the exporter's place (sidecar.tracing.Tracing.outgoing).
+    shadow: a candidate policy that judges every message too, after the policy in force, and
+    changes nothing (shadow.py).
     """
 
     def __init__(
@@ -179,6 +183,7 @@ class Forwarder:
         forward_metadata: Collection[str] = DEFAULT_FORWARD_METADATA,
         window: int = DEFAULT_WINDOW,
         trace_context: Callable[[Metadata, Collection[str]], Metadata] | None = None,
+        shadow: Shadow | None = None,
     ) -> None:
         if window < 1:
             raise ValueError("window must be at least 1")
@@ -187,6 +192,7 @@ class Forwarder:
         self._forward = frozenset(key.lower() for key in forward_metadata)
         self._window = window
         self._trace_context = trace_context
+        self._shadow = shadow
         # Raw bytes both ways: no serializers.
         self._record_events: grpc.aio.StreamStreamMultiCallable[bytes, bytes] = channel.stream_stream(
             method_path(RECORD_EVENTS)
@@ -223,6 +229,9 @@ class Forwarder:
     def _upstream_failed(self, rpc: str, code: grpc.StatusCode) -> None:
         self.metrics.child(self.metrics.upstream_errors, rpc, code.name).inc()
         LOG.warning("upstream call failed", extra=fields(rpc=rpc, code=code.name))
+
+    def _shadow_call(self, rpc: str, guard: Guard) -> ShadowCall | None:
+        return None if self._shadow is None else self._shadow.start(rpc, guard)
 
     def _sent(self, rpc: str, kind: str | None) -> None:
         self.metrics.child(self.metrics.requests_out, rpc, kind or NO_KIND).inc()
@@ -283,6 +292,7 @@ class Forwarder:
     async def record_events(self, requests: AsyncIterator[bytes], context: Context) -> AsyncIterator[bytes]:
         metadata = context.invocation_metadata()
         stream = StreamGuard(self._guards(), RECORD_EVENTS, authorization_from(metadata))
+        shadow = self._shadow_call(RECORD_EVENTS, stream.guard)
         active = self.metrics.child(self.metrics.streams, RECORD_EVENTS)
         active.inc()
         try:
@@ -291,9 +301,12 @@ class Forwarder:
                 await stream.verify_async()
             except GuardError as exc:
                 await context.abort(exc.code, exc.message)
+            finally:
+                if shadow is not None:
+                    shadow.admitted(stream)
             call = self._record_events(metadata=self._outgoing(metadata), timeout=self._timeout(context))
             payloads = _Payloads(self._window)
-            pump = asyncio.create_task(self._pump_events(stream, first, requests, call, payloads))
+            pump = asyncio.create_task(self._pump_events(stream, first, requests, call, payloads, shadow))
             pump.add_done_callback(_retrieve)
             latency = self.metrics.child(self.metrics.upstream_latency, RECORD_EVENTS)
             failure: grpc.aio.AioRpcError | None = None
@@ -332,13 +345,20 @@ class Forwarder:
             active.dec()
 
     async def _pump_events(
-        self, stream: StreamGuard, first: Message, requests: AsyncIterator[bytes], call: Any, payloads: _Payloads
+        self,
+        stream: StreamGuard,
+        first: Message,
+        requests: AsyncIterator[bytes],
+        call: Any,
+        payloads: _Payloads,
+        shadow: ShadowCall | None = None,
     ) -> None:
         """Client -> upstream, one message at a time.
 
         A payload's decision is counted once the payload is written (or on any other way out of that
         step): the upstream is already at work meanwhile. Its audit line was written before. The
-        stream's counters are published when it ends, however it ends.
+        stream's counters are published when it ends, however it ends. The shadow judges a payload
+        after it is written.
         """
         sent = self.metrics.child(self.metrics.requests_out, RECORD_EVENTS, stream.kind or NO_KIND)
         tally = self._tally(stream)
@@ -358,6 +378,8 @@ class Forwarder:
                         sent.inc()
                     else:
                         tally.sent()
+                    if shadow is not None:
+                        shadow.events(raw, out, stream.received - 1)
                 finally:
                     if tally is not None:
                         tally.count()
@@ -373,6 +395,8 @@ class Forwarder:
         finally:
             if tally is not None:
                 tally.flush()  # the stream's counters, however it ends
+            if shadow is not None:
+                shadow.close()
 
     async def _finish(
         self,
@@ -403,6 +427,7 @@ class Forwarder:
     async def publish_instance_user_metadata(self, requests: AsyncIterator[bytes], context: Context) -> bytes:
         metadata = context.invocation_metadata()
         stream = StreamGuard(self._guards(), PUBLISH_USER_METADATA, authorization_from(metadata))
+        shadow = self._shadow_call(PUBLISH_USER_METADATA, stream.guard)
         active = self.metrics.child(self.metrics.streams, PUBLISH_USER_METADATA)
         active.inc()
         try:
@@ -411,9 +436,12 @@ class Forwarder:
                 await stream.verify_async()
             except GuardError as exc:
                 await context.abort(exc.code, exc.message)
+            finally:
+                if shadow is not None:
+                    shadow.admitted(stream)
             started = time.perf_counter()
             call = self._publish(metadata=self._outgoing(metadata), timeout=self._timeout(context))
-            pump = asyncio.create_task(self._pump_messages(stream, first, requests, call))
+            pump = asyncio.create_task(self._pump_messages(stream, first, requests, call, shadow))
             pump.add_done_callback(_retrieve)
             failure: grpc.aio.AioRpcError | None = None
             response = b""
@@ -438,7 +466,12 @@ class Forwarder:
             active.dec()
 
     async def _pump_messages(
-        self, stream: StreamGuard, first: Message, requests: AsyncIterator[bytes], call: Any
+        self,
+        stream: StreamGuard,
+        first: Message,
+        requests: AsyncIterator[bytes],
+        call: Any,
+        shadow: ShadowCall | None = None,
     ) -> None:
         kind = stream.kind
         try:
@@ -452,6 +485,8 @@ class Forwarder:
                 if not await _send(call, stream.pass_on(serialize, message)):
                     return
                 self._sent(stream.rpc, kind)
+                if shadow is not None:
+                    shadow.user_metadata(raw, stream, stream.received - 1)
             await _settle()
             await _close(call)
         except GuardError:
@@ -461,12 +496,16 @@ class Forwarder:
         except Exception:
             call.cancel()
             raise
+        finally:
+            if shadow is not None:
+                shadow.close()
 
     # -- RecordEvent --------------------------------------------------------------------
 
     async def record_event(self, raw: bytes, context: Context) -> bytes:
         metadata = context.invocation_metadata()
         guarded = UnaryGuard(self._guards(), RECORD_EVENT, authorization_from(metadata))
+        shadow = self._shadow_call(RECORD_EVENT, guarded.guard)
         active = self.metrics.child(self.metrics.streams, RECORD_EVENT)
         active.inc()
         try:
@@ -498,3 +537,6 @@ class Forwarder:
             return bytes(response)
         finally:
             active.dec()
+            if shadow is not None:  # after the answer: from the request's bytes (`request` was filtered in place)
+                shadow.record_event(raw, guarded.authorization)
+                shadow.close()

@@ -40,6 +40,7 @@ from telemetry_guard.sidecar.forward import DEFAULT_FORWARD_METADATA, DEFAULT_WI
 from telemetry_guard.sidecar.logs import fields
 from telemetry_guard.sidecar.metrics import Metrics, MetricsAudit, multiprocess
 from telemetry_guard.sidecar.reload import PolicyReloader
+from telemetry_guard.sidecar.shadow import Shadow
 
 if TYPE_CHECKING:
     from telemetry_guard.sidecar.tracing import Tracing
@@ -75,6 +76,8 @@ class Config:
     log_level: str = "info"
     window: int = DEFAULT_WINDOW
     allow_unsafe_policy: bool = False
+    shadow_policy: str | None = None
+    shadow_sample: float = 1.0
 
 
 def split_host_port(address: str) -> tuple[str, int]:
@@ -144,6 +147,7 @@ class Sidecar:
         self.reloader = PolicyReloader(  # raises PolicyError
             config.policy, make_guard, self.metrics, allow_unsafe_policy=config.allow_unsafe_policy
         )
+        self.shadow = shadow_of(config, self.metrics)
         self.port = 0
         self.gateway_port: int | None = None
         self._server: grpc.aio.Server | None = None
@@ -181,6 +185,7 @@ class Sidecar:
             forward_metadata=config.forward_metadata,
             window=config.window,
             trace_context=self.tracing.outgoing if self.tracing is not None else None,
+            shadow=self.shadow,
         )
         server.add_generic_rpc_handlers((forwarder.handler(),))
         self._health = health.aio.HealthServicer()
@@ -200,6 +205,8 @@ class Sidecar:
             metrics_at = join_host_port(metrics_host, self.metrics.serve(metrics_host, metrics_port))
         if config.reload_interval > 0:
             self._tasks.append(asyncio.create_task(self.reloader.watch(config.reload_interval)))
+            if self.shadow is not None:
+                self._tasks.append(asyncio.create_task(self.shadow.watch(config.reload_interval)))
         host, _ = split_host_port(config.listen)
         LOG.info(
             "serving",
@@ -212,6 +219,7 @@ class Sidecar:
                 upstream=config.upstream or f"embedded gateway ({_output_name(config.gateway_output)})",
                 policy=self.reloader.policy.name,
                 sha256=self.reloader.policy.sha256,
+                **shadow_fields(self.shadow),
                 **({"metrics": f"http://{metrics_at}/metrics"} if metrics_at else {}),
             ),
         )
@@ -260,9 +268,10 @@ class Sidecar:
         reloads: set[asyncio.Task[bool]] = set()
 
         def hangup() -> None:
-            task = loop.create_task(self.reloader.reload("signal"))
-            reloads.add(task)
-            task.add_done_callback(reloads.discard)
+            for reload in (self.reloader.reload, *((self.shadow.reload,) if self.shadow is not None else ())):
+                task = loop.create_task(reload("signal"))
+                reloads.add(task)
+                task.add_done_callback(reloads.discard)
 
         try:
             await self.start()
@@ -281,3 +290,23 @@ class Sidecar:
 
 def _output_name(path: str | None) -> str:
     return "stdout" if path in (None, "-") else str(path)
+
+
+def shadow_of(config: Config, metrics: Metrics) -> Shadow | None:
+    """The candidate policy in shadow (--shadow-policy), or None. A candidate that cannot be loaded
+    is logged and ignored (it is looked for again on reload): never a reason not to serve."""
+    if config.shadow_policy is None:
+        return None
+    return Shadow(config.shadow_policy, config.shadow_sample, metrics, sink=logs.audit_sink())
+
+
+def shadow_fields(shadow: Shadow | None) -> dict[str, object]:
+    """What the "serving" line says of the shadow."""
+    if shadow is None:
+        return {}
+    candidate = shadow.candidate.current
+    return {
+        "shadow_policy": str(shadow.candidate.path),
+        "shadow_sha256": None if candidate is None else candidate.policy.sha256,
+        "shadow_sample": shadow.sampler.rate,
+    }

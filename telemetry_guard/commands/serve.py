@@ -17,8 +17,11 @@ examples:
   telemetry-guard serve --listen 0.0.0.0:10085 --upstream gateway:443 --upstream-ca ca.pem \\
       --tls-cert tls.crt --tls-key tls.key --metrics-listen 0.0.0.0:9090 --workers 2
 
-signals: SIGHUP reloads the policy (so does a change of its files); SIGTERM stops gracefully
-(health NOT_SERVING, --drain seconds still serving, then --grace for the calls in flight).
+  telemetry-guard serve --upstream gateway:10080 --policy policy.yaml --shadow-policy candidate.yaml
+
+signals: SIGHUP reloads the policy and the shadow policy (so does a change of their files);
+SIGTERM stops gracefully (health NOT_SERVING, --drain seconds still serving, then --grace for
+the calls in flight).
 exit status: 0 stopped by SIGTERM, 1 a worker failed while stopping, 2 bad arguments, a policy
 that cannot be loaded or that lint refuses, an address that cannot be bound; 3 --workers kept
 dying (a crash loop: a dead worker is otherwise replaced).
@@ -38,6 +41,13 @@ def _seconds(text: str) -> float:
     value = float(text)
     if value < 0:
         raise argparse.ArgumentTypeError(f"must not be negative, not {value}")
+    return value
+
+
+def _rate(text: str) -> float:
+    value = float(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be more than 0 and at most 1, not {value}")
     return value
 
 
@@ -72,6 +82,20 @@ def register(sub: Any) -> None:
     where.add_argument("--metrics-listen", metavar="HOST:PORT", help="serve Prometheus metrics at /metrics")
     policy = parser.add_argument_group("policy")
     policy.add_argument("--policy", metavar="FILE", help="policy file (default: the built-in default policy)")
+    policy.add_argument(
+        "--shadow-policy",
+        metavar="FILE",
+        help="a candidate policy judging every message too, in shadow: it decides nothing; where it would let "
+        "out or remove otherwise than --policy is counted (metrics) and logged (audit lines), never a value. "
+        "A candidate that does not load or that lint refuses is logged and ignored",
+    )
+    policy.add_argument(
+        "--shadow-sample",
+        type=_rate,
+        metavar="RATE",
+        help="share of messages the shadow policy judges, in (0, 1]: an even, deterministic share per process "
+        "(default: 1; stream admissions are always compared)",
+    )
     policy.add_argument(
         "--reload-interval",
         type=_seconds,
@@ -167,6 +191,8 @@ def _config(args: argparse.Namespace) -> Any:
             except OSError as exc:  # reported as a usage error, naming the flag and the file
                 flag = "--" + name.replace("_", "-")
                 raise ValueError(f"{flag} {path}: cannot read: {exc.strerror or exc}") from None
+    if args.shadow_sample is not None and args.shadow_policy is None:
+        raise ValueError("--shadow-sample needs --shadow-policy")
     if args.upstream is None and (args.upstream_tls or args.upstream_ca or args.upstream_server_name):
         raise ValueError("--upstream-tls, --upstream-ca and --upstream-server-name need --upstream")
     return Config(
@@ -190,6 +216,8 @@ def _config(args: argparse.Namespace) -> Any:
         introspection_client_id=args.introspection_client_id,
         log_level=args.log_level,
         allow_unsafe_policy=args.allow_unsafe_policy,
+        shadow_policy=args.shadow_policy,
+        shadow_sample=1.0 if args.shadow_sample is None else args.shadow_sample,
     )
 
 

@@ -7,6 +7,8 @@ from html import escape
 
 from telemetry_guard.policy.surface import Surface
 from telemetry_guard.render.report import Block, Text, surface_blocks
+from telemetry_guard.render.shadow import shadow_blocks
+from telemetry_guard.shadowlog import ShadowReport
 
 _STYLE = """
 body { font: 15px/1.45 system-ui, -apple-system, "Segoe UI", sans-serif; margin: 2rem auto; max-width: 78rem;
@@ -74,4 +76,12 @@ def surface_html(surface: Surface) -> str:
         f"Export surface of {surface.name}",
         surface_blocks(surface),
         f"telemetry-guard audit; policy sha256 {surface.sha256}",
+    )
+
+
+def shadow_html(report: ShadowReport) -> str:
+    return render_blocks(
+        "Shadow policy report",
+        shadow_blocks(report),
+        "telemetry-guard shadow-report; only the policy in force decided what left; no value is recorded",
     )

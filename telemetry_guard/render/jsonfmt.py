@@ -10,6 +10,7 @@ from typing import Any
 from telemetry_guard.policy.cases import CaseFileResult
 from telemetry_guard.policy.lint import LintReport
 from telemetry_guard.policy.surface import Explanation, Surface, SurfaceDiff
+from telemetry_guard.shadowlog import ShadowReport
 
 
 def dumps(data: Any) -> str:
@@ -84,5 +85,36 @@ def cases_json(results: Sequence[CaseFileResult], *, show_keys: bool = False) ->
                 }
                 for fr in results
             ],
+        }
+    )
+
+
+def shadow_json(report: ShadowReport) -> str:
+    def difference(row: Any) -> dict[str, Any]:
+        out = {k: v for k, v in _plain(row).items() if k != "keys"}
+        if report.with_keys:
+            out["keys"] = sorted(row.keys)
+        return out
+
+    return dumps(
+        {
+            "format": "telemetry-guard.shadow-report/1",
+            "logs": list(report.sources),
+            "from": report.first,
+            "to": report.last,
+            "policies": [
+                {"in_force_sha256": a, "candidate_sha256": b, "messages": n}
+                for (a, b), n in sorted(report.policies.items())
+            ],
+            "summary": {
+                "calls": report.calls,
+                "compared_messages": report.compared_messages,
+                "compared_events": report.compared_events,
+                "differing_messages": report.differing_messages,
+                "widening": report.widening,
+            },
+            "candidate_removes": [difference(r) for r in report.rows("candidate_removes")],
+            "candidate_keeps": [difference(r) for r in report.rows("candidate_keeps")],
+            "refusals": [_plain(r) for r in report.refusal_rows()],
         }
     )

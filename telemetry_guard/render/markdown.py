@@ -6,6 +6,8 @@ from collections.abc import Sequence
 
 from telemetry_guard.policy.surface import Surface, SurfaceDiff
 from telemetry_guard.render.report import Block, Text, diff_blocks, surface_blocks
+from telemetry_guard.render.shadow import shadow_blocks
+from telemetry_guard.shadowlog import ShadowReport
 
 
 def _escape(value: str) -> str:
@@ -56,3 +58,7 @@ def surface_markdown(surface: Surface) -> str:
 
 def diff_markdown(result: SurfaceDiff) -> str:
     return render_blocks(diff_blocks(result))
+
+
+def shadow_markdown(report: ShadowReport) -> str:
+    return render_blocks(shadow_blocks(report))
