@@ -161,7 +161,7 @@ def test_cli_bad_cases_file_exits_2_with_place() -> None:
     done = cli("test", "builtin:default", "tests/testdata/compliance/cases/bad_request.yaml")
     assert done.returncode == 2
     assert "the cases file tests/testdata/compliance/cases/bad_request.yaml cannot be loaded" in done.stderr
-    assert "bad_request.yaml:6:5: cases[0].request: not a RecordEventsRequest in protobuf JSON" in done.stderr
+    assert "bad_request.yaml:7:34: cases[0].request.events.events[0].colour: Event has no field 'colour'" in done.stderr
     assert "Traceback" not in done.stderr
 
 
