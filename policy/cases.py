@@ -87,6 +87,14 @@ CASES_SCHEMA: Final[dict[str, Any]] = {
     "properties": {
         "version": {"const": 1},
         "description": {"type": "string"},
+        "policy": {
+            "type": ["string", "array"],
+            "items": {"type": "string", "minLength": 1},
+            "minLength": 1,
+            "minItems": 1,
+            "description": "The policy (or policies) these cases are for: a path relative to this file, or "
+            "builtin:default. `test POLICY DIR` runs only the files for POLICY (and those that name none).",
+        },
         "cases": {
             "type": "array",
             "minItems": 1,
@@ -222,8 +230,51 @@ class CaseFileResult:
 # -- loading -------------------------------------------------------------------------------
 
 
-def load_cases(path: str | Path) -> tuple[Case, ...]:
+@dataclass(frozen=True)
+class CaseFile:
+    """A cases file: its cases, and the policies it says they are for (as written; none: any)."""
+
+    file: Path
+    cases: tuple[Case, ...]
+    policies: tuple[str, ...]
+
+    def is_for(self, policy: str) -> bool:
+        """Whether policy (a path, or builtin:default) is one this file names; True when it names none."""
+        if not self.policies:
+            return True
+        return _policy_file(policy, Path.cwd()) in {_policy_file(ref, self.file.parent) for ref in self.policies}
+
+    def named(self) -> str:
+        """The policies it is for, as a reader finds them: relative to the working directory."""
+        shown = []
+        for ref in self.policies:
+            path = _policy_file(ref, self.file.parent)
+            if ref == loader.BUILTIN_DEFAULT or not path.is_relative_to(Path.cwd()):
+                shown.append(ref if ref == loader.BUILTIN_DEFAULT else str(path))
+            else:
+                shown.append(str(path.relative_to(Path.cwd())))
+        return " or ".join(shown)
+
+
+def _policy_file(ref: str, base: Path) -> Path:
+    if ref == loader.BUILTIN_DEFAULT:
+        return loader.default_policy_path()
+    return (base / ref).resolve()
+
+
+def load_case_file(path: str | Path) -> CaseFile:
     """Read and check a cases file; raise CaseFileError listing every problem (as the policy loader words them)."""
+    cases, doc = _load(Path(path))
+    named = doc.data.get("policy", ())
+    return CaseFile(Path(path), cases, (named,) if isinstance(named, str) else tuple(named))
+
+
+def load_cases(path: str | Path) -> tuple[Case, ...]:
+    """The cases of a cases file (load_case_file)."""
+    return load_case_file(path).cases
+
+
+def _load(path: Path) -> tuple[tuple[Case, ...], Located]:
     doc, problems = read_all(Path(path))
     if doc is None:
         raise CaseFileError(problems)
@@ -244,7 +295,7 @@ def load_cases(path: str | Path) -> tuple[Case, ...]:
             cases.append(case)
     if problems:
         raise CaseFileError(problems)
-    return tuple(cases)
+    return tuple(cases), doc
 
 
 def _parse(doc: Located, where: Path_, data: Mapping[str, Any], message: Message, problems: list[Problem]) -> bool:

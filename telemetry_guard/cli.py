@@ -12,7 +12,7 @@ import pkgutil
 import sys
 from collections.abc import Sequence
 
-from telemetry_guard import commands
+from telemetry_guard import commands, version
 from telemetry_guard.policy.errors import PolicyError
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
@@ -23,6 +23,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="telemetry-guard",
         description="Privacy and allowlist enforcement for Sourcegraph's telemetry export protocol.",
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for info in sorted(pkgutil.iter_modules(commands.__path__), key=lambda m: m.name):
         module = importlib.import_module(f"{commands.__name__}.{info.name}")
