@@ -139,6 +139,8 @@ def check_policy(path: str | Path, doc: Located | None = None) -> PolicyCheck:
     schema_found = schema_problems(doc, "policy.schema.json")
     valid, uncertain = well_formed(doc, "policy.schema.json", schema_found)
     problems = [*yaml_problems, *schema_found]
+    if valid is None and not problems:  # never "refused without a reason"
+        problems.append(Problem(str(path), 1, 1, "", "the policy does not match its schema"))
     listed: list[Located] = []
     allowlist: Allowlist | None = None
     digest_parts: list[bytes] = []
