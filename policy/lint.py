@@ -682,7 +682,9 @@ def lint_files(paths: Sequence[str | Path]) -> LintReport:
     findings: list[Finding] = []
     referenced: set[Path] = set()
     scan_dirs: set[Path] = set()
-    read: dict[Path, str] = {item.path.resolve(): item.shown for item in inputs}
+    read: dict[Path, str] = {
+        item.path.resolve(): item.shown for item in inputs if not any(f.rule == "unreadable" for f in item.findings)
+    }
     policies = 0
     for item in inputs:
         findings.extend(item.findings)

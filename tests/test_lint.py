@@ -189,6 +189,8 @@ def test_cli_unreadable_inputs_exit_2_and_are_named(tmp_path: Path) -> None:
     assert f"{tmp_path}: error[unreadable] cannot read: Is a directory" in done.stdout
     assert f"{binary}: error[unreadable] not UTF-8 (byte 11)" in done.stdout
     assert "Traceback" not in done.stderr
+    # Only what was read is counted: strict.yaml and its allowlist, not the three unreadable inputs.
+    assert done.stdout.strip().endswith("3 errors, 0 warnings, 0 notes in 2 files")
 
 
 def test_cli_sarif_locations_rules_and_suppressions(tmp_path: Path) -> None:
