@@ -26,6 +26,7 @@ policy removed), and neither are map keys (private_metadata keys) unless asked.
 
 from __future__ import annotations
 
+import difflib
 import json
 import re
 import time
@@ -35,7 +36,6 @@ from pathlib import Path
 from typing import Any, Final
 
 import grpc
-import jsonschema
 from google.protobuf import json_format
 from google.protobuf.message import Message
 
@@ -44,7 +44,7 @@ from telemetry_guard.policy.decision import Decision
 from telemetry_guard.policy.engine import Engine, Outcome
 from telemetry_guard.policy.errors import PolicyError, Problem
 from telemetry_guard.policy.kinds import RPCS
-from telemetry_guard.policy.yamlsource import Located, Path_, read
+from telemetry_guard.policy.yamlsource import Located, Path_, read_all
 from telemetrygateway.v1 import telemetrygateway_pb2 as pb
 
 REQUEST_TYPES: Final[Mapping[str, type[Message]]] = {
@@ -89,6 +89,14 @@ CASES_SCHEMA: Final[dict[str, Any]] = {
     "properties": {
         "version": {"const": 1},
         "description": {"type": "string"},
+        "policy": {
+            "type": ["string", "array"],
+            "items": {"type": "string", "minLength": 1},
+            "minLength": 1,
+            "minItems": 1,
+            "description": "The policy (or policies) these cases are for: a path relative to this file, or "
+            "builtin:default. `test POLICY DIR` runs only the files for POLICY (and those that name none).",
+        },
         "cases": {
             "type": "array",
             "minItems": 1,
@@ -238,14 +246,55 @@ class CaseFileResult:
 # -- loading -------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class CaseFile:
+    """A cases file: its cases, and the policies it says they are for (as written; none: any)."""
+
+    file: Path
+    cases: tuple[Case, ...]
+    policies: tuple[str, ...]
+
+    def is_for(self, policy: str) -> bool:
+        """Whether policy (a path, or builtin:default) is one this file names; True when it names none."""
+        if not self.policies:
+            return True
+        return _policy_file(policy, Path.cwd()) in {_policy_file(ref, self.file.parent) for ref in self.policies}
+
+    def named(self) -> str:
+        """The policies it is for, as a reader finds them: relative to the working directory."""
+        shown = []
+        for ref in self.policies:
+            path = _policy_file(ref, self.file.parent)
+            if ref == loader.BUILTIN_DEFAULT or not path.is_relative_to(Path.cwd()):
+                shown.append(ref if ref == loader.BUILTIN_DEFAULT else str(path))
+            else:
+                shown.append(str(path.relative_to(Path.cwd())))
+        return " or ".join(shown)
+
+
+def _policy_file(ref: str, base: Path) -> Path:
+    if ref == loader.BUILTIN_DEFAULT:
+        return loader.default_policy_path()
+    return (base / ref).resolve()
+
+
+def load_case_file(path: str | Path) -> CaseFile:
+    """Read and check a cases file; raise CaseFileError listing every problem (as the policy loader words them)."""
+    cases, doc = _load(Path(path))
+    named = doc.data.get("policy", ())
+    return CaseFile(Path(path), cases, (named,) if isinstance(named, str) else tuple(named))
+
+
 def load_cases(path: str | Path) -> tuple[Case, ...]:
-    """Read and check a cases file; raise CaseFileError listing every problem."""
-    try:
-        doc = read(Path(path))
-    except PolicyError as exc:
-        raise CaseFileError(exc.problems) from None
-    validator = jsonschema.Draft202012Validator(CASES_SCHEMA)
-    problems = [doc.problem(_error_path(e), _schema_message(e)) for e in validator.iter_errors(doc.data)]
+    """The cases of a cases file (load_case_file)."""
+    return load_case_file(path).cases
+
+
+def _load(path: Path) -> tuple[tuple[Case, ...], Located]:
+    doc, problems = read_all(Path(path))
+    if doc is None:
+        raise CaseFileError(problems)
+    problems += loader.schema_problems(doc, CASES_SCHEMA)
     if problems:
         raise CaseFileError(problems)
     cases: list[Case] = []
@@ -262,34 +311,44 @@ def load_cases(path: str | Path) -> tuple[Case, ...]:
             cases.append(case)
     if problems:
         raise CaseFileError(problems)
-    return tuple(cases)
-
-
-def _error_path(error: jsonschema.ValidationError) -> Path_:
-    """Where to point: at the first unexpected key itself for additionalProperties, else the value."""
-    path: Path_ = tuple(error.absolute_path)
-    if error.validator == "additionalProperties" and isinstance(error.instance, dict):
-        allowed = error.schema.get("properties", {}) if isinstance(error.schema, dict) else {}
-        extra = [key for key in error.instance if key not in allowed]
-        if extra:
-            return (*path, extra[0])
-    return path
-
-
-def _schema_message(error: jsonschema.ValidationError) -> str:
-    if error.validator == "oneOf" and list(error.absolute_path)[-1:] == ["denial"]:
-        return f"denial must be a status code ({', '.join(STATUS_CODES)}), {{code, rule}}, or null"
-    return loader.explain_schema_error(error)
+    return tuple(cases), doc
 
 
 def _parse(doc: Located, where: Path_, data: Mapping[str, Any], message: Message, problems: list[Problem]) -> bool:
     try:
         json_format.ParseDict(dict(data), message)
     except json_format.ParseError as exc:
-        reason = str(exc).splitlines()[0]
-        problems.append(doc.problem(where, f"not a {message.DESCRIPTOR.name} in protobuf JSON: {reason}"))
+        path, sentence = _parse_problem(str(exc), message)
+        problems.append(doc.problem((*where, *path), sentence))
         return False
     return True
+
+
+_MISSING_FIELD = re.compile(r'Message type "([\w.]+)" has no field named "(\w{1,100})" at "([\w.\[\]]+)"')
+
+
+def _parse_problem(text: str, message: Message) -> tuple[Path_, str]:
+    """Where in the request a protobuf JSON error is (relative to it), and a plain sentence for it."""
+    type_name = message.DESCRIPTOR.name
+    missing = _MISSING_FIELD.search(text)
+    if missing is None:
+        places = _FIELD_AT.findall(text)
+        return (_json_path(places[-1].rstrip(".")) if places else ()), parse_error_text(Exception(text), type_name)
+    full_name, field, at = missing.groups()
+    descriptor = message.DESCRIPTOR.file.pool.FindMessageTypeByName(full_name)
+    names = [f.name for f in descriptor.fields]
+    close = difflib.get_close_matches(field, names, n=1, cutoff=0.6)
+    suggestion = f" (did you mean {close[0]}?)" if close else ""
+    sentence = f"{descriptor.name} has no field {field!r}{suggestion}; its fields: {', '.join(names)}"
+    return (*_json_path(at), field), sentence
+
+
+def _json_path(at: str) -> Path_:
+    """'RecordEventsRequest.events.events[0]' -> ('events', 'events', 0): below the request message."""
+    out: list[str | int] = []
+    for part in re.findall(r"[^.\[\]]+|\[\d+\]", at)[1:]:
+        out.append(int(part[1:-1]) if part.startswith("[") else part)
+    return tuple(out)
 
 
 def _case(doc: Located, i: int, item: Mapping[str, Any], problems: list[Problem]) -> Case | None:

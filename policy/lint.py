@@ -21,11 +21,11 @@ from typing import Any, Final, Literal
 
 from telemetry_guard.policy import loader
 from telemetry_guard.policy import scopes as sams
-from telemetry_guard.policy.errors import PolicyError, Problem
+from telemetry_guard.policy.errors import Problem
 from telemetry_guard.policy.kinds import GATEWAY_KINDS, KINDS, SINGLE_TENANT_KINDS
 from telemetry_guard.policy.model import KindRules, Policy
 from telemetry_guard.policy.sourcegraph_env import awaits_review
-from telemetry_guard.policy.yamlsource import Located, Path_, dotted, parse, read
+from telemetry_guard.policy.yamlsource import Located, Path_, dotted, parse_all, read_all
 
 Severity = Literal["error", "warning", "note"]
 SEVERITIES: Final[tuple[Severity, ...]] = ("error", "warning", "note")
@@ -159,6 +159,12 @@ _RULES: Final = (
         "An allowlisted private_metadata key name suggests personal or sensitive data.",
         "Check the call sites: if the value can hold an email, a name, a path, a URL, a query, a "
         "repository, an address or a secret, remove the key; otherwise say why in the entry's reason.",
+    ),
+    Rule(
+        "literal-star-key",
+        "warning",
+        'An allowlist entry lists the key "*": a literal key named *, not every key.',
+        "keys lists key names exactly; there is no wildcard. List the keys that may leave.",
     ),
     Rule(
         "shadowed-entry",
@@ -329,17 +335,19 @@ class _Input:
     """A file named on the command line, read once."""
 
     path: Path
+    shown: str  # as named on the command line
     doc: Located | None = None
     findings: list[Finding] = field(default_factory=list)
+    problems: list[Problem] = field(default_factory=list)  # YAML problems found while reading
 
     @property
     def is_allowlist(self) -> bool:
         return self.doc is not None and "entries" in self.doc.data
 
 
-def _read(path: Path) -> _Input:
-    name = str(path)
-    item = _Input(path)
+def _read(name: str) -> _Input:
+    path = loader.default_policy_path() if name == loader.BUILTIN_DEFAULT else Path(name)
+    item = _Input(path, name)
     try:
         text = path.read_bytes().decode("utf-8")
     except OSError as exc:
@@ -348,10 +356,9 @@ def _read(path: Path) -> _Input:
     except UnicodeDecodeError as exc:
         item.findings.append(_file_finding(name, "unreadable", f"not UTF-8 (byte {exc.start})"))
         return item
-    try:
-        item.doc = parse(text, name)
-    except PolicyError as exc:
-        item.findings.extend(_from_problem(p, "yaml") for p in exc.problems)
+    item.doc, item.problems = parse_all(text, str(path))
+    if item.doc is None:  # nothing to check further: the YAML problems are all there is
+        item.findings.extend(_from_problem(p, "yaml") for p in item.problems)
     return item
 
 
@@ -361,13 +368,15 @@ def _file_finding(file: str, rule: str, message: str) -> Finding:
 
 def _from_problem(problem: Problem, rule: str, schema_name: str = "") -> Finding:
     path = split_key(problem.key) if problem.key else ()
-    hint = _hint(rule, path, schema_name) if schema_name else RULES[rule].help
+    hint = problem.hint or (_hint(rule, path, schema_name) if schema_name else RULES[rule].help)
     message = f"{problem.key}: {problem.message}" if problem.key else problem.message
     return Finding(problem.file, problem.line, problem.column, rule, RULES[rule].severity, message, hint)
 
 
-def _classify(problem: Problem, policy_file: str) -> Finding:
+def _classify(problem: Problem, policy_file: str, yaml: frozenset[Problem] = frozenset()) -> Finding:
     """A loader problem as a finding with the most specific rule id."""
+    if problem in yaml:
+        return _from_problem(problem, "yaml")
     if "conflicting allowlist entry" in problem.message:
         rule = "conflicting-entry"
     elif problem.key.startswith("allowlists[") and "not found" in problem.message:
@@ -415,6 +424,7 @@ class _Entry:
 
 
 def _entries(doc: Located) -> list[_Entry]:
+    """The entries of an allowlist as check_allowlist() leaves it (an invalid entry is None: skipped)."""
     return [
         _Entry(
             doc,
@@ -426,6 +436,7 @@ def _entries(doc: Located) -> list[_Entry]:
             awaits_review(item["reason"], item.get("approved_by", "")),
         )
         for j, item in enumerate(doc.data["entries"])
+        if item is not None
     ]
 
 
@@ -458,6 +469,17 @@ def _lint_entries(entries: Sequence[_Entry], check_conflicts: bool) -> list[Find
             )
     for entry in entries:
         for k, key in enumerate(entry.keys):
+            if key == "*":
+                findings.append(
+                    _entry_finding(
+                        entry,
+                        "literal-star-key",
+                        f'entry for {entry.feature}/{entry.action} lists the key "*": only a key named * '
+                        "passes, not every key",
+                        ("entries", entry.index, "keys", k),
+                    )
+                )
+                continue
             words = sensitive_words(key)
             if words:
                 findings.append(
@@ -505,17 +527,6 @@ def _lint_entries(entries: Sequence[_Entry], check_conflicts: bool) -> list[Find
     return findings
 
 
-def _allowlist_doc(path: Path) -> Located | None:
-    """An allowlist file as data, if it reads and passes its schema (the loader reports it otherwise)."""
-    try:
-        doc = read(path)
-    except PolicyError:
-        return None
-    if loader.schema_problems(doc, "allowlist.schema.json"):
-        return None
-    return doc
-
-
 # -- policies ------------------------------------------------------------------------------
 
 
@@ -548,9 +559,25 @@ def _by_place(kinds: Iterable[KindRules], pick: Callable[[KindRules], Path_ | No
     return out
 
 
-def _lint_kinds(doc: Located, kinds: Mapping[str, KindRules]) -> list[Finding]:
+def _decided(uncertain: frozenset[Path_], kind: str, key: str) -> bool:
+    """Whether what decides `key` for `kind` is known: no part it could come from was left out."""
+    sources = [("defaults", key), ("kinds", kind, key)]
+    return not any(
+        path[: len(source)] == source or source[: len(path)] == path for path in uncertain for source in sources
+    )
+
+
+def _lint_kinds(
+    doc: Located, kinds: Mapping[str, KindRules], uncertain: frozenset[Path_] = frozenset()
+) -> list[Finding]:
+    """Kind-level rules; a kind whose setting may come from a part left out (it has a problem) is skipped."""
     findings: list[Finding] = []
-    single = [kinds[k] for k in KINDS if k in SINGLE_TENANT_KINDS]
+    kinds = {
+        kind: rules
+        for kind, rules in kinds.items()
+        if all(_decided(uncertain, kind, key) for key in ("marketing_tracking", "private_metadata", "unknown_fields"))
+    }
+    single = [kinds[k] for k in KINDS if k in SINGLE_TENANT_KINDS and k in kinds]
 
     def marketing(r: KindRules) -> Path_ | None:
         return _rule_path(r.marketing_tracking.rule) if r.marketing_tracking.value == "keep" else None
@@ -584,7 +611,7 @@ def _lint_kinds(doc: Located, kinds: Mapping[str, KindRules]) -> list[Finding]:
     def unknown(r: KindRules) -> Path_ | None:
         return _rule_path(r.unknown_fields.rule) if r.unknown_fields.value == "keep" else None
 
-    for path, names in _by_place([kinds[k] for k in KINDS], unknown).items():
+    for path, names in _by_place([kinds[k] for k in KINDS if k in kinds], unknown).items():
         findings.append(
             _at(
                 doc,
@@ -709,71 +736,73 @@ def _acknowledge(doc: Located, findings: list[Finding]) -> list[Finding]:
 class _PolicyResult:
     findings: list[Finding]
     allowlist_files: list[Path]  # what the policy references (resolved, existing or not)
+    read: list[Path]  # the allowlist files that were read
 
 
 def _lint_policy(item: _Input, doc: Located) -> _PolicyResult:
-    findings: list[Finding] = []
-    policy: Policy | None = None
-    try:
-        policy = loader.load_policy(item.path)
-    except PolicyError as exc:
-        findings.extend(_classify(p, doc.file) for p in exc.problems)
+    """Every problem the loader finds (of every stage at once), then the lint rules on the parts
+    that are well formed."""
+    check = loader.check_policy(item.path, doc)
+    yaml = frozenset(item.problems) | check.yaml
+    findings = [_from_problem(p, "yaml") for p in item.problems]
+    findings += [_classify(p, doc.file, yaml) for p in check.problems]
     refs = doc.data.get("allowlists", [])
     files = (
         [loader.allowlist_path(ref, item.path) for ref in refs if isinstance(ref, str)]
         if isinstance(refs, list)
         else []
     )
-    if loader.schema_problems(doc, "policy.schema.json"):
-        return _PolicyResult(findings, files)  # the schema findings came from the loader
-
-    kinds, _ = loader.compile_kinds(doc)
-    own = _lint_kinds(doc, kinds) + _lint_access(doc)
-    if policy is not None:
-        own += _lint_overrides(doc, policy)
-    entries: list[_Entry] = []
-    for file in files:
-        listed = _allowlist_doc(file) if file.is_file() else None
-        if listed is not None:
-            entries.extend(_entries(listed))
+    if check.doc is None:
+        return _PolicyResult(findings, files, [])
+    kinds, _ = loader.compile_kinds(check.doc)
+    own = _lint_kinds(check.doc, kinds, check.uncertain) + _lint_access(check.doc)
+    policy = loader.compile_checked(check)
+    if policy is not None:  # widening is judged on the compiled rules
+        own += _lint_overrides(check.doc, policy)
+    entries = [entry for listed in check.allowlists for entry in _entries(listed)]
     own += _lint_entries(entries, check_conflicts=False)  # the loader reported conflicts above
-    findings.extend(_acknowledge(doc, own))
-    return _PolicyResult(findings, files)
+    findings.extend(_acknowledge(check.doc, own))
+    return _PolicyResult(findings, files, [Path(listed.file) for listed in check.allowlists])
 
 
 def _lint_allowlist(doc: Located) -> list[Finding]:
-    problems = loader.schema_problems(doc, "allowlist.schema.json")
-    if problems:
-        return [_from_problem(p, "load-error", "allowlist.schema.json") for p in problems]
-    return _lint_entries(_entries(doc), check_conflicts=True)
+    valid, problems = loader.check_allowlist(doc)
+    findings = [_from_problem(p, "load-error", "allowlist.schema.json") for p in problems]
+    if valid is not None:
+        findings += _lint_entries(_entries(valid), check_conflicts=True)
+    return findings
 
 
 def _is_allowlist_file(path: Path) -> bool:
-    try:
-        doc = read(path)
-    except PolicyError:
-        return False
-    return "entries" in doc.data
+    doc, _ = read_all(path)
+    return doc is not None and "entries" in doc.data
 
 
 def lint_files(paths: Sequence[str | Path]) -> LintReport:
-    """Lint policies and allowlist files together; every finding at once."""
-    inputs = [_read(Path(p)) for p in paths]
+    """Lint policies and allowlist files together (builtin:default names the shipped policy); every
+    finding at once. The report's files are every file read: those named and the allowlists they use."""
+    inputs = [_read(str(p)) for p in paths]
     findings: list[Finding] = []
     referenced: set[Path] = set()
     scan_dirs: set[Path] = set()
+    read: dict[Path, str] = {
+        item.path.resolve(): item.shown for item in inputs if not any(f.rule == "unreadable" for f in item.findings)
+    }
     policies = 0
     for item in inputs:
         findings.extend(item.findings)
         if item.doc is None:
             continue
         if item.is_allowlist:
+            findings.extend(_from_problem(p, "yaml") for p in item.problems)
             findings.extend(_lint_allowlist(item.doc))
             continue
         policies += 1
         result = _lint_policy(item, item.doc)
         findings.extend(result.findings)
         referenced.update(result.allowlist_files)
+        for file in result.read:
+            read.setdefault(file.resolve(), str(file))
         builtin_dir = loader.builtin_allowlist_path("x").parent.resolve()
         scan_dirs.update(f.parent for f in result.allowlist_files if f.parent != builtin_dir)
 
@@ -784,6 +813,7 @@ def lint_files(paths: Sequence[str | Path]) -> LintReport:
                 if file.resolve() not in candidates and _is_allowlist_file(file):
                     candidates[file.resolve()] = file
         for resolved, shown in sorted(candidates.items()):
+            read.setdefault(resolved, str(shown))
             if resolved not in referenced:
                 findings.append(
                     Finding(
@@ -796,7 +826,7 @@ def lint_files(paths: Sequence[str | Path]) -> LintReport:
                         RULES["unreferenced-allowlist"].help,
                     )
                 )
-    return LintReport(_dedupe(findings), tuple(str(p) for p in paths))
+    return LintReport(_dedupe(findings), tuple(display_path(shown) for shown in read.values()))
 
 
 def display_path(file: str) -> str:

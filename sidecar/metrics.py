@@ -22,12 +22,17 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
+import threading
 import time
+from collections.abc import Iterable
 from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, make_server
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
-from prometheus_client.exposition import generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+from prometheus_client.exposition import ThreadingWSGIServer, generate_latest, make_wsgi_app
 
+from telemetry_guard import version
 from telemetry_guard.interceptors.audit import AuditLog, Sink
 from telemetry_guard.interceptors.errors import GuardError
 from telemetry_guard.policy import Decision, Policy
@@ -36,6 +41,7 @@ from telemetry_guard.sidecar.workers import MULTIPROC_ENV
 from telemetrygateway.v1 import telemetrygateway_pb2 as pb
 
 NO_KIND = "none"
+METRICS_PATH = "/metrics"
 
 # Upstream round trips: a unary call, or one events payload to the response that answers it.
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -120,6 +126,7 @@ class Metrics:
         )
         self._policy: tuple[str, str] | None = None
         self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
+        build_info(r)
 
     def child(self, metric: Any, *labels: str) -> Any:
         """metric.labels(*labels), cached: label lookup is on the per-message path."""
@@ -143,10 +150,40 @@ class Metrics:
         return generate_latest(self.registry)
 
     def serve(self, host: str, port: int) -> int:
-        """Serve /metrics on host:port (a thread); the bound port."""
-        server, _thread = start_http_server(port, addr=host, registry=self.registry)
-        bound: int = server.server_port
-        return bound
+        """Serve /metrics on host:port (a thread); the bound port. OSError when it cannot bind."""
+        return serve_metrics(host, port, self.registry)
+
+
+def build_info(registry: CollectorRegistry) -> None:
+    """telemetry_guard_build_info{version} 1: which telemetry-guard is serving. An Info metric keeps its
+    value in the process that sets it, so with --workers the supervisor sets it in its own registry."""
+    Info("telemetry_guard_build", "The telemetry-guard version serving.", registry=registry).info(
+        {"version": version()}
+    )
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:  # the base class names it so
+        """No access log on stderr: the sidecar's logs are JSON lines."""
+
+
+def serve_metrics(host: str, port: int, registry: CollectorRegistry) -> int:
+    """Serve the registry at /metrics on host:port, in a daemon thread; every other path is 404.
+    The bound port; OSError when the address cannot be bound."""
+    exposition = make_wsgi_app(registry)
+
+    def app(environ: dict[str, Any], start_response: Any) -> Iterable[bytes]:
+        if environ.get("PATH_INFO") != METRICS_PATH:
+            start_response("404 Not Found", [("Content-Type", "text/plain; charset=utf-8")])
+            return [f"not found: the metrics are at {METRICS_PATH}\n".encode()]
+        result: Iterable[bytes] = exposition(environ, start_response)
+        return result
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    server_class = type("MetricsServer", (ThreadingWSGIServer,), {"address_family": family})
+    server: ThreadingWSGIServer = make_server(host, port, app, server_class, handler_class=_QuietHandler)
+    threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()
+    return int(server.server_port)
 
 
 class MetricsAudit(AuditLog):

@@ -22,6 +22,7 @@ import contextlib
 import logging
 import os
 import signal
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -31,6 +32,7 @@ import grpc.aio
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from telemetry_guard import version
 from telemetry_guard.interceptors.credentials import BearerPresent, CredentialVerifier, TokenIntrospection
 from telemetry_guard.interceptors.guard import Guard
 from telemetry_guard.policy import Engine
@@ -202,7 +204,10 @@ class Sidecar:
         metrics_at: str | None = None
         if config.metrics_listen and not multiprocess():
             metrics_host, metrics_port = split_host_port(config.metrics_listen)
-            metrics_at = join_host_port(metrics_host, self.metrics.serve(metrics_host, metrics_port))
+            try:
+                metrics_at = join_host_port(metrics_host, self.metrics.serve(metrics_host, metrics_port))
+            except OSError as exc:  # run() reports it as it does a busy serving port
+                raise RuntimeError(f"--metrics-listen {config.metrics_listen}: {exc.strerror or exc}") from None
         if config.reload_interval > 0:
             self._tasks.append(asyncio.create_task(self.reloader.watch(config.reload_interval)))
             if self.shadow is not None:
@@ -220,6 +225,7 @@ class Sidecar:
                 policy=self.reloader.policy.name,
                 sha256=self.reloader.policy.sha256,
                 **shadow_fields(self.shadow),
+                version=version(),
                 **({"metrics": f"http://{metrics_at}/metrics"} if metrics_at else {}),
             ),
         )
@@ -275,8 +281,9 @@ class Sidecar:
 
         try:
             await self.start()
-        except RuntimeError as exc:  # grpc: "Failed to bind to address ..."
+        except RuntimeError as exc:  # grpc: "Failed to bind to address ..."; the metrics server's OSError
             LOG.error("cannot listen", extra=fields(listen=self.config.listen, error=str(exc)))
+            print(f"telemetry-guard serve: cannot listen: {exc}", file=sys.stderr)
             await self.stop(0)
             return 2
         for sig in (signal.SIGTERM, signal.SIGINT):

@@ -198,18 +198,30 @@ def supervise(
         supervisor.spawn(number)
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(signum, supervisor.forward)
+    metrics_failed = False
     if metrics_listen is not None:
-        from prometheus_client import CollectorRegistry, start_http_server
+        from prometheus_client import CollectorRegistry
         from prometheus_client.multiprocess import MultiProcessCollector
+
+        from telemetry_guard.sidecar.metrics import build_info, serve_metrics
 
         registry = CollectorRegistry()
         MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
-        start_http_server(metrics_listen[1], addr=metrics_listen[0], registry=registry)
+        build_info(registry)
+        try:
+            serve_metrics(metrics_listen[0], metrics_listen[1], registry)
+        except OSError as exc:  # taken since serve checked it: stop the workers, say why
+            LOG.error("cannot listen", extra=fields(metrics_listen=metrics_listen, error=exc.strerror or str(exc)))
+            print(f"telemetry-guard serve: cannot listen: --metrics-listen: {exc.strerror or exc}", file=sys.stderr)
+            metrics_failed = True
+            supervisor.forward(signal.SIGTERM)
     if holder is not None:
         holder.close()
         supervisor.holder = None
     LOG.info("workers started", extra=fields(workers=count, port=port, pids=sorted(supervisor.children)))
     code = supervisor.wait()
+    if metrics_failed:
+        code = 2  # as a busy port is for one process
     if created is not None:
         shutil.rmtree(created, ignore_errors=True)
     LOG.info("stopped", extra=fields(exit_code=code))

@@ -232,3 +232,28 @@ def test_cli_json_is_the_surface() -> None:
     assert data["credentials_scopes"] == ["telemetry_gateway::events::write"]
     assert data["verifier"] == "bearer-present"
     assert data["user_metadata"]["enabled"] is False
+
+
+def test_html_head_shows_date_version_and_fingerprint_and_code_names_wrap_only_at_separators() -> None:
+    from datetime import UTC, datetime
+    from importlib.metadata import version
+
+    from telemetry_guard.render.html import surface_html
+
+    policy = load_policy(ROOT / "docs" / "examples" / "strict.yaml")
+    html = surface_html(surface(policy), generated=datetime(2026, 3, 4, 5, 6, tzinfo=UTC))
+    head = html[html.index("<h1>") : html.index("</section>")]
+    meta = re.search(r'<div class="meta">(.*?)</div>', head)
+    assert meta, "the report's head has the date, the version and the fingerprint"
+    text = re.sub(r"<[^>]+>", "", meta[1])
+    assert "generated: 2026-03-04 05:06 UTC" in text
+    assert f"by: telemetry-guard {version('telemetry-guard')}" in text
+    assert f"fingerprint (sha256 of every file read): {policy.sha256}" in text
+    # A long code name may wrap after a dot, a slash or a colon, never inside a word.
+    assert "<code>interaction.<wbr>parent_interaction_id</code>" in html
+    assert "<code>docs/<wbr>examples/<wbr>allowlists/<wbr>strict.<wbr>yaml:<wbr>12</code>" in html
+    style = html[html.index("<style>") : html.index("</style>")]
+    code_rule = re.search(r"\ncode \{([^}]*)\}", style)
+    assert code_rule and "anywhere" not in code_rule[1] and "break-all" not in code_rule[1]
+    # Wide tables scroll inside their own box instead of squeezing words on a narrow screen.
+    assert html.count('<div class="wide"><table>') == html.count("<table>")

@@ -134,8 +134,8 @@ def test_cli_examples_pass_with_junit(tmp_path: Path) -> None:
     junit = tmp_path / "results.xml"
     done = cli("test", "docs/examples/strict.yaml", "docs/examples/cases/strict.yaml", "--junit", str(junit), "-v")
     assert done.returncode == 0, done.stdout + done.stderr
-    assert done.stdout.strip().endswith("6 passed, 0 failed, 6 cases in 1 files")
-    assert done.stdout.startswith("PASS docs/examples/cases/strict.yaml:6: a managed service loses")
+    assert done.stdout.strip().endswith("6 passed, 0 failed, 6 cases in 1 file")
+    assert done.stdout.startswith("PASS docs/examples/cases/strict.yaml:7: a managed service loses")
     root = ET.parse(junit).getroot()
     assert (root.tag, root.get("tests"), root.get("failures")) == ("testsuites", "6", "0")
 
@@ -146,7 +146,7 @@ def test_cli_failures_exit_1_print_diffs_and_never_a_removed_value(tmp_path: Pat
     assert done.returncode == 1
     assert "FAIL tests/testdata/compliance/cases/failing.yaml:5: expects a removed value to leave" in done.stdout
     assert "      - events.events[0].parameters.private_metadata.{key}" in done.stdout
-    assert done.stdout.strip().endswith("1 passed, 3 failed, 4 cases in 1 files")
+    assert done.stdout.strip().endswith("1 passed, 3 failed, 4 cases in 1 file")
     xml = junit.read_text(encoding="utf-8")
     root = ET.fromstring(xml)
     assert (root.get("tests"), root.get("failures")) == ("4", "3")
@@ -162,7 +162,7 @@ def test_cli_bad_cases_file_exits_2_with_place() -> None:
     done = cli("test", "builtin:default", "tests/testdata/compliance/cases/bad_request.yaml")
     assert done.returncode == 2
     assert "the cases file tests/testdata/compliance/cases/bad_request.yaml cannot be loaded" in done.stderr
-    assert "bad_request.yaml:6:5: cases[0].request: not a RecordEventsRequest in protobuf JSON" in done.stderr
+    assert "bad_request.yaml:7:34: cases[0].request.events.events[0].colour: Event has no field 'colour'" in done.stderr
     assert "Traceback" not in done.stderr
 
 
@@ -176,3 +176,27 @@ def test_cli_json_report_per_case_without_removed_values() -> None:
     assert cases[0]["leaves"]["events"]["events"][0]["parameters"]["private_metadata"] == {"languageId": "go"}
     assert cases[0]["decision"]["removed_per_rule"]["kinds.licensed_instance.marketing_tracking"] == 1
     assert "SECRET" not in done.stdout
+
+
+def test_cli_a_directory_runs_only_the_cases_files_for_the_policy() -> None:
+    done = cli("test", "docs/examples/strict.yaml", "docs/examples/cases/")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stdout.strip().endswith(f"{len(load_cases(EXAMPLES / 'cases' / 'strict.yaml'))} cases in 1 file")
+    assert done.stderr.splitlines() == [
+        "telemetry-guard test: skipped docs/examples/cases/default.yaml: its cases are for "
+        "docs/examples/default.yaml or builtin:default",
+        "telemetry-guard test: skipped docs/examples/cases/gateway.yaml: its cases are for docs/examples/gateway.yaml",
+        "telemetry-guard test: skipped docs/examples/cases/permissive.yaml: its cases are for "
+        "docs/examples/permissive.yaml",
+    ]
+    done = cli("test", "builtin:default", "docs/examples/cases/")
+    assert done.returncode == 0 and "cases in 1 file" in done.stdout, done.stdout + done.stderr
+
+
+def test_cli_a_cases_file_named_for_another_policy_is_an_error_that_says_which() -> None:
+    done = cli("test", "docs/examples/strict.yaml", "docs/examples/cases/permissive.yaml")
+    assert done.returncode == 2
+    assert done.stderr.strip() == (
+        "telemetry-guard test: docs/examples/cases/permissive.yaml is for the policy docs/examples/permissive.yaml "
+        "(its policy: key), not docs/examples/strict.yaml; name that policy, or list this one under policy: too"
+    )

@@ -84,7 +84,9 @@ def test_a_policy_that_is_not_yaml_exits_2_with_its_place(args: list[str]) -> No
     done = cli(*args)
     assert done.returncode == 2
     assert f"telemetry-guard {args[0]}: cannot load the input:" in done.stderr
-    assert f"  {BAD_YAML}:6:6: invalid YAML: expected ',' or ']', but got ':'" in done.stderr
+    assert f"  {BAD_YAML}:5:17: invalid YAML: the [ opened here is not closed (line 6: expected ',' or ']'" in (
+        done.stderr
+    )
     assert "Traceback" not in done.stderr and done.stdout == ""
 
 

@@ -129,14 +129,37 @@ def test_hints_reuse_the_schema_descriptions() -> None:
     assert "Field numbers this proto does not know" in finding.hint
 
 
+def test_a_yaml_hint_matches_the_yaml_problem() -> None:
+    bracket = next(f for f in lint_files([DATA / "syntax_and_more.yaml"]).findings if f.rule == "yaml")
+    assert "bracket" in bracket.hint and "anchor" not in bracket.hint.lower()
+    assert "is not closed" in bracket.message
+    refusals = [f for f in lint_files([DATA / "yaml_refusals.yaml"]).findings if f.rule == "yaml"]
+    hints = {f.message.split(":")[-1].strip(): f.hint for f in refusals}
+    assert any("tags" in hint.lower() for hint in hints.values())
+    assert any("twice" in hint for hint in hints.values())
+    assert not any("anchor" in hint.lower() for hint in hints.values())
+
+
+def test_values_are_echoed_as_written_and_near_misses_named(tmp_path: Path) -> None:
+    policy = tmp_path / "policy.yaml"
+    policy.write_text("version: 1\ndefaults:\n  unknown_fields: yes\n  marketing_tracking: dropp\n", encoding="utf-8")
+    messages = [f.message for f in lint_files([policy]).findings]
+    assert "defaults.unknown_fields: yes is not allowed; use one of: discard, keep" in messages
+    assert not any("True" in m for m in messages)
+    assert (
+        "defaults.marketing_tracking: 'dropp' is not allowed (did you mean drop?); use one of: drop, keep" in messages
+    )
+
+
 # -- through the command line -------------------------------------------------------------
 
 
 def test_cli_shipped_strict_and_default_examples_pass_even_with_strict() -> None:
     done = cli("lint", "--strict", "docs/examples/strict.yaml", "docs/examples/default.yaml")
     assert done.returncode == 0, done.stdout + done.stderr
-    # the default policy acknowledges what lint says about Sourcegraph's published allowlist
-    assert done.stdout.strip().endswith("0 errors, 0 warnings, 0 notes, 3 acknowledged in 2 files")
+    # The default policy acknowledges what lint says about Sourcegraph's published allowlist; every file
+    # read is counted: the two policies and the allowlist each of them uses.
+    assert done.stdout.strip().endswith("0 errors, 0 warnings, 0 notes, 3 acknowledged in 4 files")
 
 
 def test_cli_permissive_example_is_rejected_with_the_expected_rules() -> None:
@@ -168,6 +191,8 @@ def test_cli_unreadable_inputs_exit_2_and_are_named(tmp_path: Path) -> None:
     assert f"{tmp_path}: error[unreadable] cannot read: Is a directory" in done.stdout
     assert f"{binary}: error[unreadable] not UTF-8 (byte 11)" in done.stdout
     assert "Traceback" not in done.stderr
+    # Only what was read is counted: strict.yaml and its allowlist, not the three unreadable inputs.
+    assert done.stdout.strip().endswith("3 errors, 0 warnings, 0 notes in 2 files")
 
 
 def test_cli_sarif_locations_rules_and_suppressions(tmp_path: Path) -> None:
@@ -209,3 +234,28 @@ def test_the_compliance_guide_lists_every_rule_with_its_severity() -> None:
         assert re.search(rf"^\| `{re.escape(rule.id)}` \| {rule.severity} \| .+ \| {ack} \|$", guide, re.MULTILINE), (
             rule.id
         )
+
+
+def test_cli_five_mistakes_of_five_stages_are_five_findings_each_at_its_line() -> None:
+    done = cli("lint", "tests/testdata/compliance/lint/five_stages.yaml")
+    assert done.returncode == 1, done.stdout + done.stderr
+    places = re.findall(
+        r"^tests/testdata/compliance/lint/five_stages\.yaml:(\d+):\d+: error\[([\w-]+)\]", done.stdout, re.M
+    )
+    assert [(int(line), rule) for line, rule in places] == [
+        (12, "missing-allowlist"),
+        (15, "yaml"),
+        (17, "load-error"),
+        (18, "load-error"),
+        (21, "marketing-tracking-single-tenant"),
+    ]
+    assert "did you mean marketing_tracking?" in done.stdout
+    # The policy and the allowlist it uses were read.
+    assert done.stdout.strip().endswith("5 errors, 0 warnings, 0 notes in 2 files")
+
+
+def test_cli_lint_builtin_default_like_the_other_commands() -> None:
+    done = cli("lint", "builtin:default")
+    assert done.returncode == 0, done.stdout + done.stderr
+    # Sourcegraph's published list as the default policy acknowledges it: shown, and not counted against it
+    assert done.stdout.strip().endswith("0 errors, 0 warnings, 0 notes, 3 acknowledged in 2 files")

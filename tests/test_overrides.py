@@ -135,7 +135,7 @@ def test_the_license_key_itself_is_not_a_match_field(tmp_path: Path) -> None:
         ("{kind: unlicensed_instance, license_key_sha256: '" + DOTCOM + "'}", "unlicensed_instance identifiers have"),
         ("{kind: managed_service, instance_id: x}", "managed_service identifiers have no field 'instance_id'"),
         ("{kind: workspace}", "match needs the kind and at least one identifier field"),
-        ("{instance_id: x}", "'kind' is a required property"),
+        ("{instance_id: x}", "kind is missing"),
     ],
 )
 def test_match_fields_must_belong_to_the_kind(tmp_path: Path, match: str, message: str) -> None:
@@ -149,7 +149,7 @@ def test_override_names_and_keys_are_checked(tmp_path: Path) -> None:
         "  Bad_Name:\n    match: {kind: workspace, workspace_id: w}\n"
         "  b:\n    match: {kind: workspace, workspace_id: v}\n    drop_fields: [user.nope]\n    credentials: x\n",
     )
-    assert "'Bad_Name' does not match" in text
+    assert "'Bad_Name' is not allowed" in text
     assert at(FIRST + 5) in text and "overrides.b.credentials: unknown key 'credentials'" in text
 
 

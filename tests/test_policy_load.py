@@ -119,7 +119,7 @@ def test_problems_are_sorted_by_place_and_named_with_file_line_column_key() -> N
     problems = load_refused(path)
     assert problems == sorted(problems)
     assert [p.line for p in problems] == [4, 6, 7, 9]
-    assert str(problems[0]) == f"{path}:4:3: access.RecordEvents: 'everyone' is not of type 'array'"
+    assert str(problems[0]) == f"{path}:4:3: access.RecordEvents: must be a list, not 'everyone'"
 
 
 # --- hostile inputs generated on the fly ----------------------------------------------------

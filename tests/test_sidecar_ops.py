@@ -15,6 +15,7 @@ import urllib.parse
 import urllib.request
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, HTTPServer
+from importlib.metadata import version
 from pathlib import Path
 
 import grpc
@@ -325,6 +326,7 @@ def test_workers_share_the_port_and_the_supervisor_serves_their_metrics(
         what="the summed metrics",
     )
     assert any(k.startswith("telemetry_guard_policy_info{") and v == 1 for k, v in metrics.items())
+    assert metrics[f'telemetry_guard_build_info{{version="{version("telemetry-guard")}"}}'] == 1
     sidecar.signal(signal.SIGTERM)
     assert sidecar.wait() == 0
     assert len(sidecar.logs(message="stopped")) == 3  # two workers and the supervisor

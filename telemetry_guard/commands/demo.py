@@ -25,6 +25,7 @@ from google.protobuf.message import Message
 from google.protobuf.unknown_fields import UnknownFieldSet
 
 from telemetry_guard.policy import Engine, validity
+from telemetry_guard.policy.lint import display_path
 from telemetry_guard.sample import Call, calls
 from telemetrygateway.v1 import telemetrygateway_pb2 as pb
 from telemetrygateway.v1 import telemetrygateway_pb2_grpc as pb_grpc
@@ -42,7 +43,9 @@ def register(sub: Any) -> None:
         epilog="examples:\n  telemetry-guard demo\n  telemetry-guard demo --policy docs/examples/strict.yaml --full",
     )
     parser.add_argument("--policy", help="policy file (default: the built-in default policy)")
-    parser.add_argument("--full", action="store_true", help="also print each event as the gateway received it")
+    parser.add_argument(
+        "--full", action="store_true", help="also print each event in full (protobuf JSON) as sent and as received"
+    )
     parser.set_defaults(func=run)
 
 
@@ -164,12 +167,13 @@ def _events(messages: tuple[Message, ...] | list[Message]) -> list[pb.Event]:
     return found
 
 
-def _why(removals: list[dict[str, Any]]) -> str:
-    parts = []
+def _why(removals: list[dict[str, Any]]) -> list[str]:
+    """One line per removal: what, and the rule that removed it."""
+    lines = []
     for removal in removals:
         keys = f" [{', '.join(removal['keys'])}]" if removal.get("keys") else ""
-        parts.append(f"{removal['action']} {removal['path']}{keys} by {removal['rule']}")
-    return "; ".join(parts)
+        lines.append(f"{removal['action']} {removal['path']}{keys} by {removal['rule']}")
+    return lines
 
 
 def _dropped_rule(engine: Engine, kind: str | None, event: pb.Event) -> str:
@@ -186,6 +190,56 @@ class Tally:
     removed_whole: int = 0
     acknowledged: int = 0
     refused: dict[str, int] = field(default_factory=dict)
+
+
+# What a policy decides about, shown first in `in:` lines: private_metadata key by key (with the
+# values: their type matters too), marketing_tracking as a whole (its field names).
+_SHOWN_MAPS = ("parameters.private_metadata", "marketing_tracking")
+MAX_VALUE_CHARS = 40
+
+
+def _count(number: int, noun: str) -> str:
+    """'1 event', '5 events'."""
+    return f"{number} {noun}{'' if number == 1 else 's'}"
+
+
+def _value(value: Any) -> str:
+    text = json.dumps(value, ensure_ascii=False)
+    return text if len(text) <= MAX_VALUE_CHARS else text[: MAX_VALUE_CHARS - 2] + '..."'
+
+
+def _at(data: dict[str, Any], path: str) -> Any:
+    for part in path.split("."):
+        data = data.get(part, {}) if isinstance(data, dict) else {}
+    return data
+
+
+def _compact(message: Message) -> list[str]:
+    """What came in, in a few short lines: what the policy decides about (private_metadata and
+    marketing_tracking with their values), then the names of the other fields and unknown field numbers."""
+    data = _dict(message)
+    lines = []
+    for path in _SHOWN_MAPS:
+        found = _at(data, path)
+        if isinstance(found, dict) and found:
+            shown = dict(sorted(found.items())) if path.endswith("private_metadata") else dict.fromkeys(found)
+            items = (k if v is None else f"{k}={_value(v)}" for k, v in shown.items())
+            lines.append(f"{path.rsplit('.', 1)[-1]}: " + ", ".join(items))
+    other = [
+        f"{key}.{sub}" if key == "parameters" else key
+        for key, value in data.items()
+        for sub in (value if key == "parameters" and isinstance(value, dict) else [None])
+        if key not in ("id", "feature", "action", "marketing_tracking")
+        and f"{key}.{sub}" not in _SHOWN_MAPS
+        and not (key == "parameters" and sub is None)
+    ]
+    rest = f"also: {', '.join(other)}" if other else ""
+    unknown = _unknown(message)
+    if unknown:
+        rest += (
+            "; " if rest else ""
+        ) + f"unknown field{'s' if len(unknown) > 1 else ''} {', '.join(map(str, unknown))}"
+    return [*lines, rest] if rest else lines
 
 
 def _show(
@@ -205,23 +259,32 @@ def _show(
     tally.sent += len(sent)
     tally.left += len(left)
     print(f"\n== {number}. {call.title} ==")
-    print(
-        f"   client sent:   {call.rpc} as {kind}, {len(sent)} event(s)"
-        + (", with a bearer token" * bool(call.authorization))
-    )
+    content = [m for m in call.messages if not _is_stream_metadata(m)]
+    what = _count(len(sent), "event") if sent else _count(len(content), "message")
+    print(f"   client sent:   {what} ({call.rpc} as {kind}{', with a bearer token' if call.authorization else ''})")
     if answer.code == grpc.StatusCode.OK:
-        print(f"   client got:    OK, {len(answer.acknowledged & {e.id for e in sent})} of {len(sent)} acknowledged")
+        acked = len(answer.acknowledged & {e.id for e in sent})
+        print("   client got:    OK" + (f", {acked} of {_count(len(sent), 'event')} acknowledged" if sent else ""))
     else:
         tally.refused[answer.code.name] = tally.refused.get(answer.code.name, 0) + 1
         print(f"   client got:    {answer.code.name}: {answer.details}")
-    print(f"   gateway got:   {len(received)} message(s), {len(left)} event(s)")
+    if not received:
+        got = "nothing"
+    elif sent:
+        got = f"{_count(len(left), 'event')} in {_count(len(received), 'message')}"
+    else:
+        got = _count(len(received), "message")
+    print(f"   gateway got:   {got}")
     removals = audit.removals()
     for event in sent:
         acked = event.id in answer.acknowledged
         tally.acknowledged += acked
-        print(f"   - {event.feature}/{event.action} ({event.id}){'  acknowledged' if acked else ''}")
-        unknown = _unknown(event)
-        print(f"       in:   {_json(event)}" + (f"  + unknown field(s) {unknown}" if unknown else ""))
+        print(f"   - {event.feature}/{event.action}  (event {event.id[-4:]}{', acknowledged' if acked else ''})")
+        shown = _compact(event)
+        for i, line in enumerate(shown or ["(no other field)"]):
+            print(f"       {'in:' if i == 0 else '':<5} {line}")
+        if full:
+            print(f"       sent: {_json(event)}")
         out = left.get(event.id)
         if out is None:
             if answer.code == grpc.StatusCode.OK:
@@ -230,30 +293,50 @@ def _show(
             else:
                 print("       out:  nothing: the call was refused")
             continue
+        unknown = _unknown(event)
         changes = _diff(_dict(event), _dict(out))
         changes += [f"- unknown field {n}" for n in unknown if n not in _unknown(out)]
         print(f"       out:  {'the same, except: ' + ', '.join(changes) if changes else 'unchanged'}")
         if full:
             print(f"       left: {_json(out)}")
-        if event.id in removals:
-            print(f"       why:  {_why(removals[event.id])}")
+        for i, reason in enumerate(_why(removals.get(event.id, []))):
+            print(f"       {'why:' if i == 0 else '':<5} {reason}")
         problem = validity.event_problem(event)
         if problem:
             print(f"       note: forwarded although the gateway will reject it ({problem})")
-    for message in call.messages:
+    for message in content:
         if isinstance(message, pb.PublishInstanceUserMetadataRequest) and message.WhichOneof("payload") in (
             "user_metadata",
             "organization_metadata",
         ):
-            print(f"   - {message.WhichOneof('payload')}")
-            print(f"       in:   {_json(message)}")
+            payload = message.WhichOneof("payload")
+            print(f"   - {payload}")
+            print(f"       in:   {_json(message) if full else _user_metadata(message)}")
             outs = [m for _, m in received if isinstance(m, pb.PublishInstanceUserMetadataRequest)]
-            match = [m for m in outs if m.WhichOneof("payload") == message.WhichOneof("payload")]
+            match = [m for m in outs if m.WhichOneof("payload") == payload]
             if match:
                 changes = _diff(_dict(message), _dict(match[0]))
                 print(f"       out:  {'the same, except: ' + ', '.join(changes) if changes else 'unchanged'}")
+            elif answer.code != grpc.StatusCode.OK:
+                print("       out:  nothing: the call was refused")
             else:
                 print("       out:  nothing")
+
+
+def _is_stream_metadata(message: Message) -> bool:
+    return isinstance(message, pb.RecordEventsRequest | pb.PublishInstanceUserMetadataRequest) and (
+        message.WhichOneof("payload") == "metadata"
+    )
+
+
+def _user_metadata(message: pb.PublishInstanceUserMetadataRequest) -> str:
+    """'1 user: id, username, primary_email' (field names, not values)."""
+    data = _dict(message)
+    payload = message.WhichOneof("payload") or ""
+    items: list[dict[str, Any]] = next(iter(data.get(payload, {}).values()), [])
+    names = list(dict.fromkeys(key for item in items for key in item))
+    noun = "user" if payload == "user_metadata" else "organization"
+    return f"{_count(len(items), noun)}: {', '.join(names)}"
 
 
 async def _demo(policy: str | None, full: bool) -> int:
@@ -269,14 +352,16 @@ async def _demo(policy: str | None, full: bool) -> int:
             sink=lambda rpc, _call, message: received.append((rpc, message)),
         )
         port = await sidecar.start()
-        loaded = sidecar.reloader.policy
-        print(
-            f"sidecar on 127.0.0.1:{port} -> embedded gateway on 127.0.0.1:{sidecar.gateway_port}\n"
-            f"policy {loaded.name} (sha256 {loaded.sha256[:12]}), files: {', '.join(loaded.files)}\n"
-            "each event: what the client sent (in), what reached the gateway (out), the rule behind each removal"
-        )
         tally = Tally()
         try:
+            loaded = sidecar.reloader.policy
+            print(
+                f"sidecar on 127.0.0.1:{port} -> embedded gateway on 127.0.0.1:{sidecar.gateway_port}\n"
+                f"policy {loaded.name} (sha256 {loaded.sha256[:12]}), read from:\n"
+                + "".join(f"  {display_path(file)}\n" for file in loaded.files)
+                + "each event: what the client sent (in: what the policy decides about, then the names of the\n"
+                "other fields), what reached the gateway (out), the rule behind each removal (why); --full: all of it"
+            )
             async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
                 stub: pb_grpc.TelemeteryGatewayServiceAsyncStub = pb_grpc.TelemeteryGatewayServiceStub(channel)
                 for number, call in enumerate(calls(), 1):
@@ -295,10 +380,12 @@ async def _demo(policy: str | None, full: bool) -> int:
                     )
         finally:
             await sidecar.stop(0)
-    refused = ", ".join(f"{count} {code}" for code, count in sorted(tally.refused.items())) or "none"
+    refused = ", ".join(f"{count} {code}" for code, count in sorted(tally.refused.items()))
+    calls_refused = _count(sum(tally.refused.values()), "call") + " refused" + (f" ({refused})" if refused else "")
     print(
-        f"\nsummary: {tally.sent} events sent, {tally.left} reached the gateway, {tally.removed_whole} removed whole, "
-        f"{tally.acknowledged} acknowledged; calls refused: {refused}.\n"
+        f"\nsummary: {_count(tally.sent, 'event')} sent; {tally.left} reached the gateway, "
+        f"{tally.removed_whole} removed whole, {tally.acknowledged} acknowledged.\n"
+        f"         {calls_refused}.\n"
         "Put the sidecar in front of a gateway: telemetry-guard serve --listen 0.0.0.0:10085 --upstream HOST:PORT"
     )
     return 0

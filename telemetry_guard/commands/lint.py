@@ -16,7 +16,9 @@ HELP = "check policy and allowlist files: schema and semantic rules, every findi
 
 DESCRIPTION = """\
 Check policy files and allowlist files (told apart by their keys) without a server.
-Every finding is reported at once, with file:line:column, a rule id, a severity and a hint.
+Every finding is reported at once, with file:line:column, a rule id, a severity and a hint:
+YAML, schema and semantic problems of every part that can be read, in one run. The
+summary counts every file read (those named and the allowlists their policies use).
 
 Exit status: 0 clean (warnings and notes allowed), 1 an error (or a warning, with
 --strict), 2 an input file cannot be read. A policy may accept findings of a rule
@@ -25,6 +27,7 @@ shown. See --list-rules for the rules."""
 
 EXAMPLES = (
     "telemetry-guard lint policy.yaml",
+    "telemetry-guard lint builtin:default",
     "telemetry-guard lint --strict docs/examples/strict.yaml docs/examples/default.yaml",
     "telemetry-guard lint policy.yaml allowlists/*.yaml   # also report allowlists no policy references",
     "telemetry-guard lint --format sarif -o lint.sarif policy.yaml   # for code-scanning UIs",
@@ -34,7 +37,9 @@ EXAMPLES = (
 
 def register(sub: Any) -> None:
     parser = add_parser(sub, "lint", HELP, DESCRIPTION, EXAMPLES)
-    parser.add_argument("files", nargs="*", metavar="FILE", help="policy files and allowlist files")
+    parser.add_argument(
+        "files", nargs="*", metavar="FILE", help="policy files (builtin:default: the shipped one) and allowlist files"
+    )
     parser.add_argument("--format", choices=("text", "json", "sarif"), default="text", help="report format")
     parser.add_argument("--strict", action="store_true", help="fail (exit 1) on warnings too")
     parser.add_argument("--list-rules", action="store_true", help="list the rules with their ids and severity")

@@ -4,8 +4,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import math
+import os
+import re
 import signal
+import socket
+import ssl
 import sys
+import urllib.parse
 from typing import Any
 
 HELP = "run the sidecar: enforce the policy on telemetrygateway.v1 calls and forward what passes upstream"
@@ -30,15 +36,36 @@ of removed private_metadata keys; never their values.
 """
 
 
+# gRPC takes message sizes as a C int.
+MAX_MESSAGE_BYTES_LIMIT = 2**31 - 1
+# A gRPC metadata key: lowercase ASCII letters, digits, '-', '_' and '.' (grpc- is reserved).
+_METADATA_KEY = re.compile(r"[0-9a-z_.-]+")
+
+
 def _positive_int(text: str) -> int:
-    value = int(text)
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number, not {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
     return value
 
 
+def _message_bytes(text: str) -> int:
+    value = _positive_int(text)
+    if value > MAX_MESSAGE_BYTES_LIMIT:
+        raise argparse.ArgumentTypeError(f"must be at most {MAX_MESSAGE_BYTES_LIMIT} (gRPC's limit), not {value}")
+    return value
+
+
 def _seconds(text: str) -> float:
-    value = float(text)
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number of seconds, not {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number of seconds, not {text!r}")
     if value < 0:
         raise argparse.ArgumentTypeError(f"must not be negative, not {value}")
     return value
@@ -49,6 +76,14 @@ def _rate(text: str) -> float:
     if not 0 < value <= 1:
         raise argparse.ArgumentTypeError(f"must be more than 0 and at most 1, not {value}")
     return value
+
+
+def _metadata_key(text: str) -> str:
+    if not _METADATA_KEY.fullmatch(text) or text.startswith("grpc-"):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a gRPC metadata key (lowercase letters, digits, '-', '_', '.'; not grpc-...)"
+        )
+    return text
 
 
 def register(sub: Any) -> None:
@@ -156,7 +191,7 @@ def register(sub: Any) -> None:
     )
     run_group.add_argument(
         "--max-message-bytes",
-        type=_positive_int,
+        type=_message_bytes,
         default=4 * 1024 * 1024,
         metavar="BYTES",
         help="largest request message accepted, as the gateway (default: %(default)s; larger: RESOURCE_EXHAUSTED)",
@@ -164,6 +199,7 @@ def register(sub: Any) -> None:
     run_group.add_argument(
         "--forward-metadata",
         action="append",
+        type=_metadata_key,
         metavar="KEY",
         help="call metadata passed upstream besides authorization and the trace context "
         "(traceparent, tracestate, grpc-trace-bin), which always pass (repeat)",
@@ -173,13 +209,18 @@ def register(sub: Any) -> None:
 
 
 def _config(args: argparse.Namespace) -> Any:
+    """The Config the flags describe, after checking each flag as far as can be done before serving
+    (addresses free, files readable and of the right kind): ValueError naming the flag otherwise."""
     from telemetry_guard.sidecar.forward import DEFAULT_FORWARD_METADATA
-    from telemetry_guard.sidecar.server import Config, split_host_port
+    from telemetry_guard.sidecar.server import INTROSPECTION_SECRET_ENV, Config, split_host_port
 
     for name in ("listen", "upstream", "metrics_listen"):
         value = getattr(args, name)
         if value is not None:
-            split_host_port(value)  # ValueError: reported as a usage error
+            try:
+                split_host_port(value)
+            except ValueError as exc:
+                raise ValueError(f"{_flag(name)} {exc}") from None
     if bool(args.tls_cert) != bool(args.tls_key):
         raise ValueError("--tls-cert and --tls-key go together")
     for name in ("tls_cert", "tls_key", "upstream_ca", "policy"):
@@ -189,12 +230,32 @@ def _config(args: argparse.Namespace) -> Any:
                 with open(path, "rb"):
                     pass
             except OSError as exc:  # reported as a usage error, naming the flag and the file
-                flag = "--" + name.replace("_", "-")
-                raise ValueError(f"{flag} {path}: cannot read: {exc.strerror or exc}") from None
+                raise ValueError(f"{_flag(name)} {path}: cannot read: {exc.strerror or exc}") from None
     if args.shadow_sample is not None and args.shadow_policy is None:
         raise ValueError("--shadow-sample needs --shadow-policy")
     if args.upstream is None and (args.upstream_tls or args.upstream_ca or args.upstream_server_name):
         raise ValueError("--upstream-tls, --upstream-ca and --upstream-server-name need --upstream")
+    _check_tls(args)
+    if args.introspection_client_id is not None:
+        if args.introspection_url is None:
+            raise ValueError("--introspection-client-id needs --introspection-url")
+        if not os.environ.get(INTROSPECTION_SECRET_ENV):
+            raise ValueError(f"--introspection-client-id needs the client secret in ${INTROSPECTION_SECRET_ENV}")
+    if args.introspection_url is not None:
+        url = urllib.parse.urlsplit(args.introspection_url)
+        if url.scheme not in ("http", "https") or not url.hostname:
+            raise ValueError(f"--introspection-url {args.introspection_url!r} is not an http:// or https:// URL")
+    if args.upstream is None and args.gateway_output != "-":
+        try:
+            with open(args.gateway_output, "a", encoding="utf-8"):
+                pass
+        except OSError as exc:
+            raise ValueError(f"--gateway-output {args.gateway_output}: cannot write: {exc.strerror or exc}") from None
+    _check_listen("--listen", args.listen, reuse_port=args.workers > 1)
+    if args.metrics_listen is not None:
+        if _same_address(args.listen, args.metrics_listen):
+            raise ValueError(f"--metrics-listen {args.metrics_listen} is the --listen address")
+        _check_listen("--metrics-listen", args.metrics_listen)
     return Config(
         listen=args.listen,
         upstream=args.upstream,
@@ -219,6 +280,57 @@ def _config(args: argparse.Namespace) -> Any:
         shadow_policy=args.shadow_policy,
         shadow_sample=1.0 if args.shadow_sample is None else args.shadow_sample,
     )
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _check_tls(args: argparse.Namespace) -> None:
+    """Certificates and keys that ssl cannot load would fail later, with gRPC's less specific words."""
+    if args.tls_cert and args.tls_key:
+        try:
+            ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(args.tls_cert, args.tls_key)
+        except (ssl.SSLError, OSError) as exc:
+            reason = getattr(exc, "reason", None) or exc
+            raise ValueError(
+                f"--tls-cert {args.tls_cert} / --tls-key {args.tls_key}: not a PEM certificate chain and its "
+                f"private key ({reason})"
+            ) from None
+    if args.upstream_ca:
+        try:
+            ssl.create_default_context(cafile=args.upstream_ca)
+        except (ssl.SSLError, OSError) as exc:
+            reason = getattr(exc, "reason", None) or exc
+            raise ValueError(f"--upstream-ca {args.upstream_ca}: not a PEM CA bundle ({reason})") from None
+
+
+def _check_listen(flag: str, address: str, *, reuse_port: bool = False) -> None:
+    """Bind address once and let it go: a busy port or an unknown host is a one-line error now,
+    not a failure inside the server (gRPC's words) or a traceback (the metrics server's)."""
+    from telemetry_guard.sidecar.server import split_host_port
+
+    host, port = split_host_port(address)
+    try:
+        found = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise ValueError(f"{flag} {address}: cannot listen: unknown host {host!r} ({exc.strerror})") from None
+    family, kind, proto, _, where = found[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        try:
+            probe.bind(where)
+        except OSError as exc:
+            raise ValueError(f"{flag} {address}: cannot listen: {(exc.strerror or str(exc)).lower()}") from None
+
+
+def _same_address(one: str, other: str) -> bool:
+    from telemetry_guard.sidecar.server import split_host_port
+
+    (host_a, port_a), (host_b, port_b) = split_host_port(one), split_host_port(other)
+    return port_a == port_b != 0 and (host_a == host_b or "0.0.0.0" in (host_a, host_b) or "::" in (host_a, host_b))
 
 
 def run(args: argparse.Namespace) -> int:

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 from typing import Any
 
-from telemetry_guard.policy.cases import Case, CaseFileError, load_cases, run_cases
+from telemetry_guard.policy.cases import Case, CaseFileError, load_case_file, run_cases
 from telemetry_guard.policy.engine import Engine
 from telemetry_guard.render.common import (
     EXIT_FAILED,
@@ -31,6 +32,11 @@ identifier, authorization, the request message as protobuf JSON) and what is exp
 the output message that leaves, removals that must happen, the events dropped, and/or
 a denial code. Access and credentials are checked first, as the interceptors do, then
 the request goes through the same engine. docs/compliance.md describes the format.
+
+A cases file may say which policy it is for (`policy: ../policy.yaml`, a path relative
+to it, or builtin:default; a list for several). A directory runs only the files for POLICY
+and those that name none; the others are skipped, each named on stderr. A file named on
+the command line for another policy is an error.
 
 A failing case shows a diff: what leaves is printed with its values; what the case
 expected and does not leave is named by path only (map keys as {key} unless
@@ -57,17 +63,18 @@ def register(sub: Any) -> None:
     parser.set_defaults(func=run)
 
 
-def _case_files(args: list[str]) -> list[Path] | str:
-    files: list[Path] = []
+def _case_files(args: list[str]) -> list[tuple[Path, bool]] | str:
+    """The cases files named, each with whether it was found in a directory (rather than named)."""
+    files: list[tuple[Path, bool]] = []
     for arg in args:
         path = Path(arg)
         if path.is_dir():
             found = sorted([*path.glob("*.yaml"), *path.glob("*.yml")])
             if not found:
                 return f"{arg}: no *.yaml cases files in this directory"
-            files.extend(found)
+            files.extend((file, True) for file in found)
         else:
-            files.append(path)
+            files.append((path, False))
     return files
 
 
@@ -77,11 +84,24 @@ def run(args: argparse.Namespace) -> int:
     if isinstance(files, str):
         return fail("test", files)
     loaded: list[tuple[str, tuple[Case, ...]]] = []
-    for file in files:
+    for file, in_directory in files:
         try:
-            loaded.append((str(file), load_cases(file)))
+            case_file = load_case_file(file)
         except CaseFileError as exc:
             return load_failure("test", f"the cases file {file}", exc)
+        if not case_file.is_for(args.policy):
+            named = case_file.named()
+            if not in_directory:
+                return fail(
+                    "test",
+                    f"{file} is for the policy {named} (its policy: key), not {args.policy}; "
+                    "name that policy, or list this one under policy: too",
+                )
+            print(f"telemetry-guard test: skipped {file}: its cases are for {named}", file=sys.stderr)
+            continue
+        loaded.append((str(file), case_file.cases))
+    if not loaded:
+        return fail("test", f"no cases file named is for {args.policy} (each names its policy under policy:)")
     results = run_cases(Engine(policy), loaded, show_keys=args.show_keys)
     if args.format == "json":
         out = cases_json(results, show_keys=args.show_keys)

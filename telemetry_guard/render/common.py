@@ -8,8 +8,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from telemetry_guard.policy.errors import PolicyError
-from telemetry_guard.policy.loader import default_policy, load_policy
+from telemetry_guard.policy.errors import PolicyError, Problem
+from telemetry_guard.policy.loader import BUILTIN_DEFAULT, BUILTIN_PREFIX, default_policy, load_policy
 from telemetry_guard.policy.model import Policy
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
@@ -68,9 +68,6 @@ def add_output(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-o", "--output", metavar="FILE", help="write the report to FILE instead of stdout")
 
 
-BUILTIN_DEFAULT = "builtin:default"
-
-
 def load_policy_arg(path: str) -> Policy:
     """A policy named on the command line: a file, or builtin:default for the shipped default policy.
 
@@ -78,6 +75,9 @@ def load_policy_arg(path: str) -> Policy:
     """
     if path == BUILTIN_DEFAULT:
         return default_policy()
+    if path.startswith(BUILTIN_PREFIX):
+        message = f"there is no built-in policy {path!r}; the shipped one is {BUILTIN_DEFAULT}"
+        raise PolicyError([Problem(path, 0, 0, "", message)])
     return load_policy(path)
 
 

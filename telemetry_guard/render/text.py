@@ -83,5 +83,6 @@ def cases_text(results: Sequence[CaseFileResult], *, verbose: bool = False) -> s
             lines.append(f"FAIL {where}: {r.case.name}")
             lines.extend(f"    {failure}" for failure in r.failures)
             lines.extend(f"      {line}" for line in r.diff)
-    lines.append(f"{total - failed} passed, {failed} failed, {total} cases in {len(results)} files")
+    files = len(results)
+    lines.append(f"{total - failed} passed, {failed} failed, {total} cases in {files} file{'s' if files != 1 else ''}")
     return "\n".join(lines) + "\n"
