@@ -21,7 +21,8 @@
 #include <string.h>
 
 enum { T_VARINT, T_FIXED64, T_STRING, T_BYTES, T_MESSAGE, T_FIXED32 };
-enum { F_REPEATED = 1, F_IMPLICIT = 2, F_MAP = 4 };
+/* F_INT32: a varint a parser reads as 32 bits (int32, uint32, sint32, enum); F_FLOAT: float or double. */
+enum { F_REPEATED = 1, F_IMPLICIT = 2, F_MAP = 4, F_INT32 = 8, F_FLOAT = 16 };
 enum { R_NONE, R_FALLBACK, R_EVENT, R_ID, R_FEATURE, R_ACTION, R_TIMESTAMP, R_MARKETING, R_PRIVATE, R_LEGACY };
 enum { MODE_KEEP, MODE_DROP, MODE_ALLOWLIST };
 /* Flags of an event's record, read by policy/fastpath.py. */
@@ -187,10 +188,12 @@ static int close_len(Ctx *c, const Len *len) {
 
 /* ---- input ------------------------------------------------------------------------- */
 
-static int read_varint_long(const uint8_t **pp, const uint8_t *end, uint64_t *out) {
+/* A varint in at most `width` bytes: 10 for values, 5 for tags and lengths (upb refuses longer ones
+ * with DecodeError, while Go's protowire takes 10: nothing wider than the stricter parser passes). */
+static int read_varint_long(const uint8_t **pp, const uint8_t *end, uint64_t *out, int width) {
     const uint8_t *p = *pp;
     uint64_t v = 0;
-    for (int i = 0; i < 10; i++) {
+    for (int i = 0; i < width; i++) {
         if (p >= end) return 0;
         uint8_t b = *p++;
         if (i == 9 && b > 1) return 0;
@@ -204,20 +207,31 @@ static int read_varint_long(const uint8_t **pp, const uint8_t *end, uint64_t *ou
     return 0;
 }
 
+#define VALUE_WIDTH 10
+#define TAG_WIDTH 5 /* tags and length prefixes */
+
 /* Most tags and lengths here are one byte. */
-INLINE int read_varint(const uint8_t **pp, const uint8_t *end, uint64_t *out) {
+INLINE int read_varint_of(const uint8_t **pp, const uint8_t *end, uint64_t *out, int width) {
     const uint8_t *p = *pp;
     if (p < end && *p < 0x80) {
         *out = *p;
         *pp = p + 1;
         return 1;
     }
-    return read_varint_long(pp, end, out);
+    return read_varint_long(pp, end, out, width);
+}
+
+INLINE int read_varint(const uint8_t **pp, const uint8_t *end, uint64_t *out) {
+    return read_varint_of(pp, end, out, VALUE_WIDTH);
+}
+
+INLINE int read_length(const uint8_t **pp, const uint8_t *end, uint64_t *out) {
+    return read_varint_of(pp, end, out, TAG_WIDTH);
 }
 
 INLINE int read_tag(const uint8_t **pp, const uint8_t *end, uint32_t *num, uint32_t *wt) {
     uint64_t tag;
-    if (!read_varint(pp, end, &tag) || tag > 0xffffffffu || (tag >> 3) == 0) return 0;
+    if (!read_varint_of(pp, end, &tag, TAG_WIDTH) || tag > 0xffffffffu || (tag >> 3) == 0) return 0;
     *num = (uint32_t)(tag >> 3);
     *wt = (uint32_t)(tag & 7);
     return 1;
@@ -236,7 +250,7 @@ INLINE int skip_value(const uint8_t **pp, const uint8_t *end, uint32_t wt, const
         *pp += 8;
         return 1;
     case 2:
-        if (!read_varint(pp, end, &x) || x > (uint64_t)(end - *pp)) return 0;
+        if (!read_length(pp, end, &x) || x > (uint64_t)(end - *pp)) return 0;
         *v = *pp;
         *pp += x;
         return 1;
@@ -376,17 +390,17 @@ INLINE int is_set(const Field *f, const uint8_t *v, const uint8_t *end) {
     case T_VARINT: {
         uint64_t x = 0;
         read_varint(&v, end, &x);
-        return x != 0;
+        return (f->flags & F_INT32) ? (uint32_t)x != 0 : x != 0; /* 2**32 is an int32 0 to a parser */
     }
     case T_FIXED64: {
         uint64_t x;
         memcpy(&x, v, 8);
-        return (x << 1) != 0; /* 0.0 and -0.0 are both "not set" to Python */
+        return (f->flags & F_FLOAT) ? (x << 1) != 0 : x != 0; /* 0.0 and -0.0 are both "not set" to Python */
     }
     case T_FIXED32: {
         uint32_t x;
         memcpy(&x, v, 4);
-        return (x << 1) != 0;
+        return (f->flags & F_FLOAT) ? (uint32_t)(x << 1) != 0 : x != 0;
     }
     default:
         return end > v;

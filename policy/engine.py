@@ -23,10 +23,12 @@ from google.protobuf.message import Message
 from telemetry_guard.policy import access, fastpath, fieldpaths, validity, views
 from telemetry_guard.policy.decision import Decision, Denial, EventRecord, Removal
 from telemetry_guard.policy.model import AllowlistEntry, KindRules, Policy
+from telemetry_guard.policy.unknown import discard_unknown
 from telemetrygateway.v1 import telemetrygateway_pb2 as pb
 
 M = TypeVar("M", bound=Message)
 R = TypeVar("R", bound=Message | bytes)
+Wire = bytes | bytearray | memoryview  # a serialized message, as record_events_bytes takes it
 
 RECORD_EVENTS = "RecordEvents"
 RECORD_EVENT = "RecordEvent"
@@ -160,13 +162,15 @@ class Engine:
         return Outcome(request, out.decision)
 
     def record_events_bytes(
-        self, data: bytes, identifier: pb.Identifier | None, *, detailed: bool = False
+        self, data: Wire, identifier: pb.Identifier | None, *, detailed: bool = False
     ) -> Outcome[bytes]:
         """record_events on the wire form: a serialized RecordEventsRequest in, the bytes that may leave out.
 
         The fast path for proxies: the request is parsed once, into the kind's view class.
+        data: bytes or any bytes-like object (bytearray, memoryview), read as the bytes it holds now.
         Raises google.protobuf.message.DecodeError when the bytes are not a RecordEventsRequest.
         """
+        data = _as_bytes(data)
         decision = Decision(RECORD_EVENTS)
         kind = None if identifier is None else self._admit(RECORD_EVENTS, identifier, decision)
         if kind is not None:
@@ -177,13 +181,14 @@ class Engine:
             return Outcome(None, decision)  # the stream's identifier is refused
         return self._metadata_bytes(data, decision)
 
-    def record_events_admitted(self, data: bytes, kind: str, *, detailed: bool = False) -> Outcome[bytes]:
+    def record_events_admitted(self, data: Wire, kind: str, *, detailed: bool = False) -> Outcome[bytes]:
         """record_events_bytes for a stream whose identifier check_access admitted, as `kind`, under this engine.
 
         The same outcome as record_events_bytes(data, that identifier), without judging the identifier
         again for every payload (the stream's identifier does not change): a proxy's per-payload call.
         A kind the policy does not allow RecordEvents is denied as record_events_bytes denies it.
         """
+        data = _as_bytes(data)
         decision = Decision(RECORD_EVENTS, kind)
         if kind not in self.policy.access[RECORD_EVENTS]:
             decision.denial = access.check_kind(self.policy, RECORD_EVENTS, kind)
@@ -306,7 +311,7 @@ class Engine:
 
     def _unknown(self, plan: _KindPlan, message: Message, decision: Decision) -> None:
         if plan.discard_unknown:
-            message.DiscardUnknownFields()
+            discard_unknown(message)
             decision.unknown_fields = "discarded"
         else:
             decision.unknown_fields = "kept"
@@ -402,7 +407,7 @@ class Engine:
                     removals = [*(removals or ()), dropped_field]
             if detailed and plan.discard_unknown:
                 before = event.ByteSize()
-                event.DiscardUnknownFields()
+                discard_unknown(event)
                 if event.ByteSize() != before:
                     removals = [*(removals or ()), Removal(plan.unknown_rule, "(unknown fields)")]
             if removals is not None:
@@ -445,10 +450,16 @@ class Engine:
                     del fields[name]
                 removals.append(Removal(plan.non_string_rule, path, wrong))
         if plan.discard_unknown:
-            struct.DiscardUnknownFields()
+            discard_unknown(struct)
         params.private_metadata.Clear()
         params.private_metadata.MergeFromString(struct.SerializeToString())
         return removals
+
+
+def _as_bytes(data: Wire) -> bytes:
+    """A payload as bytes, whatever buffer holds it: both paths read the same bytes, and the fast path's
+    records, which point into them, never see them change. Not bytes-like (a str): TypeError."""
+    return data if isinstance(data, bytes) else bytes(memoryview(data))
 
 
 def _events_payload(event: bytes) -> bytes:
