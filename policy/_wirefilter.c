@@ -1178,6 +1178,10 @@ PyMODINIT_FUNC PyInit__wirefilter(void) {
     if (PyType_Ready(&PlanType) < 0 || PyType_Ready(&RecordsType) < 0) return NULL;
     PyObject *m = PyModule_Create(&module);
     if (m == NULL) return NULL;
-    if (PyModule_AddObjectRef(m, "Plan", (PyObject *)&PlanType) < 0) { Py_DECREF(m); return NULL; }
+    if (PyModule_AddObjectRef(m, "Plan", (PyObject *)&PlanType) < 0 || PyModule_AddIntConstant(m, "MAX_DEPTH", MAX_DEPTH) < 0 ||
+        PyModule_AddIntConstant(m, "TAG_WIDTH", TAG_WIDTH) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
     return m;
 }
