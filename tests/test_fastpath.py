@@ -11,6 +11,7 @@ leave to the reference (duplicates, shadowed values, groups, invalid UTF-8, ...)
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -443,3 +444,36 @@ def test_every_prefix_of_a_payload_gets_the_same_answer_from_both_paths() -> Non
     for cut in range(len(data) + 1):  # properties: licensed_instance keeps unknown fields (copies them)
         for name, ident in (("properties", LICENSED), ("default", LICENSED), ("default", MANAGED)):
             assert_same(name, data[:cut], ident)
+
+
+def test_the_readme_states_the_limits_of_the_code() -> None:
+    """The nesting limits and the widths README.md gives are the code's and protobuf's."""
+    from telemetry_guard.policy import _wirefilter, unknown
+    from telemetry_guard.sidecar import wire
+
+    readme = " ".join((Path(__file__).parent.parent / "README.md").read_text().split())
+    levels = re.search(
+        r"That is (\d+) message levels: a private_metadata value can hold Structs nested (\d+) deep"
+        r" or lists nested (\d+) deep",
+        readme,
+    )
+    assert levels is not None
+    parser_depth, structs, lists = map(int, levels.groups())
+    assert parser_depth == unknown.PARSER_DEPTH
+    fast = re.search(
+        r"So does nesting deeper than (\d+) message levels. A tag or a length prefix takes at most (\d+) bytes", readme
+    )
+    assert fast is not None
+    assert int(fast.group(1)) == _wirefilter.MAX_DEPTH
+    assert int(fast.group(2)) == _wirefilter.TAG_WIDTH == wire.TAG_WIDTH
+
+    def as_lists(n: int) -> bytes:
+        value = STRING
+        for _ in range(n):
+            value = field(6, field(1, value))
+        return field(1, field(1, b"k") + field(2, value))
+
+    for build, deepest in ((lambda n: nested_structs(n, b""), structs), (as_lists, lists)):
+        pb.RecordEventsRequest.FromString(payload(event(field(6, field(3, build(deepest))))))
+        with pytest.raises(DecodeError):
+            pb.RecordEventsRequest.FromString(payload(event(field(6, field(3, build(deepest + 1))))))
