@@ -16,12 +16,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from google.protobuf.message import DecodeError, Message
-from google.protobuf.unknown_fields import UnknownFieldSet
+from google.protobuf.message import DecodeError
 from hypothesis import given
 from hypothesis import strategies as st
 from test_properties import ENGINES, SETTINGS, scenarios, varint
 
+from bench.fuzz.checks import unknowns
 from telemetry_guard.policy import Engine, default_policy, fastpath, load_policy
 from telemetry_guard.policy.engine import Outcome
 from telemetrygateway.v1 import telemetrygateway_pb2 as pb
@@ -364,21 +364,6 @@ def nested_structs(levels: int, bottom: bytes) -> bytes:
     return struct
 
 
-def deep_unknowns(message: Message) -> list[int]:
-    """The numbers of the unknown fields anywhere in a message tree, however deep."""
-    found = [f.field_number for f in UnknownFieldSet(message)]
-    for fd, value in message.ListFields():
-        if fd.message_type is None:
-            continue
-        if fd.message_type.GetOptions().map_entry:
-            items = value.values() if fd.message_type.fields_by_name["value"].message_type is not None else []
-        else:
-            items = value if fd.is_repeated else [value]
-        for item in items:
-            found += deep_unknowns(item)
-    return found
-
-
 @pytest.mark.parametrize("levels", [1, 10, 28, 29, 30, 31, 32, 33, 34])
 @pytest.mark.parametrize("ident", [MANAGED, WORKSPACE], ids=["managed_service", "workspace"])
 def test_unknown_fields_are_discarded_at_every_depth_the_parser_accepts(ident: pb.Identifier, levels: int) -> None:
@@ -391,7 +376,7 @@ def test_unknown_fields_are_discarded_at_every_depth_the_parser_accepts(ident: p
         return
     assert got.request is not None and got.decision.unknown_fields == "discarded"
     out = pb.RecordEventsRequest.FromString(got.request)
-    assert deep_unknowns(out) == []
+    assert unknowns(out) == []
     assert out.events.events[0].parameters.HasField("private_metadata")
 
 
