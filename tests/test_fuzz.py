@@ -44,19 +44,19 @@ def cases(draw: st.DrawFn, rpc: str) -> inputs.Case:
     return inputs.case(Drawn(draw), POLICIES, rpc)
 
 
-@fuzz(2500)
+@fuzz(5000)
 @given(cases(inputs.RECORD_EVENTS))
 def test_record_events_fast_path_and_reference_agree_and_keep_the_invariants(case: inputs.Case) -> None:
     checks.check(case)
 
 
-@fuzz(600)
+@fuzz(1000)
 @given(cases(inputs.RECORD_EVENT))
 def test_record_event_answers_as_a_one_event_batch_and_keeps_the_invariants(case: inputs.Case) -> None:
     checks.check(case)
 
 
-@fuzz(600)
+@fuzz(1000)
 @given(cases(inputs.PUBLISH))
 def test_publish_instance_user_metadata_keeps_the_invariants(case: inputs.Case) -> None:
     checks.check(case)

@@ -349,7 +349,8 @@ def read_varint(data: bytes, pos: int) -> tuple[int, int]:
 
 def reencode(source: Source, data: bytes) -> bytes:
     """The same fields written another way at a few places: widened tags, lengths and varints, high bits
-    set on a varint, a field repeated or left out. Widths 6-10 for a tag or a length are refused by upb."""
+    set on a varint or a varint a 32-bit parser reads as 0, a field repeated or left out. Widths 6-10 for
+    a tag or a length are refused by upb."""
     top = fields(data)
     if top is None:
         return data
@@ -363,7 +364,11 @@ def reencode(source: Source, data: bytes) -> bytes:
         return data
     changes: dict[int, str] = {}
     for _ in range(source.integer(1, 3)):
-        changes[id(choice(source, every))] = choice(source, ["tag", "length", "value", "high", "twice", "gone"])
+        change = choice(source, ["tag", "length", "value", "high", "zero32", "twice", "gone"])
+        wire_type = {"length": 2, "value": 0, "high": 0, "zero32": 0}.get(change)
+        fitting = [f for f in every if wire_type is None or f.wire_type == wire_type]
+        if fitting:
+            changes[id(choice(source, fitting))] = change
     widths = {id(f): source.integer(1, 10) for f in every if id(f) in changes}
     return write(top, changes, widths)
 
@@ -378,7 +383,7 @@ def write(items: list[Field], changes: dict[int, str], widths: dict[int, int]) -
         tag = varint(item.number << 3 | item.wire_type, width if change == "tag" else 0)
         if item.wire_type == 0:
             assert isinstance(item.value, int)
-            number = item.value | (1 << 32) if change == "high" else item.value
+            number = {"high": item.value | 1 << 32, "zero32": 1 << 32}.get(change or "", item.value)  # zero32: int32 0
             body = varint(number, width if change == "value" else 0)
         elif item.wire_type == 2:
             content = write(item.inner, changes, widths) if item.inner is not None else item.value
