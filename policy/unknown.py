@@ -9,7 +9,7 @@ RESTART levels, whose own discard reaches past the parser's limit.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from functools import cache
 from typing import Any
 
@@ -48,34 +48,43 @@ def _restart(values: Iterable[Any], level: int) -> None:
             _restart(inner, level + 2)
 
 
-def _structs(message: Any, level: int) -> Iterator[tuple[Any, int]]:
-    """The Structs in a message tree, with their levels (map entries not counted)."""
+def _structs(message: Any, level: int) -> list[tuple[Any, int]]:
+    """The Structs in a message tree, with their levels (map entries not counted), path by path."""
     if message.DESCRIPTOR.full_name == STRUCT:
-        yield message, level
-        return
-    for name, how in _leads(message.DESCRIPTOR):
-        if how == "one":
-            if message.HasField(name):
-                yield from _structs(getattr(message, name), level + 1)
-        else:
-            items = getattr(message, name)
-            for item in items.values() if how == "map" else items:
-                yield from _structs(item, level + 1)
+        return [(message, level)]
+    found: list[tuple[Any, int]] = []
+    for path in _paths(message.DESCRIPTOR):
+        items = [message]
+        for name, how in path:
+            if how == "one":
+                items = [getattr(item, name) for item in items if item.HasField(name)]
+            elif how == "many":
+                items = [sub for item in items for sub in getattr(item, name)]
+            else:
+                items = [sub for item in items for sub in getattr(item, name).values()]
+        found.extend((struct, level + len(path)) for struct in items)
+    return found
 
 
 @cache
-def _leads(descriptor: Descriptor) -> tuple[tuple[str, str], ...]:
-    """(field, one | many | map) of the fields of a message type through which a Struct can be reached."""
-    leads = []
+def _paths(descriptor: Descriptor, seen: frozenset[str] = frozenset()) -> tuple[tuple[tuple[str, str], ...], ...]:
+    """The field paths from a message type to the Structs it can hold: ((field, one | many | map), ...).
+    A message type that holds itself is not entered again (no such type here but Struct's own)."""
+    paths: list[tuple[tuple[str, str], ...]] = []
+    seen = seen | {descriptor.full_name}
     for fd in descriptor.fields:
         inner = fd.message_type
-        if inner is not None and inner.GetOptions().map_entry:
-            value = inner.fields_by_name["value"].message_type
-            if value is not None and _reaches(value):
-                leads.append((fd.name, "map"))
-        elif inner is not None and _reaches(inner):
-            leads.append((fd.name, "many" if fd.is_repeated else "one"))
-    return tuple(leads)
+        if inner is None:
+            continue
+        if inner.GetOptions().map_entry:
+            inner, how = inner.fields_by_name["value"].message_type, "map"
+        else:
+            how = "many" if fd.is_repeated else "one"
+        if inner is None or inner.full_name in seen or not _reaches(inner):
+            continue
+        step = ((fd.name, how),)
+        paths += [step] if inner.full_name == STRUCT else [step + rest for rest in _paths(inner, seen)]
+    return tuple(paths)
 
 
 @cache

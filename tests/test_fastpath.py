@@ -462,3 +462,19 @@ def test_the_readme_states_the_limits_of_the_code() -> None:
         pb.RecordEventsRequest.FromString(payload(event(field(6, field(3, build(deepest))))))
         with pytest.raises(DecodeError):
             pb.RecordEventsRequest.FromString(payload(event(field(6, field(3, build(deepest + 1))))))
+
+
+def test_upbs_own_discard_stops_where_policy_unknown_says_and_discard_unknown_goes_on() -> None:
+    from google.protobuf import struct_pb2
+
+    from telemetry_guard.policy import unknown
+
+    unknown_field = varint(100 << 3) + b"\x01"
+    for levels, survives_upb in ((unknown.REACH // 2 - 1, False), (unknown.REACH // 2, True)):
+        struct = struct_pb2.Struct.FromString(nested_structs(levels, unknown_field))  # the field at 2 * levels
+        plain = struct_pb2.Struct()
+        plain.CopyFrom(struct)
+        plain.DiscardUnknownFields()
+        assert (unknowns(plain) != []) == survives_upb
+        unknown.discard_unknown(struct)
+        assert unknowns(struct) == []
