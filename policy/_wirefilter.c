@@ -10,8 +10,8 @@
  *
  * It only takes the encodings it fully understands: canonical ones, as exporters
  * write them. At anything else (a singular field or oneof member given twice, a
- * duplicate map key, a wrong wire type, a group, invalid UTF-8, a metadata message,
- * deep nesting, ...) it returns None and the caller runs the Python engine, which is
+ * duplicate map key, a wrong wire type, a group, invalid UTF-8, a tag or a length in
+ * more than 5 bytes, a metadata message, deep nesting, ...) it returns None and the caller runs the Python engine, which is
  * the reference. So it never accepts what the reference refuses, and never lets a
  * shadowed value (one a parser would overwrite) through.
  */

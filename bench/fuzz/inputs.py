@@ -95,7 +95,7 @@ def case(source: Source, policies: list[str], rpc: str | None = None) -> Case:
     if rpc != PUBLISH and source.integer(0, 5) == 5:  # appended fields merge: one more event, or into the event
         deep = deep_private_metadata(source)
         data += ld(2, ld(1, event(source, 9).SerializeToString() + deep)) if rpc == RECORD_EVENTS else ld(2, deep)
-    if source.integer(0, 2) == 2:
+    if flip(source):
         data = reencode(source, data)
     if source.integer(0, 3) == 3:
         data = mutate(source, data)
