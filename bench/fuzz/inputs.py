@@ -363,7 +363,7 @@ def reencode(source: Source, data: bytes) -> bytes:
     if not every:
         return data
     changes: dict[int, str] = {}
-    for _ in range(source.integer(1, 3)):
+    for _ in range(source.integer(1, 5)):
         change = choice(source, ["tag", "length", "value", "high", "zero32", "twice", "gone"])
         wire_type = {"length": 2, "value": 0, "high": 0, "zero32": 0}.get(change)
         fitting = [f for f in every if wire_type is None or f.wire_type == wire_type]
