@@ -10,8 +10,8 @@
  *
  * It only takes the encodings it fully understands: canonical ones, as exporters
  * write them. At anything else (a singular field or oneof member given twice, a
- * duplicate map key, a wrong wire type, a group, invalid UTF-8, a metadata message,
- * deep nesting, ...) it returns None and the caller runs the Python engine, which is
+ * duplicate map key, a wrong wire type, a group, invalid UTF-8, a tag or a length in
+ * more than 5 bytes, a metadata message, deep nesting, ...) it returns None and the caller runs the Python engine, which is
  * the reference. So it never accepts what the reference refuses, and never lets a
  * shadowed value (one a parser would overwrite) through.
  */
@@ -21,7 +21,8 @@
 #include <string.h>
 
 enum { T_VARINT, T_FIXED64, T_STRING, T_BYTES, T_MESSAGE, T_FIXED32 };
-enum { F_REPEATED = 1, F_IMPLICIT = 2, F_MAP = 4 };
+/* F_INT32: a varint a parser reads as 32 bits (int32, uint32, sint32, enum); F_FLOAT: float or double. */
+enum { F_REPEATED = 1, F_IMPLICIT = 2, F_MAP = 4, F_INT32 = 8, F_FLOAT = 16 };
 enum { R_NONE, R_FALLBACK, R_EVENT, R_ID, R_FEATURE, R_ACTION, R_TIMESTAMP, R_MARKETING, R_PRIVATE, R_LEGACY };
 enum { MODE_KEEP, MODE_DROP, MODE_ALLOWLIST };
 /* Flags of an event's record, read by policy/fastpath.py. */
@@ -188,10 +189,12 @@ static int close_len(Ctx *c, const Len *len) {
 
 /* ---- input ------------------------------------------------------------------------- */
 
-static int read_varint_long(const uint8_t **pp, const uint8_t *end, uint64_t *out) {
+/* A varint in at most `width` bytes: 10 for values, 5 for tags and lengths (upb refuses longer ones
+ * with DecodeError, while Go's protowire takes 10: nothing wider than the stricter parser passes). */
+static int read_varint_long(const uint8_t **pp, const uint8_t *end, uint64_t *out, int width) {
     const uint8_t *p = *pp;
     uint64_t v = 0;
-    for (int i = 0; i < 10; i++) {
+    for (int i = 0; i < width; i++) {
         if (p >= end) return 0;
         uint8_t b = *p++;
         if (i == 9 && b > 1) return 0;
@@ -205,20 +208,31 @@ static int read_varint_long(const uint8_t **pp, const uint8_t *end, uint64_t *ou
     return 0;
 }
 
+#define VALUE_WIDTH 10
+#define TAG_WIDTH 5 /* tags and length prefixes */
+
 /* Most tags and lengths here are one byte. */
-INLINE int read_varint(const uint8_t **pp, const uint8_t *end, uint64_t *out) {
+INLINE int read_varint_of(const uint8_t **pp, const uint8_t *end, uint64_t *out, int width) {
     const uint8_t *p = *pp;
     if (p < end && *p < 0x80) {
         *out = *p;
         *pp = p + 1;
         return 1;
     }
-    return read_varint_long(pp, end, out);
+    return read_varint_long(pp, end, out, width);
+}
+
+INLINE int read_varint(const uint8_t **pp, const uint8_t *end, uint64_t *out) {
+    return read_varint_of(pp, end, out, VALUE_WIDTH);
+}
+
+INLINE int read_length(const uint8_t **pp, const uint8_t *end, uint64_t *out) {
+    return read_varint_of(pp, end, out, TAG_WIDTH);
 }
 
 INLINE int read_tag(const uint8_t **pp, const uint8_t *end, uint32_t *num, uint32_t *wt) {
     uint64_t tag;
-    if (!read_varint(pp, end, &tag) || tag > 0xffffffffu || (tag >> 3) == 0) return 0;
+    if (!read_varint_of(pp, end, &tag, TAG_WIDTH) || tag > 0xffffffffu || (tag >> 3) == 0) return 0;
     *num = (uint32_t)(tag >> 3);
     *wt = (uint32_t)(tag & 7);
     return 1;
@@ -237,7 +251,7 @@ INLINE int skip_value(const uint8_t **pp, const uint8_t *end, uint32_t wt, const
         *pp += 8;
         return 1;
     case 2:
-        if (!read_varint(pp, end, &x) || x > (uint64_t)(end - *pp)) return 0;
+        if (!read_length(pp, end, &x) || x > (uint64_t)(end - *pp)) return 0;
         *v = *pp;
         *pp += x;
         return 1;
@@ -377,17 +391,17 @@ INLINE int is_set(const Field *f, const uint8_t *v, const uint8_t *end) {
     case T_VARINT: {
         uint64_t x = 0;
         read_varint(&v, end, &x);
-        return x != 0;
+        return (f->flags & F_INT32) ? (uint32_t)x != 0 : x != 0; /* 2**32 is an int32 0 to a parser */
     }
     case T_FIXED64: {
         uint64_t x;
         memcpy(&x, v, 8);
-        return (x << 1) != 0; /* 0.0 and -0.0 are both "not set" to Python */
+        return (f->flags & F_FLOAT) ? (x << 1) != 0 : x != 0; /* 0.0 and -0.0 are both "not set" to Python */
     }
     case T_FIXED32: {
         uint32_t x;
         memcpy(&x, v, 4);
-        return (x << 1) != 0;
+        return (f->flags & F_FLOAT) ? (uint32_t)(x << 1) != 0 : x != 0;
     }
     default:
         return end > v;
@@ -1191,6 +1205,10 @@ PyMODINIT_FUNC PyInit__wirefilter(void) {
     if (PyType_Ready(&PlanType) < 0 || PyType_Ready(&RecordsType) < 0) return NULL;
     PyObject *m = PyModule_Create(&module);
     if (m == NULL) return NULL;
-    if (PyModule_AddObjectRef(m, "Plan", (PyObject *)&PlanType) < 0) { Py_DECREF(m); return NULL; }
+    if (PyModule_AddObjectRef(m, "Plan", (PyObject *)&PlanType) < 0 || PyModule_AddIntConstant(m, "MAX_DEPTH", MAX_DEPTH) < 0 ||
+        PyModule_AddIntConstant(m, "TAG_WIDTH", TAG_WIDTH) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
     return m;
 }

@@ -7,6 +7,9 @@ Record = tuple[int, str, str, str, str | None, int, tuple[str, ...] | None, tupl
 # left out, per drop bit, dropped ids, {rule: events dropped}
 Totals = tuple[int, int, int, int, int, tuple[int, ...], list[str], dict[str, int]]
 
+MAX_DEPTH: int  # message levels the walk goes down; deeper: None (the Python path)
+TAG_WIDTH: int  # bytes a tag or a length prefix may take; more: None (the reference refuses them)
+
 class Records:
     """One call's records, as slices of its payload until built."""
 

@@ -28,10 +28,12 @@ from telemetry_guard.policy import access, fastpath, fieldpaths, validity, views
 from telemetry_guard.policy.decision import Decision, Denial, EventRecord, Removal
 from telemetry_guard.policy.kinds import SINGLE_TENANT_KINDS
 from telemetry_guard.policy.model import MATCH_FINGERPRINT, AllowlistEntry, KindRules, Override, Policy
+from telemetry_guard.policy.unknown import discard_unknown
 from telemetrygateway.v1 import telemetrygateway_pb2 as pb
 
 M = TypeVar("M", bound=Message)
 R = TypeVar("R", bound=Message | bytes)
+Wire = bytes | bytearray | memoryview  # a serialized message, as record_events_bytes takes it
 
 RECORD_EVENTS = "RecordEvents"
 RECORD_EVENT = "RecordEvent"
@@ -252,13 +254,15 @@ class Engine:
         return Outcome(request, out.decision)
 
     def record_events_bytes(
-        self, data: bytes, identifier: pb.Identifier | None, *, detailed: bool = False
+        self, data: Wire, identifier: pb.Identifier | None, *, detailed: bool = False
     ) -> Outcome[bytes]:
         """record_events on the wire form: a serialized RecordEventsRequest in, the bytes that may leave out.
 
         The fast path for proxies: the request is parsed once, into the kind's view class.
+        data: bytes or any bytes-like object (bytearray, memoryview), read as the bytes it holds now.
         Raises google.protobuf.message.DecodeError when the bytes are not a RecordEventsRequest.
         """
+        data = _as_bytes(data)
         decision = Decision(RECORD_EVENTS)
         kind = None if identifier is None else self._admit(RECORD_EVENTS, identifier, decision)
         if kind is not None:
@@ -270,7 +274,7 @@ class Engine:
         return self._metadata_bytes(data, decision)
 
     def record_events_admitted(
-        self, data: bytes, kind: str, *, detailed: bool = False, override: str | None = None
+        self, data: Wire, kind: str, *, detailed: bool = False, override: str | None = None
     ) -> Outcome[bytes]:
         """record_events_bytes for a stream whose identifier check_access admitted, as `kind`, under this engine.
 
@@ -279,6 +283,7 @@ class Engine:
         override: the name of the override the identifier matched (override_for, once per stream), if any.
         A kind the policy does not allow RecordEvents is denied as record_events_bytes denies it.
         """
+        data = _as_bytes(data)
         decision = Decision(RECORD_EVENTS, kind)
         key = kind
         if override is None:
@@ -470,7 +475,7 @@ class Engine:
 
     def _unknown(self, plan: _KindPlan, message: Message, decision: Decision) -> None:
         if plan.discard_unknown:
-            message.DiscardUnknownFields()
+            discard_unknown(message)
             decision.unknown_fields = "discarded"
         else:
             decision.unknown_fields = "kept"
@@ -568,7 +573,7 @@ class Engine:
                     removals = [*(removals or ()), dropped_field]
             if measure_unknown:  # per event, so that the record and the counts say which events had them
                 before = event.ByteSize()
-                event.DiscardUnknownFields()
+                discard_unknown(event)
                 if event.ByteSize() != before:
                     removals = [*(removals or ()), unknown_removal]
             if removals is not None:
@@ -612,10 +617,16 @@ class Engine:
                     del fields[name]
                 removals.append(Removal(plan.non_string_rule, path, wrong))
         if plan.discard_unknown:
-            struct.DiscardUnknownFields()
+            discard_unknown(struct)
         params.private_metadata.Clear()
         params.private_metadata.MergeFromString(struct.SerializeToString())
         return removals
+
+
+def _as_bytes(data: Wire) -> bytes:
+    """A payload as bytes, whatever buffer holds it: both paths read the same bytes, and the fast path's
+    records, which point into them, never see them change. Not bytes-like (a str): TypeError."""
+    return data if isinstance(data, bytes) else bytes(memoryview(data))
 
 
 def _events_payload(event: bytes) -> bytes:

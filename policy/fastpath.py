@@ -37,7 +37,7 @@ AVAILABLE = _wirefilter is not None
 
 # Field kinds, flags and roles: the numbering of _wirefilter.c.
 T_VARINT, T_FIXED64, T_STRING, T_BYTES, T_MESSAGE, T_FIXED32 = range(6)
-F_REPEATED, F_IMPLICIT, F_MAP = 1, 2, 4
+F_REPEATED, F_IMPLICIT, F_MAP, F_INT32, F_FLOAT = 1, 2, 4, 8, 16
 R_NONE, R_FALLBACK, R_EVENT, R_ID, R_FEATURE, R_ACTION, R_TIMESTAMP, R_MARKETING, R_PRIVATE, R_LEGACY = range(10)
 MODES = {"keep": 0, "drop": 1, "allowlist": 2}
 REC_MARKETING, REC_PRIVATE_WHOLE, REC_UNKNOWN = 1, 2, 4
@@ -66,6 +66,10 @@ _TYPES = {
     _FD.TYPE_SINT32: T_VARINT,
     _FD.TYPE_SINT64: T_VARINT,
 }
+
+# Varints a parser reads as 32 bits (2**32 is 0 to it), and the types whose -0.0 is "not set" as 0.0 is.
+_INT32 = frozenset({_FD.TYPE_INT32, _FD.TYPE_UINT32, _FD.TYPE_SINT32, _FD.TYPE_ENUM})
+_FLOAT = frozenset({_FD.TYPE_FLOAT, _FD.TYPE_DOUBLE})
 
 _EVENT = pb.Event.DESCRIPTOR
 _ROLES = {
@@ -116,6 +120,10 @@ def _tables(drops: dict[tuple[str, str], int]) -> tuple[list[tuple[list[FieldSpe
                     raise ValueError(f"{fd.full_name}: repeated scalars (packed) are not in the fast path's tables")
             if not fd.has_presence:
                 flags |= F_IMPLICIT
+            if fd.type in _INT32:
+                flags |= F_INT32
+            elif fd.type in _FLOAT:
+                flags |= F_FLOAT
             child = -1
             if fd.message_type is not None:
                 child = index[fd.message_type.full_name]

@@ -24,7 +24,12 @@ EVENTS = 2  # RecordEventsRequest.events
 IRREGULAR = -1  # not a well-formed sequence of fields, or a oneof member with the wrong wire type
 
 
-def _varint(data: bytes, pos: int) -> tuple[int, int]:
+# Bytes of a varint: tags and length prefixes take 5 at most (protobuf's upb refuses longer ones with
+# DecodeError), other varints 10.
+TAG_WIDTH, VALUE_WIDTH = 5, 10
+
+
+def _varint(data: bytes, pos: int, width: int = TAG_WIDTH) -> tuple[int, int]:
     result = 0
     shift = 0
     while True:
@@ -34,7 +39,7 @@ def _varint(data: bytes, pos: int) -> tuple[int, int]:
         if not byte & 0x80:
             return result, pos
         shift += 7
-        if shift > 63:
+        if shift >= 7 * width:
             raise ValueError("varint too long")
 
 
@@ -44,7 +49,7 @@ def payload(data: bytes) -> int:
     if end > 1 and data[0] == 0x12:  # events (field 2, length-delimited) first: the usual payload
         pos = 1
         length = shift = 0
-        while pos < end and pos <= 10:  # the length: a varint of at most 10 bytes, as _varint reads it
+        while pos < end and pos <= TAG_WIDTH:  # the length: a varint of at most 5 bytes, as _varint reads it
             byte = data[pos]
             pos += 1
             length |= (byte & 0x7F) << shift
@@ -70,14 +75,14 @@ def _walk(data: bytes) -> int:
                 length, pos = _varint(data, pos)
                 pos += length
             elif wire_type == 0:
-                _, pos = _varint(data, pos)
+                _, pos = _varint(data, pos, VALUE_WIDTH)
             elif wire_type == 1:
                 pos += 8
             elif wire_type == 5:
                 pos += 4
             else:  # groups and invalid wire types
                 return IRREGULAR
-            if number == 0 or pos > end:
+            if number == 0 or tag > 0xFFFFFFFF or pos > end:  # upb: a tag is 32 bits
                 return IRREGULAR
             if number in (METADATA, EVENTS):
                 if wire_type != 2:

@@ -34,7 +34,7 @@ def stated(text: str, pattern: str) -> list[str]:
 def test_policy_file_size_and_nesting_limits() -> None:
     for mib in stated(README, r"files over (\d+) MiB"):
         assert int(mib) * MIB == yamlsource.MAX_BYTES
-    for depth in stated(README, r"nesting deeper than (\d+)"):
+    for depth in stated(README, r"files over \d+ MiB, nesting deeper than (\d+)"):  # a policy file's YAML
         assert int(depth) == yamlsource.MAX_DEPTH
 
 

@@ -11,6 +11,7 @@ leave to the reference (duplicates, shadowed values, groups, invalid UTF-8, ...)
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from test_properties import ENGINES, SETTINGS, scenarios, varint
 
+from bench.fuzz.checks import unknowns
 from telemetry_guard.policy import Engine, default_policy, fastpath, load_policy
 from telemetry_guard.policy.engine import Outcome
 from telemetrygateway.v1 import telemetrygateway_pb2 as pb
@@ -35,6 +37,8 @@ NAMED = {
 FAST = {name: Engine(policy) for name, policy in NAMED.items()}
 SLOW = {name: Engine(policy, accelerate=False) for name, policy in NAMED.items()}
 LICENSED = pb.Identifier(licensed_instance=pb.Identifier.LicensedInstanceIdentifier(license_key="k"))
+MANAGED = pb.Identifier(managed_service=pb.Identifier.ManagedServiceIdentifier(service_id="s"))
+WORKSPACE = pb.Identifier(workspace=pb.Identifier.WorkspaceIdentifier(workspace_id="w"))
 
 
 def engine_name(engine: Engine) -> str:
@@ -309,3 +313,168 @@ def test_allowlisted_keys_are_matched_exactly_however_many(tmp_path: Path, monke
     assert not isinstance(got, str) and got.request is not None
     out = pb.RecordEventsRequest.FromString(got.request).events.events
     assert [sorted(e.parameters.private_metadata) for e in out] == [sorted(few), sorted(many[::3])]
+
+
+# --- the review's reproducers (issue 11) ------------------------------------------------------------
+
+
+def padded(n: int, width: int) -> bytes:
+    """n as a varint of exactly `width` bytes (overlong when wider than needed)."""
+    encoded = bytearray(varint(n))
+    while len(encoded) < width:
+        encoded[-1] |= 0x80
+        encoded.append(0)
+    return bytes(encoded)
+
+
+def test_the_reviews_overlong_event_id_tag_is_refused_by_both_paths() -> None:
+    data = bytes.fromhex("122a0a288a8080808000026531120208011a0f636f64792e636f6d706c6574696f6e22086163636570746564")
+    assert assert_same("default", data, LICENSED) == "DecodeError"
+
+
+@pytest.mark.parametrize("width", range(1, 11))
+@pytest.mark.parametrize("where", ["payload tag", "event tag", "id length", "private_metadata length", "struct key"])
+def test_tags_and_lengths_are_taken_in_five_bytes_at_most(where: str, width: int) -> None:
+    """protobuf (upb) refuses a tag or a length prefix written in 6 to 10 bytes; 1 to 5 bytes parse.
+    The fast path takes the same encodings or leaves them to the reference, never more."""
+    tag = padded(1 << 3 | 2, width)
+    ev_id = b"ev-1"
+    struct_entry = field(1, field(1, b"languageId") + field(2, STRING))
+    if where == "payload tag":
+        data = padded(2 << 3 | 2, width) + varint(len(inner := field(1, event()))) + inner
+    elif where == "event tag":
+        data = field(2, tag + varint(len(ev := event())) + ev)
+    elif where == "id length":
+        data = payload(b"\x0a" + padded(len(ev_id), width) + ev_id + event()[len(field(1, ev_id)) :])
+    elif where == "private_metadata length":
+        data = payload(event(field(6, b"\x1a" + padded(len(struct_entry), width) + struct_entry)))
+    else:
+        entry = b"\x0a" + padded(len(b"languageId"), width) + b"languageId" + field(2, STRING)
+        data = payload(event(field(6, field(3, field(1, entry)))))
+    for name, ident in (("default", LICENSED), ("default", MANAGED), ("properties", LICENSED)):
+        got = assert_same(name, data, ident)
+        assert (got == "DecodeError") == (width > 5), (name, where, width)
+
+
+def nested_structs(levels: int, bottom: bytes) -> bytes:
+    """A Struct holding {k: Value{struct_value: ...}} `levels` times, `bottom` in the innermost Struct."""
+    struct = bottom
+    for _ in range(levels):
+        struct = field(1, field(1, b"k") + field(2, field(5, struct)))
+    return struct
+
+
+@pytest.mark.parametrize("levels", [1, 10, 28, 29, 30, 31, 32, 33, 34])
+@pytest.mark.parametrize("ident", [MANAGED, WORKSPACE], ids=["managed_service", "workspace"])
+def test_unknown_fields_are_discarded_at_every_depth_the_parser_accepts(ident: pb.Identifier, levels: int) -> None:
+    """Kinds that keep private_metadata: an unknown field at the bottom of nested Structs never leaves."""
+    unknown = varint(100 << 3) + b"\x01"
+    data = payload(event(field(6, field(3, nested_structs(levels, unknown)))))
+    got = assert_same("default", data, ident)
+    if isinstance(got, str):  # deeper than protobuf's parser goes: refused by both
+        assert levels > 30
+        return
+    assert got.request is not None and got.decision.unknown_fields == "discarded"
+    out = pb.RecordEventsRequest.FromString(got.request)
+    assert unknowns(out) == []
+    assert out.events.events[0].parameters.HasField("private_metadata")
+
+
+@pytest.mark.parametrize("wrap", [bytearray, memoryview, lambda b: memoryview(bytearray(b))])
+@pytest.mark.parametrize("name", ["default", "properties"])
+def test_bytes_like_input_gets_the_answer_of_bytes_on_both_paths(name: str, wrap: Any) -> None:
+    data = payload(event(private((b"languageId", STRING), (b"prompt", field(3, b"secret"))), field(9, field(1, b"m"))))
+    for engine in (FAST[name], SLOW[name]):
+        for ident in (LICENSED, MANAGED):
+            expected = engine.record_events_bytes(data, ident)
+            assert engine.record_events_bytes(wrap(data), ident) == expected
+            kind = ident.WhichOneof("identifier")
+            assert engine.record_events_admitted(wrap(data), kind) == engine.record_events_admitted(data, kind)
+
+
+def test_bytes_like_garbage_is_a_decode_error_on_both_paths() -> None:
+    for engine in (FAST["default"], SLOW["default"]):
+        with pytest.raises(DecodeError):
+            engine.record_events_bytes(bytearray(b"\x12\x05\x0a"), LICENSED)
+
+
+@pytest.mark.parametrize("version", [0, 1, 2**31 - 1, 2**31, 2**32, 2**32 + 1, 2**64 - 1])
+def test_dropping_an_int32_records_what_a_parser_reads(tmp_path: Path, version: int) -> None:
+    """parameters.version is an int32: a varint of 2**32 is 0 to a parser, so nothing is removed."""
+    (tmp_path / "policy.yaml").write_text(
+        "version: 1\naccess: {RecordEvents: [managed_service]}\n"
+        "defaults: {drop_fields: [parameters.version, user.user_id]}\n"
+    )
+    policy = load_policy(tmp_path / "policy.yaml")
+    fast, slow = Engine(policy), Engine(policy, accelerate=False)
+    data = payload(event(field(6, b"\x08" + varint(version)), field(7, b"\x08" + varint(version))))
+    assert fast._plans["managed_service"].fast is not None
+    a, b = fast.record_events_bytes(data, MANAGED), slow.record_events_bytes(data, MANAGED)
+    assert a.decision == b.decision
+    assert canonical(a.request) == canonical(b.request)
+    assert {r.path for r in a.decision.events[0].removals} == (
+        {"parameters.version", "user.user_id"} if version % 2**32 else {"user.user_id"}
+    )
+
+
+def test_every_prefix_of_a_payload_gets_the_same_answer_from_both_paths() -> None:
+    """A payload cut at every byte: each field in turn ends the buffer, cut short (under ASan, a read past
+    a payload's last byte is an error report)."""
+    struct = field(1, field(1, b"languageId") + field(2, STRING)) + field(1, field(1, b"model") + field(2, NUMBER))
+    metadata = field(5, field(1, b"k") + b"\x11" + b"\x01" * 8)  # map<string, double>
+    marketing, user = field(9, field(1, b"https://m.example")), field(7, b"\x08" + varint(2**40))
+    data = payload(event(field(6, field(3, struct) + metadata), marketing, user))
+    data += b"\x9d\x06" + b"\x02" * 4 + b"\x99\x06" + b"\x03" * 8  # unknown fixed32 and fixed64 fields, last
+    assert took_fast_path("default", "licensed_instance", data)
+    for cut in range(len(data) + 1):  # properties: licensed_instance keeps unknown fields (copies them)
+        for name, ident in (("properties", LICENSED), ("default", LICENSED), ("default", MANAGED)):
+            assert_same(name, data[:cut], ident)
+
+
+def test_the_readme_states_the_limits_of_the_code() -> None:
+    """The nesting limits and the widths README.md gives are the code's and protobuf's."""
+    from telemetry_guard.policy import _wirefilter, unknown
+    from telemetry_guard.sidecar import wire
+
+    readme = " ".join((Path(__file__).parent.parent / "README.md").read_text().split())
+    levels = re.search(
+        r"That is (\d+) message levels: a private_metadata value can hold Structs nested (\d+) deep"
+        r" or lists nested (\d+) deep",
+        readme,
+    )
+    assert levels is not None
+    parser_depth, structs, lists = map(int, levels.groups())
+    assert parser_depth == unknown.PARSER_DEPTH
+    fast = re.search(
+        r"So does nesting deeper than (\d+) message levels. A tag or a length prefix takes at most (\d+) bytes", readme
+    )
+    assert fast is not None
+    assert int(fast.group(1)) == _wirefilter.MAX_DEPTH
+    assert int(fast.group(2)) == _wirefilter.TAG_WIDTH == wire.TAG_WIDTH
+
+    def as_lists(n: int) -> bytes:
+        value = STRING
+        for _ in range(n):
+            value = field(6, field(1, value))
+        return field(1, field(1, b"k") + field(2, value))
+
+    for build, deepest in ((lambda n: nested_structs(n, b""), structs), (as_lists, lists)):
+        pb.RecordEventsRequest.FromString(payload(event(field(6, field(3, build(deepest))))))
+        with pytest.raises(DecodeError):
+            pb.RecordEventsRequest.FromString(payload(event(field(6, field(3, build(deepest + 1))))))
+
+
+def test_upbs_own_discard_stops_where_policy_unknown_says_and_discard_unknown_goes_on() -> None:
+    from google.protobuf import struct_pb2
+
+    from telemetry_guard.policy import unknown
+
+    unknown_field = varint(100 << 3) + b"\x01"
+    for levels, survives_upb in ((unknown.REACH // 2 - 1, False), (unknown.REACH // 2, True)):
+        struct = struct_pb2.Struct.FromString(nested_structs(levels, unknown_field))  # the field at 2 * levels
+        plain = struct_pb2.Struct()
+        plain.CopyFrom(struct)
+        plain.DiscardUnknownFields()
+        assert (unknowns(plain) != []) == survives_upb
+        unknown.discard_unknown(struct)
+        assert unknowns(struct) == []

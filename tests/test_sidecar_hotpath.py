@@ -624,3 +624,19 @@ def shaped(draw: st.DrawFn) -> bytes:
 )
 def test_payload_shortcut_answers_as_the_walk(data: bytes) -> None:
     assert wire.payload(data) == wire._walk(data)
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"\x92\x80\x80\x80\x80\x00\x00",  # events, its tag in 6 bytes
+        b"\x8a\x80\x80\x80\x80\x80\x80\x80\x00\x00",  # metadata, its tag in 9 bytes
+        b"\x12\x80\x80\x80\x80\x80\x00",  # events, its length in 6 bytes
+        b"\x12\x00\x8a\xa2\xd4\xe4\x1a\x00",  # a tag past 32 bits (field 898497297) after the payload
+    ],
+)
+def test_payload_sniff_refuses_what_protobuf_refuses(data: bytes) -> None:
+    """Tags and lengths in more than 5 bytes, and tags past 32 bits, are DecodeErrors to protobuf (upb)."""
+    with pytest.raises(DecodeError):
+        pb.RecordEventsRequest.FromString(data)
+    assert wire.payload(data) == wire._walk(data) == wire.IRREGULAR
