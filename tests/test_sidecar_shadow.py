@@ -15,11 +15,9 @@ import signal
 import subprocess
 import sys
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
-import pytest
 from test_sidecar_support import (
     BEARER,
     FORWARD_TAG,
@@ -38,7 +36,6 @@ from test_sidecar_support import (
     publish_metadata,
     record_event_request,
     record_events,
-    serve_upstream,
     unary,
     users,
     wait_for,
@@ -99,22 +96,6 @@ def payloads(stream: str) -> list[pb.RecordEventsRequest]:
     return [
         payload(completion(f"{stream}c{i}"), search(f"{stream}s{i}"), dropped(f"{stream}d{i}")) for i in range(PAYLOADS)
     ]
-
-
-@pytest.fixture
-def upstream(request: pytest.FixtureRequest) -> Iterator[ServedUpstream]:
-    served = serve_upstream()
-    served.servicer.reset(tag=request.node.name)
-    yield served
-    served.stop()
-
-
-@pytest.fixture
-def started() -> Iterator[list[Sidecar]]:
-    processes: list[Sidecar] = []
-    yield processes
-    for process in processes:
-        process.kill()
 
 
 def _start(
