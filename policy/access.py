@@ -21,6 +21,7 @@ EVENT_REQUIRED = "event is required"
 RULE_IDENTIFIER = "identifier"
 RULE_EVENT = "event"
 RULE_PROTOCOL = "protocol"  # the stream protocol: metadata first and only once
+RULE_NESTING = "nesting"  # nested deeper than the parser takes a RecordEvents payload's event
 
 # The field that must be non-empty for each identifier kind (the gateway's checks).
 REQUIRED_ID_FIELD = {
@@ -66,6 +67,16 @@ def check_event(request: pb.RecordEventRequest) -> Denial | None:
     if request.HasField("event"):
         return None
     return Denial(grpc.StatusCode.INVALID_ARGUMENT, RULE_EVENT, EVENT_REQUIRED, f"RecordEvent: {EVENT_REQUIRED}")
+
+
+def nested_too_deep(rpc: str) -> Denial:
+    """An event that parses in its own request but not one level deeper, as a RecordEvents payload's
+    event: refused as that payload would be (undecodable), not judged by another path."""
+    return Denial(
+        grpc.StatusCode.INVALID_ARGUMENT,
+        RULE_NESTING,
+        f"{rpc}: the event is nested deeper than a RecordEvents payload may be (rule {RULE_NESTING})",
+    )
 
 
 def before_metadata(rpc: str, payload: str) -> Denial:

@@ -22,7 +22,7 @@ from typing import Any, Generic, TypeVar
 import grpc
 from cachetools import LRUCache
 from google.protobuf import struct_pb2
-from google.protobuf.message import Message
+from google.protobuf.message import DecodeError, Message
 
 from telemetry_guard.policy import access, fastpath, fieldpaths, validity, views
 from telemetry_guard.policy.decision import Decision, Denial, EventRecord, Removal
@@ -380,7 +380,11 @@ class Engine:
             return Outcome(None, decision)
         plan = self._plans[kind]
         # The same path as RecordEvents: the event as a one-event payload of the kind's view.
-        view: Any = plan.view.FromString(_events_payload(request.event.SerializeToString()))
+        try:
+            view: Any = plan.view.FromString(_events_payload(request.event.SerializeToString()))
+        except DecodeError:  # one level deeper there than in its own request: past the parser's limit
+            decision.denial = access.nested_too_deep(RECORD_EVENT)
+            return Outcome(None, decision)
         events = view.events.events
         self._filter_events(plan, events, decision, measure_unknown=True)
         if events:

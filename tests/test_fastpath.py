@@ -380,6 +380,28 @@ def test_unknown_fields_are_discarded_at_every_depth_the_parser_accepts(ident: p
     assert out.events.events[0].parameters.HasField("private_metadata")
 
 
+def test_record_event_nested_to_the_parsers_limit_is_refused_not_raised() -> None:
+    """An event nested as deep as its own RecordEventRequest allows is one level too deep as a RecordEvents
+    payload's event, the path RecordEvent is judged on: INVALID_ARGUMENT (rule nesting), never an exception.
+    (Found by bench.fuzz under the sanitizers.)"""
+    identifier = field(1, field(2, field(3, field(1, b"svc"))))  # metadata.identifier.managed_service
+    # Each Struct level is three messages deep (Struct, map entry, Value): a bottom of 0, 1 or 2 more
+    # messages (a map entry; a map entry and its Value) reaches every depth.
+    bottoms = (b"", field(1, field(1, b"k")), field(1, field(1, b"k") + field(2, b"")))
+    parses_alone = []
+    for levels, bottom in ((levels, bottom) for levels in range(25, 40) for bottom in bottoms):
+        data = identifier + field(2, event(field(6, field(3, nested_structs(levels, bottom)))))
+        try:
+            request = pb.RecordEventRequest.FromString(data)
+        except DecodeError:
+            break
+        outcome = SLOW["default"].record_event(request)
+        parses_alone.append(outcome.denial)
+    assert parses_alone and parses_alone[0] is None, "shallow enough: judged as usual"
+    deepest = parses_alone[-1]
+    assert deepest is not None and (deepest.code.name, deepest.rule) == ("INVALID_ARGUMENT", "nesting")
+
+
 @pytest.mark.parametrize("wrap", [bytearray, memoryview, lambda b: memoryview(bytearray(b))])
 @pytest.mark.parametrize("name", ["default", "properties"])
 def test_bytes_like_input_gets_the_answer_of_bytes_on_both_paths(name: str, wrap: Any) -> None:
