@@ -58,9 +58,9 @@ from google.protobuf.message import DecodeError, Message
 from telemetry_guard.interceptors.errors import GuardError, internal_error, wire_error
 from telemetry_guard.interceptors.guard import Guard, UnaryGuard, authorization_from, removed_event_response, serialize
 from telemetry_guard.interceptors.stream import StreamGuard
+from telemetry_guard.policy import wire
 from telemetry_guard.policy.engine import PUBLISH_USER_METADATA, RECORD_EVENT, RECORD_EVENTS
 from telemetry_guard.policy.kinds import SERVICE, method_path
-from telemetry_guard.sidecar import wire
 from telemetry_guard.sidecar.logs import fields
 from telemetry_guard.sidecar.metrics import NO_KIND, Metrics, MetricsAudit, StreamTally
 

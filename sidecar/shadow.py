@@ -39,9 +39,8 @@ from prometheus_client import Counter
 
 from telemetry_guard.interceptors.audit import AUDIT_LOGGER_NAME, Sink, identity
 from telemetry_guard.interceptors.guard import CallGuard, Guard
-from telemetry_guard.policy import Decision, Denial, Engine
+from telemetry_guard.policy import Decision, Denial, Engine, wire
 from telemetry_guard.policy.compare import Difference, PrivateKeys, RefusalDifference, compare, compare_refusals
-from telemetry_guard.sidecar import wire
 from telemetry_guard.sidecar.logs import fields
 from telemetry_guard.sidecar.metrics import NO_KIND, Metrics
 from telemetry_guard.sidecar.shadow_candidate import Candidate, CandidateReloader
