@@ -82,7 +82,7 @@ class StreamGuard(CallGuard):
             kind = self.kind
             if self.acks is not None and payload == "events" and kind and isinstance(request, pb.RecordEventsRequest):
                 acknowledged = self.guard.engine.acknowledged_removals(kind, outcome.decision)
-                self.acks.forwarded(request.events.events, acknowledged)
+                self.acks.forwarded(request.SerializeToString() if acknowledged else None, acknowledged)
             self.audit(outcome.decision, index)
             return request
 

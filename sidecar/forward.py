@@ -270,13 +270,7 @@ class Forwarder:
                 raise GuardError.from_denial(outcome.denial)
             decision = outcome.decision
             if stream.acks is not None:
-                dropped = guard.engine.acknowledged_removals(stream.kind, decision)
-                if dropped:
-                    # An id both removed and forwarded must not be acknowledged by us: read the forwarded
-                    # ids from the bytes that leave, only when something was removed whole.
-                    stream.acks.forwarded(wire.events_by_id(outcome.request or b""), dropped)
-                else:
-                    stream.acks.forwarded_none_removed()
+                stream.acks.forwarded(outcome.request, guard.engine.acknowledged_removals(stream.kind, decision))
             if tally is None:
                 stream.audit(decision, index)
             else:  # what MetricsAudit.record does, in the same order: count (held), then write the line
