@@ -95,8 +95,41 @@ def authorization_from(metadata: Iterable[Any] | None) -> str | None:
     return None
 
 
+class CallTally:
+    """Where one call's decisions, its refusal and the messages it passes on are counted.
+
+    This one counts nothing: the interceptors keep no metrics. The sidecar's (sidecar.metrics.StreamTally)
+    adds them up and publishes them as Prometheus counters. kind: the identifier kind of the call, or None.
+    """
+
+    __slots__ = ()
+
+    def judged(self, kind: str | None, events_in: int, events_out: int, counts: dict[str, int]) -> None:
+        """One request message decided (counts: Decision.counts())."""
+
+    def refused(self, kind: str | None, error: GuardError) -> None:
+        """The call refused (once per call)."""
+
+    def sent(self) -> None:
+        """One message passed on."""
+
+    def flush(self) -> None:
+        """Publish what was counted (the call's owner calls it when the call ends)."""
+
+
+NO_TALLY = CallTally()
+
+
+def no_tally(rpc: str) -> CallTally:
+    """Guard's default tally: nothing counted."""
+    return NO_TALLY
+
+
 class Guard:
-    """A loaded policy applied by one or more interceptors. side: "server" or "client" (audit)."""
+    """A loaded policy applied by one or more interceptors. side: "server" or "client" (audit).
+
+    tally: makes the counters of one call of an RPC (the sidecar's metrics); by default nothing is counted.
+    """
 
     def __init__(
         self,
@@ -106,12 +139,14 @@ class Guard:
         audit: AuditLog | None = None,
         side: str = "server",
         copy_requests: bool = False,
+        tally: Callable[[str], CallTally] = no_tally,
     ) -> None:
         self.engine = engine
         self.verifier = verifier or BearerPresent()
         self.audit = audit or AuditLog()
         self.side = side
         self.copy_requests = copy_requests
+        self.tally = tally
 
     @classmethod
     def build(
@@ -169,6 +204,7 @@ class CallGuard:
         self.rpc = rpc
         self.authorization = authorization
         self.identifier: pb.Identifier | None = None
+        self.identified_as: str | None = None  # the identifier's kind as given (admitted or not): the metrics' label
         self.request_id = ""
         self.raw = False  # the caller's requests are bytes (a raw-bytes method)
         self.kind: str | None = None
@@ -177,6 +213,7 @@ class CallGuard:
         self._token: str | None = None  # to verify before anything is passed on
         self._verified = False
         self._lines: DecisionLines | None = None
+        self.tally = guard.tally(rpc)
 
     def _admit(self, identifier: pb.Identifier | None) -> None:
         """Identifier, kind and token presence; remembers who is calling (audited even if refused)."""
@@ -197,11 +234,13 @@ class CallGuard:
         if identifier is not None:
             self.identifier = pb.Identifier()
             self.identifier.CopyFrom(identifier)
+            self.identified_as = identifier.WhichOneof("identifier")
 
     def refuse(self, error: GuardError, *, message: int | None = None) -> GuardError:
         """Remember and audit a refusal (the first one wins); returns it for raising."""
         if self.error is None:
             self.error = error
+            self.tally.refused(self.identified_as, error)
             self.guard.audit.record(
                 side=self.guard.side,
                 rpc=self.rpc,
@@ -213,14 +252,10 @@ class CallGuard:
         return self.error
 
     def audit(self, decision: Decision, message: int | None = None) -> None:
-        self.guard.audit.record(
-            side=self.guard.side,
-            rpc=self.rpc,
-            identifier=self.identifier,
-            decision=decision,
-            request_id=self.request_id,
-            message=message,
-        )
+        """Count a decision and write its audit line (before the message is passed on: record first)."""
+        counts = decision.counts()
+        self.tally.judged(self.identified_as, decision.events_in, decision.events_out, counts)
+        self.guard.audit.write_decision(self.decision_lines(), decision, message, counts)
 
     def decision_lines(self) -> DecisionLines:
         """The audit template of this call's decisions (made anew when identifier, request_id or override change)."""

@@ -7,9 +7,7 @@ takes for speed give exactly what the slower forms gave.
 - the audit trail builds no record when its logger would write none;
 - the JSON formatter's cached head gives the same line as encoding the head each time;
 - a call's decision records encoded from its template (DecisionLines) are the text json gives for
-  the record's dict, and the forwarder's way of writing and counting an events payload (the line
-  first, the counters once the payload is written) writes the same lines and counts the same as
-  MetricsAudit.record;
+  the record's dict, and a call's counters published in batches count the same as published at once;
 - an events payload judged under the stream's admitted kind (Engine.record_events_admitted) gets the
   outcome record_events_bytes gives it with the stream's identifier.
 
@@ -42,7 +40,7 @@ from telemetry_guard.policy.decision import EventRecord, Removal, clip
 from telemetry_guard.policy.engine import RECORD_EVENTS, Outcome
 from telemetry_guard.sidecar.forward import Forwarder
 from telemetry_guard.sidecar.logs import FIELDS, JsonFormatter
-from telemetry_guard.sidecar.metrics import Metrics, MetricsAudit, StreamTally
+from telemetry_guard.sidecar.metrics import Metrics, StreamTally
 from telemetrygateway.v1 import telemetrygateway_pb2 as pb
 
 
@@ -68,7 +66,7 @@ class _NoChannel:
 
 def _stream(engine: Engine, kind: str = "unlicensed_instance") -> tuple[Forwarder, StreamGuard]:
     metrics = Metrics()
-    guard = Guard(engine, audit=MetricsAudit(metrics), side="server")
+    guard = Guard(engine, audit=AuditLog(), side="server", tally=metrics.tally)
     forwarder = Forwarder(_NoChannel(), lambda: guard, metrics)  # type: ignore[arg-type]
     stream = StreamGuard(guard, "RecordEvents", None)
     assert stream.accept(metadata(kind).SerializeToString()) is not None
@@ -147,10 +145,12 @@ def test_metrics_are_counted_even_when_no_record_is_written(engine: Engine) -> N
     logger = logging.getLogger(f"{AUDIT_LOGGER_NAME}.test-metrics")
     logger.setLevel(logging.WARNING)
     metrics = Metrics()
-    audit = MetricsAudit(metrics, logger)
+    call = StreamGuard(Guard(engine, audit=AuditLog(logger), tally=metrics.tally), "RecordEvents", None)
+    assert call.accept(metadata("licensed_instance").SerializeToString()) is not None
     request = payload(sensitive("c1"), dropped("c2"))
     decision = engine.record_events_bytes(request.SerializeToString(), identifier("licensed_instance")).decision
-    audit.record(side="server", rpc="RecordEvents", identifier=identifier("licensed_instance"), decision=decision)
+    call.audit(decision)
+    call.tally.flush()
     text = metrics.expose().decode()
     for rule, count in decision.counts().items():
         assert f'rule="{rule}"}} {float(count)}' in text
@@ -405,8 +405,8 @@ def _without_created(metrics: Metrics) -> list[str]:
 def test_forwarder_writes_and_counts_events_payloads_as_metrics_audit_does(
     engine: Engine, configured_logs: Any, level: str
 ) -> None:
-    """The same lines and counters by either way: MetricsAudit.record (count and write at once), or the
-    forwarder's (line before the payload leaves, counters once it is written)."""
+    """The same lines and counters whether the call's counters are published after every message or in
+    batches (the forwarder's way: at least every FLUSH_SECONDS, and when the stream ends)."""
     from telemetry_guard.sidecar import logs
 
     logging.getLogger().setLevel(level.upper())
@@ -421,23 +421,21 @@ def test_forwarder_writes_and_counts_events_payloads_as_metrics_audit_does(
     outputs = []
     for split in (False, True):
         metrics = Metrics()
-        guard = Guard(engine, audit=MetricsAudit(metrics, sink=logs.audit_sink()), side="server")
+        guard = Guard(engine, audit=AuditLog(sink=logs.audit_sink()), side="server", tally=metrics.tally)
         forwarder = Forwarder(_NoChannel(), lambda: guard, metrics)  # type: ignore[arg-type]  # noqa: B023
         stream = StreamGuard(guard, "RecordEvents", None)
         assert stream.accept(metadata("unlicensed_instance", "req-split").SerializeToString()) is not None
-        tally = forwarder._tally(stream) if split else None
-        assert (tally is not None) == split
+        tally = stream.tally
         out = []
         for request in requests:
             try:
-                out.append(forwarder._filter_events(stream, request.SerializeToString(), tally))
+                out.append(forwarder._filter_events(stream, request.SerializeToString()))
             except GuardError as exc:
                 out.append(exc.code.name)
             finally:
-                if tally is not None:
-                    tally.count()
-        if tally is not None:
-            tally.flush()  # as the pump does when the stream ends
+                if not split:
+                    tally.flush()  # published at once
+        tally.flush()  # as the pump does when the stream ends
         outputs.append((out, _without_created(metrics)))
     assert outputs[0] == outputs[1]
     assert outputs[0][1] != _without_created(Metrics())  # something was counted
@@ -453,14 +451,11 @@ def _tallied(metrics: Metrics) -> list[str]:
     return [line for line in _without_created(metrics) if line.startswith("telemetry_guard_") and "workspace" in line]
 
 
-def test_a_tally_counts_each_held_decision_once() -> None:
+def test_a_tally_counts_each_decision_once() -> None:
     metrics = Metrics()
-    tally = StreamTally(metrics, "RecordEvents", "workspace")
-    tally.count()  # nothing held: nothing counted
-    tally.hold(3, 2, {"r": 1})
-    tally.hold(1, 0, {})  # the first one is counted before it is replaced
-    tally.count()
-    tally.count()
+    tally = StreamTally(metrics, "RecordEvents")
+    tally.judged("workspace", 3, 2, {"r": 1})
+    tally.judged("workspace", 1, 0, {})
     tally.sent()
     assert _tallied(metrics) == []  # within FLUSH_SECONDS of the start: not published yet
     tally.flush()
@@ -478,30 +473,13 @@ def test_a_tally_counts_each_held_decision_once() -> None:
 def test_a_long_stream_publishes_its_counters_as_it_goes(monkeypatch: pytest.MonkeyPatch) -> None:
     """A stream that never ends still reaches the registry every FLUSH_SECONDS, at its next count()."""
     metrics = Metrics()
-    tally = StreamTally(metrics, "RecordEvents", "workspace")
-    tally.hold(5, 5, {})
-    tally.count()
+    tally = StreamTally(metrics, "RecordEvents")
+    tally.judged("workspace", 5, 5, {})
     assert _tallied(metrics) == []
     monkeypatch.setattr(StreamTally, "FLUSH_SECONDS", 0.0)
-    tally.hold(2, 1, {"r": 3})
-    tally.count()
+    tally.judged("workspace", 2, 1, {"r": 3})
     assert 'telemetry_guard_events_received_total{kind="workspace",rpc="RecordEvents"} 7.0' in _tallied(metrics)
     assert 'telemetry_guard_removals_total{kind="workspace",rpc="RecordEvents",rule="r"} 3.0' in _tallied(metrics)
-
-
-def test_the_split_is_taken_only_with_this_sidecars_metrics_audit(engine: Engine) -> None:
-    metrics = Metrics()
-    for audit, split in (
-        (MetricsAudit(metrics), True),
-        (MetricsAudit(Metrics()), False),  # another registry: its own counting
-        (AuditLog(), False),
-        (type("Counting", (MetricsAudit,), {})(metrics), False),  # a subclass may add to record
-    ):
-        guard = Guard(engine, audit=audit, side="server")
-        forwarder = Forwarder(_NoChannel(), lambda: guard, metrics)  # type: ignore[arg-type]  # noqa: B023
-        stream = StreamGuard(guard, "RecordEvents", None)
-        stream.accept(metadata("unlicensed_instance").SerializeToString())
-        assert (forwarder._tally(stream) is not None) == split
 
 
 # -- the stream's admitted kind ------------------------------------------------------------------------
