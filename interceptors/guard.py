@@ -4,12 +4,14 @@ The interceptors (sync and aio, server and client) only adapt gRPC's shapes to t
 steps; every decision is taken here and in stream.py, the same way on both sides:
 
 1. decode: bytes are parsed, messages copied on the client (the exporter's objects are
-   never changed in place); anything else is refused;
+   never changed in place); anything else is refused. An events payload of an admitted
+   RecordEvents stream is not parsed here: it is judged on its wire bytes (a message given
+   is serialized), and the consumer gets the bytes that may leave, or them parsed once;
 2. admit: identifier present and complete, kind allowed for the RPC, bearer token present
    when the kind needs credentials (the engine's check_access);
 3. verify: the verifier judges the token (sync, or in an executor for aio);
-4. filter: the engine removes what the policy says, in place on the decoded copy;
-5. audit: one record per request message, refusals included.
+4. filter: the engine removes what the policy says;
+5. audit: one record per request message, refusals included, and the call's tally counts it.
 
 Any exception other than a GuardError while doing so becomes INTERNAL naming the RPC.
 """
@@ -27,7 +29,7 @@ from google.protobuf.message import DecodeError, Message
 
 from telemetry_guard.interceptors.audit import AuditLog, DecisionLines
 from telemetry_guard.interceptors.credentials import BearerPresent, CredentialVerifier, cancelled
-from telemetry_guard.interceptors.errors import GuardError, evaluating, wire_error
+from telemetry_guard.interceptors.errors import GuardError, internal_error, wire_error
 from telemetry_guard.policy import RPCS, Decision, Engine, Policy, default_policy
 from telemetry_guard.policy.access import bearer_token, check_event
 from telemetry_guard.policy.engine import PUBLISH_USER_METADATA, RECORD_EVENT, RECORD_EVENTS
@@ -35,7 +37,9 @@ from telemetry_guard.policy.kinds import method_path
 from telemetry_guard.policy.safety import check_enforceable
 from telemetrygateway.v1 import telemetrygateway_pb2 as pb
 
-Encode = Callable[[Message], Any]
+# What a guard passes on: a filtered message, or the filtered wire bytes of an events payload.
+Passed = Message | bytes
+Encode = Callable[[Passed], Any]
 
 REQUEST_TYPES: dict[str, type[Message]] = {
     RECORD_EVENTS: pb.RecordEventsRequest,
@@ -63,21 +67,26 @@ def server_encoder(rpc: str, deserializer: Callable[[bytes], Any] | None) -> Enc
     if deserializer is None:
         return serialize
     if deserializer == REQUEST_TYPES[rpc].FromString:
-        return _identity
-    return lambda message: deserializer(message.SerializeToString())
+        return _message_of(REQUEST_TYPES[rpc])
+    return lambda passed: deserializer(serialize(passed))
 
 
 def client_encoder(call: CallGuard) -> Encode:
     """How a channel takes a filtered request: as the caller gave them (bytes for a raw-bytes method)."""
-    return serialize if call.raw else _identity
+    return serialize if call.raw else _message_of(REQUEST_TYPES[call.rpc])
 
 
-def serialize(message: Message) -> bytes:
-    """Encode: a message for a consumer that takes bytes (raw handlers, the sidecar's upstream)."""
-    return message.SerializeToString()
+def serialize(passed: Passed) -> bytes:
+    """Encode: for a consumer that takes bytes (raw handlers, the sidecar's upstream)."""
+    return passed if isinstance(passed, bytes) else passed.SerializeToString()
 
 
-def _identity(message: Message) -> Message:
+def _message_of(cls: type[Message]) -> Encode:
+    """Encode: for a consumer that takes the request message (parsed once, from the bytes that may leave)."""
+
+    def message(passed: Passed) -> Message:
+        return cls.FromString(passed) if isinstance(passed, bytes) else passed
+
     return message
 
 
@@ -278,10 +287,14 @@ class CallGuard:
     def judging(self, message: int | None = None) -> Iterator[None]:
         """Fail closed (INTERNAL for any other exception) and remember and audit a refusal."""
         try:
-            with evaluating(self.rpc):
-                yield
-        except GuardError as exc:
-            raise self.refuse(exc, message=message) from None
+            yield
+        except Exception as exc:
+            raise self.failed(exc, message=message) from None
+
+    def failed(self, exc: Exception, *, message: int | None = None) -> GuardError:
+        """The refusal for an exception raised while judging (a GuardError, else INTERNAL naming only its type),
+        remembered and audited; for the per-message paths that catch for themselves."""
+        return self.refuse(exc if isinstance(exc, GuardError) else internal_error(self.rpc, exc), message=message)
 
     def _decode(self, item: Any) -> Message:
         self.raw = isinstance(item, bytes | bytearray | memoryview)
@@ -314,14 +327,16 @@ class CallGuard:
                     raise
             self._verified = True
 
-    def pass_on(self, encode: Encode, message: Message) -> Any:
-        """A filtered message in the form its consumer takes; only once the token is verified."""
-        with self.judging():
+    def pass_on(self, encode: Encode, passed: Passed) -> Any:
+        """What the guard passes on, in the form its consumer takes; only once the token is verified."""
+        try:
             self._require_verified()
-            return encode(message)
+            return encode(passed)
+        except Exception as exc:
+            raise self.failed(exc) from None
 
     def _require_verified(self) -> None:
-        """Call inside evaluating(): an interceptor that skipped verify() passes nothing on."""
+        """Call inside judging(): an interceptor that skipped verify() passes nothing on."""
         if not self._verified:
             raise RuntimeError("credentials were not verified")
 

@@ -3,12 +3,10 @@
 The sidecar's handlers take and give raw bytes (no deserializer): a request is parsed by the
 guard, never by grpc, so a request that does not parse is refused by the guard
 (INVALID_ARGUMENT naming the rule) instead of being answered INTERNAL by grpc. Enforcement
-reuses interceptors/: StreamGuard (the stream protocol: metadata first and only once; the
-identifier admitted once; refusals audited), UnaryGuard, the credential verifier, the audit log
-and the acknowledgement ledger. One thing is done here instead: an events payload after the
-metadata goes through Engine.record_events_bytes (one parse into the kind's view class) rather
-than StreamGuard.accept (parse, copy, filter, parse back, serialize), which costs twice as much
-per payload on the proxy's hot path. Everything else about the message is as StreamGuard does it.
+composes interceptors/: StreamGuard (the stream protocol: metadata first and only once; the
+identifier admitted once; each events payload judged on its wire bytes under the admitted kind,
+Engine.record_events_admitted; refusals audited), UnaryGuard, the credential verifier, the audit
+log and the acknowledgement ledger, as the four interceptors do.
 
 One client RecordEvents stream = one upstream stream:
 
@@ -52,12 +50,17 @@ from typing import TYPE_CHECKING, Any, TypeAlias
 
 import grpc
 import grpc.aio
-from google.protobuf.message import DecodeError, Message
 
-from telemetry_guard.interceptors.errors import GuardError, internal_error, wire_error
-from telemetry_guard.interceptors.guard import Guard, UnaryGuard, authorization_from, removed_event_response, serialize
+from telemetry_guard.interceptors.errors import GuardError, internal_error
+from telemetry_guard.interceptors.guard import (
+    Guard,
+    Passed,
+    UnaryGuard,
+    authorization_from,
+    removed_event_response,
+    serialize,
+)
 from telemetry_guard.interceptors.stream import StreamGuard
-from telemetry_guard.policy import wire
 from telemetry_guard.policy.engine import PUBLISH_USER_METADATA, RECORD_EVENT, RECORD_EVENTS
 from telemetry_guard.policy.kinds import SERVICE, method_path
 from telemetry_guard.sidecar.logs import fields
@@ -234,34 +237,6 @@ class Forwarder:
 
     # -- RecordEvents -------------------------------------------------------------------
 
-    def _filter_events(self, stream: StreamGuard, raw: bytes) -> bytes | None:
-        """The bytes to send upstream for one message of the stream (None: skip it); raises GuardError."""
-        if stream.kind is None or wire.payload(raw) != wire.EVENTS:
-            message = stream.accept(raw)  # metadata again, empty, irregular: the protocol's rules
-            return None if message is None else stream.pass_on(serialize, message)
-        index = stream.take_index()  # numbered like the messages accept() sees
-        guard = stream.guard
-        try:  # fail closed as interceptors.errors.evaluating does, without a context manager per payload
-            try:
-                # The stream's identifier was admitted as stream.kind (and stream.override) by this engine:
-                # not judged again per payload.
-                outcome = guard.engine.record_events_admitted(
-                    raw, stream.kind, detailed=guard.detailed, override=stream.override
-                )
-            except DecodeError:
-                raise wire_error(stream.rpc) from None
-            if outcome.denial is not None:
-                raise GuardError.from_denial(outcome.denial)
-            decision = outcome.decision
-            if stream.acks is not None:
-                stream.acks.forwarded(outcome.request, guard.engine.acknowledged_removals(stream.kind, decision))
-            stream.audit(decision, index)
-            return outcome.request
-        except GuardError as exc:
-            raise stream.refuse(exc, message=index) from None
-        except Exception as exc:
-            raise stream.refuse(internal_error(stream.rpc, exc), message=index) from None
-
     async def record_events(self, requests: AsyncIterator[bytes], context: Context) -> AsyncIterator[bytes]:
         metadata = context.invocation_metadata()
         stream = StreamGuard(self._guards(), RECORD_EVENTS, authorization_from(metadata))
@@ -321,7 +296,7 @@ class Forwarder:
     async def _pump_events(
         self,
         stream: StreamGuard,
-        first: Message,
+        first: Passed,
         requests: AsyncIterator[bytes],
         call: Any,
         payloads: _Payloads,
@@ -340,9 +315,10 @@ class Forwarder:
                 return  # the upstream ended the call: its status is read by the handler
             tally.sent()
             async for raw in requests:
-                out = self._filter_events(stream, raw)
-                if out is None:
+                passed = stream.accept(raw)
+                if passed is None:
                     continue
+                out = stream.pass_on(serialize, passed)
                 await payloads.sending()
                 if not await _send(call, out):
                     return  # the upstream ended the call: its status is read by the handler
@@ -434,7 +410,7 @@ class Forwarder:
     async def _pump_messages(
         self,
         stream: StreamGuard,
-        first: Message,
+        first: Passed,
         requests: AsyncIterator[bytes],
         call: Any,
         shadow: ShadowCall | None = None,
@@ -444,10 +420,10 @@ class Forwarder:
                 return  # the upstream ended the call: its status is read by the handler
             stream.tally.sent()
             async for raw in requests:
-                message = stream.accept(raw)
-                if message is None:
+                passed = stream.accept(raw)
+                if passed is None:
                     continue
-                if not await _send(call, stream.pass_on(serialize, message)):
+                if not await _send(call, stream.pass_on(serialize, passed)):
                     return
                 stream.tally.sent()
                 if shadow is not None:

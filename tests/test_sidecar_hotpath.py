@@ -38,7 +38,6 @@ from telemetry_guard.interceptors.stream import StreamGuard
 from telemetry_guard.policy import Decision, Engine, default_policy, load_policy
 from telemetry_guard.policy.decision import EventRecord, Removal, clip
 from telemetry_guard.policy.engine import RECORD_EVENTS, Outcome
-from telemetry_guard.sidecar.forward import Forwarder
 from telemetry_guard.sidecar.logs import FIELDS, JsonFormatter
 from telemetry_guard.sidecar.metrics import Metrics, StreamTally
 from telemetrygateway.v1 import telemetrygateway_pb2 as pb
@@ -51,32 +50,18 @@ def engine(tmp_path_factory: pytest.TempPathFactory) -> Engine:
     return Engine(load_policy(path))
 
 
-class _NoChannel:
-    """What Forwarder takes from a channel at construction; nothing is ever called."""
-
-    def stream_stream(self, *args: Any) -> None:
-        return None
-
-    def unary_unary(self, *args: Any) -> None:
-        return None
-
-    def stream_unary(self, *args: Any) -> None:
-        return None
-
-
-def _stream(engine: Engine, kind: str = "unlicensed_instance") -> tuple[Forwarder, StreamGuard]:
+def _stream(engine: Engine, kind: str = "unlicensed_instance") -> StreamGuard:
     metrics = Metrics()
     guard = Guard(engine, audit=AuditLog(), side="server", tally=metrics.tally)
-    forwarder = Forwarder(_NoChannel(), lambda: guard, metrics)  # type: ignore[arg-type]
     stream = StreamGuard(guard, "RecordEvents", None)
     assert stream.accept(metadata(kind).SerializeToString()) is not None
-    return forwarder, stream
+    return stream
 
 
 def test_acknowledgements_stay_exact_when_a_removed_id_is_also_forwarded(engine: Engine) -> None:
-    forwarder, stream = _stream(engine)
+    stream = _stream(engine)
     raw = payload(event("keep"), dropped("gone"), invalid("bad"), dropped("dup"), event("dup"), dropped(""))
-    out = forwarder._filter_events(stream, raw.SerializeToString())
+    out = stream.accept(raw.SerializeToString())
     assert out is not None
     assert [e.id for e in pb.RecordEventsRequest.FromString(out).events.events] == ["keep", "dup"]
     # The upstream acknowledges "keep" only: "dup" was forwarded and not acknowledged, so it stays unacknowledged.
@@ -86,8 +71,8 @@ def test_acknowledgements_stay_exact_when_a_removed_id_is_also_forwarded(engine:
 
 
 def test_a_payload_with_nothing_removed_whole_is_answered_unchanged(engine: Engine) -> None:
-    forwarder, stream = _stream(engine)
-    forwarder._filter_events(stream, payload(sensitive("s1"), event("e2")).SerializeToString())
+    stream = _stream(engine)
+    stream.accept(payload(sensitive("s1"), event("e2")).SerializeToString())
     answer = pb.RecordEventsResponse(succeeded_events=["e2"]).SerializeToString()
     assert stream.merge(answer) == answer
 
@@ -402,7 +387,7 @@ def _without_created(metrics: Metrics) -> list[str]:
 
 
 @pytest.mark.parametrize("level", ["info", "debug", "warning"])
-def test_forwarder_writes_and_counts_events_payloads_as_metrics_audit_does(
+def test_events_payloads_are_written_and_counted_alike_published_at_once_or_in_batches(
     engine: Engine, configured_logs: Any, level: str
 ) -> None:
     """The same lines and counters whether the call's counters are published after every message or in
@@ -422,14 +407,13 @@ def test_forwarder_writes_and_counts_events_payloads_as_metrics_audit_does(
     for split in (False, True):
         metrics = Metrics()
         guard = Guard(engine, audit=AuditLog(sink=logs.audit_sink()), side="server", tally=metrics.tally)
-        forwarder = Forwarder(_NoChannel(), lambda: guard, metrics)  # type: ignore[arg-type]  # noqa: B023
         stream = StreamGuard(guard, "RecordEvents", None)
         assert stream.accept(metadata("unlicensed_instance", "req-split").SerializeToString()) is not None
         tally = stream.tally
         out = []
         for request in requests:
             try:
-                out.append(forwarder._filter_events(stream, request.SerializeToString()))
+                out.append(stream.accept(request.SerializeToString()))
             except GuardError as exc:
                 out.append(exc.code.name)
             finally:
