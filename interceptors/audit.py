@@ -131,16 +131,17 @@ class DecisionLines:
             return None
         if decision.request_id and not self.request_id:
             return None
-        events_in = decision.events_in
-        events_out = decision.events_out
+        fields = decision.fields(counts)
+        events_in = fields["events_in"]
+        events_out = fields["events_out"]
         if type(events_in) is not int or type(events_out) is not int:
             return None  # bool or float: the encoder writes them its own way
-        ids = decision.dropped_event_ids
-        dropped = _encode([clip(i) for i in ids]) if ids else "[]"
-        removed = self._counts(decision.counts() if counts is None else counts)
+        ids = fields["dropped_event_ids"]
+        dropped = _encode(ids) if ids else "[]"
+        removed = self._counts(fields["removed_per_rule"])
         if removed is None:
             return None
-        given = decision.unknown_fields
+        given = fields.get("unknown_fields")
         unknown = (_encode_str(given) if type(given) is str else _encode(given)) if given else ""
         templates = self._templates or self._made()
         if message is None:
@@ -217,17 +218,12 @@ class AuditLog:
         if message is not None:
             record["message"] = message
         if decision is not None:
-            record["events_in"] = decision.events_in
-            record["events_out"] = decision.events_out
-            record["removed_per_rule"] = decision.counts() if counts is None else counts
-            record["dropped_event_ids"] = [clip(i) for i in decision.dropped_event_ids]
-            if decision.unknown_fields:
-                record["unknown_fields"] = decision.unknown_fields
+            record.update(decision.fields(counts))
         if refusal is not None:
             record["refused"] = {"code": refusal.code.name, "rule": refusal.rule, "message": refusal.message}
             if refusal.reason:
                 record["refused"]["reason"] = refusal.reason
-        self._emit(level, record)
+        self.emit(level, record)
         if decision is not None and self.logger.isEnabledFor(logging.DEBUG):
             self._debug_keys(record, decision)
 
@@ -267,9 +263,10 @@ class AuditLog:
         record["audit"] = "removed_keys"
         record["events"] = events
         record["removals"] = [_removal(r) for r in decision.removals]
-        self._emit(logging.DEBUG, record)
+        self.emit(logging.DEBUG, record)
 
-    def _emit(self, level: int, record: dict[str, Any]) -> None:
+    def emit(self, level: int, record: dict[str, Any]) -> None:
+        """One record at a level: through the sink when there is one, else logging (the dict attached)."""
         if self.logger.isEnabledFor(level):
             if self._sink is not None:
                 self._sink(level, _encode(record))
