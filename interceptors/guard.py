@@ -330,7 +330,8 @@ class CallGuard:
     def pass_on(self, encode: Encode, passed: Passed) -> Any:
         """What the guard passes on, in the form its consumer takes; only once the token is verified."""
         try:
-            self._require_verified()
+            if not self._verified:
+                self._require_verified()
             return encode(passed)
         except Exception as exc:
             raise self.failed(exc) from None

@@ -80,7 +80,7 @@ class StreamGuard(CallGuard):
         """
         if self.kind is None or self.acks is None:
             return None
-        if isinstance(item, bytes | bytearray | memoryview):
+        if type(item) is bytes or isinstance(item, bytearray | memoryview):
             self.raw = True
             data = bytes(item)  # the same object for bytes
             return data if wire.payload(data) == wire.EVENTS else None
@@ -96,10 +96,9 @@ class StreamGuard(CallGuard):
         its removed-whole ids given to the acknowledgement ledger, its decision counted and audited
         before anything is passed on.
         """
-        self._require_verified()
         kind = self.kind
-        if kind is None or self.acks is None:
-            raise RuntimeError("events before the stream was admitted")
+        if not self._verified or kind is None or self.acks is None:
+            raise RuntimeError("events before the stream was admitted and its credentials verified")
         guard = self.guard
         try:
             outcome = guard.engine.record_events_admitted(data, kind, detailed=guard.detailed, override=self.override)

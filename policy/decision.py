@@ -183,11 +183,12 @@ class Decision:
 
         counts: counts(), when the caller has it already.
         """
+        dropped = self.dropped_event_ids
         out: dict[str, Any] = {
             "events_in": self.events_in,
             "events_out": self.events_out,
             "removed_per_rule": self.counts() if counts is None else counts,
-            "dropped_event_ids": [clip(i) for i in self.dropped_event_ids],
+            "dropped_event_ids": [clip(i) for i in dropped] if dropped else dropped,
         }
         if self.unknown_fields:
             out["unknown_fields"] = self.unknown_fields

@@ -213,7 +213,8 @@ class StreamTally(CallTally):
         self._call = CALL.get()
 
     def judged(self, kind: str | None, events_in: int, events_out: int, counts: dict[str, int]) -> None:
-        self._label(kind)
+        if (kind or NO_KIND) != self._kind:
+            self._label(kind)
         totals = self._totals
         totals[0] += 1
         totals[1] += events_in
