@@ -454,6 +454,21 @@ def test_a_tally_counts_each_decision_once() -> None:
     assert _tallied(metrics) == published
 
 
+def test_a_tally_counts_under_the_kind_it_was_given() -> None:
+    """What was counted under one kind label is published under it, even when a later record brings another."""
+    metrics = Metrics()
+    tally = StreamTally(metrics, "RecordEvents")
+    tally.judged(None, 1, 1, {})
+    tally.judged("workspace", 3, 2, {"r": 1})
+    tally.refused("licensed_instance", GuardError(grpc.StatusCode.PERMISSION_DENIED, "access", "refused"))
+    text = metrics.expose().decode()
+    assert 'telemetry_guard_events_received_total{kind="none",rpc="RecordEvents"} 1.0' in text
+    assert 'telemetry_guard_events_received_total{kind="workspace",rpc="RecordEvents"} 3.0' in text
+    assert 'telemetry_guard_removals_total{kind="workspace",rpc="RecordEvents",rule="r"} 1.0' in text
+    assert 'telemetry_guard_requests_received_total{kind="licensed_instance",rpc="RecordEvents"} 1.0' in text
+    assert 'telemetry_guard_denials_total{code="PERMISSION_DENIED",rpc="RecordEvents",rule="access"} 1.0' in text
+
+
 def test_a_long_stream_publishes_its_counters_as_it_goes(monkeypatch: pytest.MonkeyPatch) -> None:
     """A stream that never ends still reaches the registry every FLUSH_SECONDS, at its next count()."""
     metrics = Metrics()
