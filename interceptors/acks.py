@@ -21,9 +21,10 @@ from __future__ import annotations
 
 import threading
 from collections import deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
+from telemetry_guard.policy import wire
 from telemetrygateway.v1 import telemetrygateway_pb2 as pb
 
 
@@ -34,20 +35,20 @@ class AckLedger:
         self._pending: deque[tuple[str, ...]] = deque()
         self._lock = threading.Lock()
 
-    def forwarded(self, events: Sequence[pb.Event], removed_ids: Iterable[str]) -> None:
-        """Call for every events payload, before it is passed on (events: what is passed on)."""
+    def forwarded(self, request: bytes | None, removed_ids: Sequence[str]) -> None:
+        """Call for every events payload, before it is passed on.
+
+        request: the serialized RecordEventsRequest that is passed on (its ids are read only when something
+        was removed whole: an id both removed and forwarded is not acknowledged by us).
+        """
         ids: tuple[str, ...] = ()
-        removed = [i for i in dict.fromkeys(removed_ids) if i]
-        if removed:
-            kept = {event.id for event in events}
-            ids = tuple(i for i in removed if i not in kept)
+        if removed_ids:
+            removed = [i for i in dict.fromkeys(removed_ids) if i]
+            if removed:
+                kept = {event.id for event in wire.events_by_id(request or b"")}
+                ids = tuple(i for i in removed if i not in kept)
         with self._lock:
             self._pending.append(ids)
-
-    def forwarded_none_removed(self) -> None:
-        """forwarded() for a payload no event of which was removed whole: nothing to add to its answer."""
-        with self._lock:
-            self._pending.append(())
 
     def merge(self, response: Any) -> Any:
         """The response to the oldest unanswered payload, its removed ids added.

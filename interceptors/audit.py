@@ -93,7 +93,7 @@ class DecisionLines:
     then encodes the dict.
     """
 
-    __slots__ = ("_rules", "_templates", "identifier", "kind", "override", "request_id", "rpc", "side")
+    __slots__ = ("_constant", "_rules", "_templates", "identifier", "kind", "override", "request_id", "rpc", "side")
 
     def __init__(
         self, side: str, rpc: str, identifier: pb.Identifier | None, request_id: str, override: str | None = None
@@ -109,13 +109,19 @@ class DecisionLines:
         if override is not None:
             constant["override"] = override
         constant["request_id"] = request_id
-        # Indexed by (message given) * 2 + (unknown_fields given): the two optional fields of a record.
-        self._templates = tuple(
-            _template(constant, _variable(with_message, with_unknown))
-            for with_message in (False, True)
-            for with_unknown in (False, True)
-        )
+        self._constant = constant
+        self._templates: tuple[str, ...] = ()  # made at the first encode(): a call written through logging needs none
         self._rules: dict[str, str] = {}  # rule name -> its JSON key and separator, for removed_per_rule
+
+    def _made(self) -> tuple[str, ...]:
+        """The templates, indexed by (message given) * 2 + (unknown_fields given): a record's two optional fields."""
+        if not self._templates:
+            self._templates = tuple(
+                _template(self._constant, _variable(with_message, with_unknown))
+                for with_message in (False, True)
+                for with_unknown in (False, True)
+            )
+        return self._templates
 
     def encode(
         self, decision: Decision, message: int | None = None, counts: dict[str, int] | None = None
@@ -125,6 +131,7 @@ class DecisionLines:
             return None
         if decision.request_id and not self.request_id:
             return None
+        # Decision.fields, read field by field (no dict per message): tests hold the two to the same text.
         events_in = decision.events_in
         events_out = decision.events_out
         if type(events_in) is not int or type(events_out) is not int:
@@ -136,15 +143,16 @@ class DecisionLines:
             return None
         given = decision.unknown_fields
         unknown = (_encode_str(given) if type(given) is str else _encode(given)) if given else ""
+        templates = self._templates or self._made()
         if message is None:
             if unknown:
-                return self._templates[1] % (dropped, events_in, events_out, removed, unknown)
-            return self._templates[0] % (dropped, events_in, events_out, removed)
+                return templates[1] % (dropped, events_in, events_out, removed, unknown)
+            return templates[0] % (dropped, events_in, events_out, removed)
         if type(message) is not int:
             return None
         if unknown:
-            return self._templates[3] % (dropped, events_in, events_out, message, removed, unknown)
-        return self._templates[2] % (dropped, events_in, events_out, message, removed)
+            return templates[3] % (dropped, events_in, events_out, message, removed, unknown)
+        return templates[2] % (dropped, events_in, events_out, message, removed)
 
     def _counts(self, counts: dict[str, int]) -> str | None:
         """_encode(counts) for rule names and int counts (rule keys encoded once per call); None otherwise."""
@@ -210,25 +218,20 @@ class AuditLog:
         if message is not None:
             record["message"] = message
         if decision is not None:
-            record["events_in"] = decision.events_in
-            record["events_out"] = decision.events_out
-            record["removed_per_rule"] = decision.counts() if counts is None else counts
-            record["dropped_event_ids"] = [clip(i) for i in decision.dropped_event_ids]
-            if decision.unknown_fields:
-                record["unknown_fields"] = decision.unknown_fields
+            record.update(decision.fields(counts))
         if refusal is not None:
             record["refused"] = {"code": refusal.code.name, "rule": refusal.rule, "message": refusal.message}
             if refusal.reason:
                 record["refused"]["reason"] = refusal.reason
-        self._emit(level, record)
+        self.emit(level, record)
         if decision is not None and self.logger.isEnabledFor(logging.DEBUG):
             self._debug_keys(record, decision)
 
     def write_decision(
         self, lines: DecisionLines, decision: Decision, message: int | None = None, counts: dict[str, int] | None = None
     ) -> None:
-        """What AuditLog.record writes for a decision of the call `lines` was made for (and nothing a
-        subclass adds to record): with a sink, the INFO line encoded from the call's template."""
+        """What record writes for a decision of the call `lines` was made for: with a sink, the INFO line
+        encoded from the call's template."""
         logger = self.logger
         if self._sink is not None and not logger.isEnabledFor(logging.DEBUG):
             if not logger.isEnabledFor(logging.INFO):
@@ -237,8 +240,7 @@ class AuditLog:
             if line is not None:
                 self._sink(logging.INFO, line)
                 return
-        AuditLog.record(
-            self,
+        self.record(
             side=lines.side,
             rpc=lines.rpc,
             identifier=lines.identifier,
@@ -261,9 +263,10 @@ class AuditLog:
         record["audit"] = "removed_keys"
         record["events"] = events
         record["removals"] = [_removal(r) for r in decision.removals]
-        self._emit(logging.DEBUG, record)
+        self.emit(logging.DEBUG, record)
 
-    def _emit(self, level: int, record: dict[str, Any]) -> None:
+    def emit(self, level: int, record: dict[str, Any]) -> None:
+        """One record at a level: through the sink when there is one, else logging (the dict attached)."""
         if self.logger.isEnabledFor(level):
             if self._sink is not None:
                 self._sink(level, _encode(record))

@@ -8,8 +8,7 @@ taken from a message, a token or an exception raised while evaluating.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from typing import Any
 
 import grpc
@@ -76,17 +75,6 @@ def internal_error(rpc: str, exc: BaseException) -> GuardError:
         f"{rpc}: the policy could not be evaluated ({type(exc).__name__}); the call is refused "
         f"(rule {RULE_EVALUATION})",
     )
-
-
-@contextmanager
-def evaluating(rpc: str) -> Iterator[None]:
-    """Fail closed: any exception but a GuardError becomes INTERNAL naming the RPC."""
-    try:
-        yield
-    except GuardError:
-        raise
-    except Exception as exc:
-        raise internal_error(rpc, exc) from None
 
 
 class GuardRpcError(grpc.RpcError, grpc.Call):

@@ -4,12 +4,14 @@ The interceptors (sync and aio, server and client) only adapt gRPC's shapes to t
 steps; every decision is taken here and in stream.py, the same way on both sides:
 
 1. decode: bytes are parsed, messages copied on the client (the exporter's objects are
-   never changed in place); anything else is refused;
+   never changed in place); anything else is refused. An events payload of an admitted
+   RecordEvents stream is not parsed here: it is judged on its wire bytes (a message given
+   is serialized), and the consumer gets the bytes that may leave, or them parsed once;
 2. admit: identifier present and complete, kind allowed for the RPC, bearer token present
    when the kind needs credentials (the engine's check_access);
 3. verify: the verifier judges the token (sync, or in an executor for aio);
-4. filter: the engine removes what the policy says, in place on the decoded copy;
-5. audit: one record per request message, refusals included.
+4. filter: the engine removes what the policy says;
+5. audit: one record per request message, refusals included, and the call's tally counts it.
 
 Any exception other than a GuardError while doing so becomes INTERNAL naming the RPC.
 """
@@ -27,7 +29,7 @@ from google.protobuf.message import DecodeError, Message
 
 from telemetry_guard.interceptors.audit import AuditLog, DecisionLines
 from telemetry_guard.interceptors.credentials import BearerPresent, CredentialVerifier, cancelled
-from telemetry_guard.interceptors.errors import GuardError, evaluating, wire_error
+from telemetry_guard.interceptors.errors import GuardError, internal_error, wire_error
 from telemetry_guard.policy import RPCS, Decision, Engine, Policy, default_policy
 from telemetry_guard.policy.access import bearer_token, check_event
 from telemetry_guard.policy.engine import PUBLISH_USER_METADATA, RECORD_EVENT, RECORD_EVENTS
@@ -35,7 +37,9 @@ from telemetry_guard.policy.kinds import method_path
 from telemetry_guard.policy.safety import check_enforceable
 from telemetrygateway.v1 import telemetrygateway_pb2 as pb
 
-Encode = Callable[[Message], Any]
+# What a guard passes on: a filtered message, or the filtered wire bytes of an events payload.
+Passed = Message | bytes
+Encode = Callable[[Passed], Any]
 
 REQUEST_TYPES: dict[str, type[Message]] = {
     RECORD_EVENTS: pb.RecordEventsRequest,
@@ -63,21 +67,26 @@ def server_encoder(rpc: str, deserializer: Callable[[bytes], Any] | None) -> Enc
     if deserializer is None:
         return serialize
     if deserializer == REQUEST_TYPES[rpc].FromString:
-        return _identity
-    return lambda message: deserializer(message.SerializeToString())
+        return _message_of(REQUEST_TYPES[rpc])
+    return lambda passed: deserializer(serialize(passed))
 
 
 def client_encoder(call: CallGuard) -> Encode:
     """How a channel takes a filtered request: as the caller gave them (bytes for a raw-bytes method)."""
-    return serialize if call.raw else _identity
+    return serialize if call.raw else _message_of(REQUEST_TYPES[call.rpc])
 
 
-def serialize(message: Message) -> bytes:
-    """Encode: a message for a consumer that takes bytes (raw handlers, the sidecar's upstream)."""
-    return message.SerializeToString()
+def serialize(passed: Passed) -> bytes:
+    """Encode: for a consumer that takes bytes (raw handlers, the sidecar's upstream)."""
+    return passed if isinstance(passed, bytes) else passed.SerializeToString()
 
 
-def _identity(message: Message) -> Message:
+def _message_of(cls: type[Message]) -> Encode:
+    """Encode: for a consumer that takes the request message (parsed once, from the bytes that may leave)."""
+
+    def message(passed: Passed) -> Message:
+        return cls.FromString(passed) if isinstance(passed, bytes) else passed
+
     return message
 
 
@@ -95,8 +104,41 @@ def authorization_from(metadata: Iterable[Any] | None) -> str | None:
     return None
 
 
+class CallTally:
+    """Where one call's decisions, its refusal and the messages it passes on are counted.
+
+    This one counts nothing: the interceptors keep no metrics. The sidecar's (sidecar.metrics.StreamTally)
+    adds them up and publishes them as Prometheus counters. kind: the identifier kind of the call, or None.
+    """
+
+    __slots__ = ()
+
+    def judged(self, kind: str | None, events_in: int, events_out: int, counts: dict[str, int]) -> None:
+        """One request message decided (counts: Decision.counts())."""
+
+    def refused(self, kind: str | None, error: GuardError) -> None:
+        """The call refused (once per call)."""
+
+    def sent(self) -> None:
+        """One message passed on."""
+
+    def flush(self) -> None:
+        """Publish what was counted (the call's owner calls it when the call ends)."""
+
+
+NO_TALLY = CallTally()
+
+
+def no_tally(rpc: str) -> CallTally:
+    """Guard's default tally: nothing counted."""
+    return NO_TALLY
+
+
 class Guard:
-    """A loaded policy applied by one or more interceptors. side: "server" or "client" (audit)."""
+    """A loaded policy applied by one or more interceptors. side: "server" or "client" (audit).
+
+    tally: makes the counters of one call of an RPC (the sidecar's metrics); by default nothing is counted.
+    """
 
     def __init__(
         self,
@@ -106,12 +148,14 @@ class Guard:
         audit: AuditLog | None = None,
         side: str = "server",
         copy_requests: bool = False,
+        tally: Callable[[str], CallTally] = no_tally,
     ) -> None:
         self.engine = engine
         self.verifier = verifier or BearerPresent()
         self.audit = audit or AuditLog()
         self.side = side
         self.copy_requests = copy_requests
+        self.tally = tally
 
     @classmethod
     def build(
@@ -169,6 +213,7 @@ class CallGuard:
         self.rpc = rpc
         self.authorization = authorization
         self.identifier: pb.Identifier | None = None
+        self.identified_as: str | None = None  # the identifier's kind as given (admitted or not): the metrics' label
         self.request_id = ""
         self.raw = False  # the caller's requests are bytes (a raw-bytes method)
         self.kind: str | None = None
@@ -177,6 +222,7 @@ class CallGuard:
         self._token: str | None = None  # to verify before anything is passed on
         self._verified = False
         self._lines: DecisionLines | None = None
+        self.tally = guard.tally(rpc)
 
     def _admit(self, identifier: pb.Identifier | None) -> None:
         """Identifier, kind and token presence; remembers who is calling (audited even if refused)."""
@@ -197,11 +243,13 @@ class CallGuard:
         if identifier is not None:
             self.identifier = pb.Identifier()
             self.identifier.CopyFrom(identifier)
+            self.identified_as = identifier.WhichOneof("identifier")
 
     def refuse(self, error: GuardError, *, message: int | None = None) -> GuardError:
         """Remember and audit a refusal (the first one wins); returns it for raising."""
         if self.error is None:
             self.error = error
+            self.tally.refused(self.identified_as, error)
             self.guard.audit.record(
                 side=self.guard.side,
                 rpc=self.rpc,
@@ -213,14 +261,10 @@ class CallGuard:
         return self.error
 
     def audit(self, decision: Decision, message: int | None = None) -> None:
-        self.guard.audit.record(
-            side=self.guard.side,
-            rpc=self.rpc,
-            identifier=self.identifier,
-            decision=decision,
-            request_id=self.request_id,
-            message=message,
-        )
+        """Count a decision and write its audit line (before the message is passed on: record first)."""
+        counts = decision.counts()
+        self.tally.judged(self.identified_as, decision.events_in, decision.events_out, counts)
+        self.guard.audit.write_decision(self.decision_lines(), decision, message, counts)
 
     def decision_lines(self) -> DecisionLines:
         """The audit template of this call's decisions (made anew when identifier, request_id or override change)."""
@@ -243,10 +287,14 @@ class CallGuard:
     def judging(self, message: int | None = None) -> Iterator[None]:
         """Fail closed (INTERNAL for any other exception) and remember and audit a refusal."""
         try:
-            with evaluating(self.rpc):
-                yield
-        except GuardError as exc:
-            raise self.refuse(exc, message=message) from None
+            yield
+        except Exception as exc:
+            raise self.failed(exc, message=message) from None
+
+    def failed(self, exc: Exception, *, message: int | None = None) -> GuardError:
+        """The refusal for an exception raised while judging (a GuardError, else INTERNAL naming only its type),
+        remembered and audited; for the per-message paths that catch for themselves."""
+        return self.refuse(exc if isinstance(exc, GuardError) else internal_error(self.rpc, exc), message=message)
 
     def _decode(self, item: Any) -> Message:
         self.raw = isinstance(item, bytes | bytearray | memoryview)
@@ -279,14 +327,17 @@ class CallGuard:
                     raise
             self._verified = True
 
-    def pass_on(self, encode: Encode, message: Message) -> Any:
-        """A filtered message in the form its consumer takes; only once the token is verified."""
-        with self.judging():
-            self._require_verified()
-            return encode(message)
+    def pass_on(self, encode: Encode, passed: Passed) -> Any:
+        """What the guard passes on, in the form its consumer takes; only once the token is verified."""
+        try:
+            if not self._verified:
+                self._require_verified()
+            return encode(passed)
+        except Exception as exc:
+            raise self.failed(exc) from None
 
     def _require_verified(self) -> None:
-        """Call inside evaluating(): an interceptor that skipped verify() passes nothing on."""
+        """Call inside judging(): an interceptor that skipped verify() passes nothing on."""
         if not self._verified:
             raise RuntimeError("credentials were not verified")
 

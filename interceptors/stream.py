@@ -25,12 +25,12 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
-from google.protobuf.message import Message
+from google.protobuf.message import DecodeError, Message
 
 from telemetry_guard.interceptors.acks import AckLedger
-from telemetry_guard.interceptors.errors import GuardError, internal_error, protocol_error
-from telemetry_guard.interceptors.guard import CallGuard, Encode, Guard
-from telemetry_guard.policy import Outcome
+from telemetry_guard.interceptors.errors import GuardError, protocol_error, wire_error
+from telemetry_guard.interceptors.guard import CallGuard, Encode, Guard, Passed
+from telemetry_guard.policy import Outcome, wire
 from telemetry_guard.policy.engine import RECORD_EVENTS
 from telemetrygateway.v1 import telemetrygateway_pb2 as pb
 
@@ -56,35 +56,86 @@ class StreamGuard(CallGuard):
         self._received += 1
         return index
 
-    def accept(self, item: Any) -> Message | None:
-        """The next request as received: the filtered message to pass on, or None to skip it."""
+    def accept(self, item: Any) -> Passed | None:
+        """The next request as received: what to pass on, or None to skip it; raises GuardError.
+
+        An events payload of an admitted stream is judged on its wire bytes (_events()) and passed on as
+        the bytes that may leave; every other message is parsed whole and checked against the protocol.
+        Fails closed as judging() does, without a context manager on the per-payload path.
+        """
         index = self.take_index()
+        try:
+            data = self._events_wire(item)
+            if data is not None:
+                return self._events(data, index)
+        except Exception as exc:
+            raise self.failed(exc, message=index) from None
         with self.judging(message=index):
-            request = self._decode(item)
-            if not isinstance(request, pb.RecordEventsRequest | pb.PublishInstanceUserMetadataRequest):
-                raise TypeError(type(request).__name__)
-            payload = request.WhichOneof("payload")
-            if payload is None:
-                return None
-            if payload == "metadata":
-                if self.kind is not None:
-                    raise protocol_error(self.rpc, "received metadata more than once")
-                metadata = request.metadata
-                self.request_id = metadata.request_id
-                self._admit(metadata.identifier if metadata.HasField("identifier") else None)
-            elif self.kind is None:
-                raise protocol_error(self.rpc, f"got {payload} when metadata not yet received")
-            else:
-                self._require_verified()
-            outcome = self._filter(request, payload)
-            if outcome.denial is not None:
-                raise GuardError.from_denial(outcome.denial)
-            kind = self.kind
-            if self.acks is not None and payload == "events" and kind and isinstance(request, pb.RecordEventsRequest):
-                acknowledged = self.guard.engine.acknowledged_removals(kind, outcome.decision)
-                self.acks.forwarded(request.events.events, acknowledged)
-            self.audit(outcome.decision, index)
-            return request
+            return self._message(item, index)
+
+    def _events_wire(self, item: Any) -> bytes | None:
+        """The wire bytes of an events payload of this admitted RecordEvents stream; None for anything else.
+
+        Told from the top-level tags only (policy.wire.payload): what is irregular there is parsed whole.
+        """
+        if self.kind is None or self.acks is None:
+            return None
+        if type(item) is bytes or isinstance(item, bytearray | memoryview):
+            self.raw = True
+            data = bytes(item)  # the same object for bytes
+            return data if wire.payload(data) == wire.EVENTS else None
+        if isinstance(item, pb.RecordEventsRequest) and item.WhichOneof("payload") == "events":
+            self.raw = False
+            return item.SerializeToString()
+        return None
+
+    def _events(self, data: bytes, index: int) -> bytes | None:
+        """One events payload of the admitted stream: the bytes that may leave (None: nothing to pass on).
+
+        Judged under the stream's kind and override as admitted once (Engine.record_events_admitted),
+        its removed-whole ids given to the acknowledgement ledger, its decision counted and audited
+        before anything is passed on.
+        """
+        kind = self.kind
+        if not self._verified or kind is None or self.acks is None:
+            raise RuntimeError("events before the stream was admitted and its credentials verified")
+        guard = self.guard
+        try:
+            outcome = guard.engine.record_events_admitted(data, kind, detailed=guard.detailed, override=self.override)
+        except DecodeError:
+            raise wire_error(self.rpc) from None
+        if outcome.denial is not None:
+            raise GuardError.from_denial(outcome.denial)
+        decision = outcome.decision
+        self.acks.forwarded(outcome.request, guard.engine.acknowledged_removals(kind, decision))
+        self.audit(decision, index)
+        return outcome.request
+
+    def _message(self, item: Any, index: int) -> Message | bytes | None:
+        """A message parsed whole: the stream's metadata, a user metadata payload, or one irregular on the wire."""
+        request = self._decode(item)
+        if not isinstance(request, pb.RecordEventsRequest | pb.PublishInstanceUserMetadataRequest):
+            raise TypeError(type(request).__name__)
+        payload = request.WhichOneof("payload")
+        if payload is None:
+            return None
+        if payload == "metadata":
+            if self.kind is not None:
+                raise protocol_error(self.rpc, "received metadata more than once")
+            metadata = request.metadata
+            self.request_id = metadata.request_id
+            self._admit(metadata.identifier if metadata.HasField("identifier") else None)
+        elif self.kind is None:
+            raise protocol_error(self.rpc, f"got {payload} when metadata not yet received")
+        elif payload == "events":
+            return self._events(request.SerializeToString(), index)
+        else:
+            self._require_verified()
+        outcome = self._filter(request, payload)
+        if outcome.denial is not None:
+            raise GuardError.from_denial(outcome.denial)
+        self.audit(outcome.decision, index)
+        return request
 
     def _filter(
         self, request: pb.RecordEventsRequest | pb.PublishInstanceUserMetadataRequest, payload: str
@@ -99,7 +150,7 @@ class StreamGuard(CallGuard):
     def _no_metadata(self) -> GuardError:
         return self.refuse(protocol_error(self.rpc, "stream ended before its metadata message"))
 
-    def first(self, items: Iterator[Any]) -> Message:
+    def first(self, items: Iterator[Any]) -> Passed:
         """Read up to the metadata message (empty messages skipped); raises GuardError."""
         for item in items:
             message = self.accept(item)
@@ -107,7 +158,7 @@ class StreamGuard(CallGuard):
                 return message
         raise self._no_metadata()
 
-    async def first_async(self, items: AsyncIterator[Any]) -> Message:
+    async def first_async(self, items: AsyncIterator[Any]) -> Passed:
         async for item in items:
             message = self.accept(item)
             if message is not None:
@@ -115,7 +166,7 @@ class StreamGuard(CallGuard):
         raise self._no_metadata()
 
     def rest(
-        self, first: Message, items: Iterator[Any], encode: Encode, on_refusal: Callable[[], None] | None = None
+        self, first: Passed, items: Iterator[Any], encode: Encode, on_refusal: Callable[[], None] | None = None
     ) -> Iterator[Any]:
         """The first message, then every later one filtered, each encoded for the consumer.
 
@@ -135,7 +186,7 @@ class StreamGuard(CallGuard):
                 yield self.pass_on(encode, message)
 
     async def rest_async(
-        self, first: Message, items: AsyncIterator[Any], encode: Encode, on_refusal: Callable[[], None] | None = None
+        self, first: Passed, items: AsyncIterator[Any], encode: Encode, on_refusal: Callable[[], None] | None = None
     ) -> AsyncIterator[Any]:
         yield self.pass_on(encode, first)
         async for item in items:
@@ -160,7 +211,5 @@ class StreamGuard(CallGuard):
             return response
         try:
             return self.acks.merge(response)
-        except GuardError as exc:
-            raise self.refuse(exc) from None
         except Exception as exc:
-            raise self.refuse(internal_error(self.rpc, exc)) from None
+            raise self.failed(exc) from None

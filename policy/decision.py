@@ -177,6 +177,23 @@ class Decision:
         shown = ", ".join(f"{n}={v!r}" for n, v in zip(names, self._fields(), strict=False))
         return f"Decision({shown}, events_in={self.events_in}, events_out={self.events_out})"
 
+    def fields(self, counts: dict[str, int] | None = None) -> dict[str, Any]:
+        """What every record of this decision says of it (the audit line, the CLI's summary): the events in
+        and out, removals per rule, the ids removed whole (clipped), and unknown_fields when it applies.
+
+        counts: counts(), when the caller has it already.
+        """
+        dropped = self.dropped_event_ids
+        out: dict[str, Any] = {
+            "events_in": self.events_in,
+            "events_out": self.events_out,
+            "removed_per_rule": self.counts() if counts is None else counts,
+            "dropped_event_ids": [clip(i) for i in dropped] if dropped else dropped,
+        }
+        if self.unknown_fields:
+            out["unknown_fields"] = self.unknown_fields
+        return out
+
     def to_dict(self, with_keys: bool = False) -> dict[str, Any]:
         """A JSON-ready summary for audit logs; key names only when with_keys."""
 
@@ -193,15 +210,12 @@ class Decision:
             out["denial"] = {"code": self.denial.code.name, "rule": self.denial.rule, "message": self.denial.message}
             if self.denial.reason:
                 out["denial"]["reason"] = self.denial.reason
-        out["events_in"] = self.events_in
-        out["events_out"] = self.events_out
-        out["removed_per_rule"] = self.counts()
-        out["dropped_event_ids"] = [clip(i) for i in self.dropped_event_ids]
+        out.update(self.fields())
         out["events"] = [self._event(e, removal) for e in self.events]
         if self.removals:
             out["removals"] = [removal(r) for r in self.removals]
         if self.unknown_fields:
-            out["unknown_fields"] = self.unknown_fields
+            out["unknown_fields"] = out.pop("unknown_fields")  # last, where the summary has always had it
         return out
 
     @staticmethod

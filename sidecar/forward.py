@@ -3,12 +3,10 @@
 The sidecar's handlers take and give raw bytes (no deserializer): a request is parsed by the
 guard, never by grpc, so a request that does not parse is refused by the guard
 (INVALID_ARGUMENT naming the rule) instead of being answered INTERNAL by grpc. Enforcement
-reuses interceptors/: StreamGuard (the stream protocol: metadata first and only once; the
-identifier admitted once; refusals audited), UnaryGuard, the credential verifier, the audit log
-and the acknowledgement ledger. One thing is done here instead: an events payload after the
-metadata goes through Engine.record_events_bytes (one parse into the kind's view class) rather
-than StreamGuard.accept (parse, copy, filter, parse back, serialize), which costs twice as much
-per payload on the proxy's hot path. Everything else about the message is as StreamGuard does it.
+composes interceptors/: StreamGuard (the stream protocol: metadata first and only once; the
+identifier admitted once; each events payload judged on its wire bytes under the admitted kind,
+Engine.record_events_admitted; refusals audited), UnaryGuard, the credential verifier, the audit
+log and the acknowledgement ledger, as the four interceptors do.
 
 One client RecordEvents stream = one upstream stream:
 
@@ -24,13 +22,12 @@ Acknowledgements: an upstream response goes back unchanged, except that the ids 
 the policy removed whole from the payload it answers are added (interceptors/acks.py). An id
 the upstream did not acknowledge is never added.
 
-Audit and metrics of an events payload: its audit line is written before it is forwarded (a
-forwarded payload always has its record first), from a template of the stream's constant fields;
-its counters (requests, events, removals per rule, messages sent) are added up in the stream
-once it is written upstream and published at least every half second and when the stream ends
-(sidecar.metrics.StreamTally), and its round trip observed once the response is on its way to
-the client: off the round trip's critical path, with the same totals. Refusals are audited and
-counted when they are raised.
+Audit and metrics: a message's audit line is written before it is forwarded (a forwarded payload
+always has its record first), from a template of the call's constant fields; its counters
+(requests, events, removals per rule, refusals, messages sent) go to the call's tally
+(sidecar.metrics.StreamTally: added up in the call, published at least every half second and when
+the call ends), and a payload's round trip is observed once the response is on its way to the
+client: off the round trip's critical path.
 
 Errors, in order of precedence: a refusal by the guard (its status, the call upstream
 cancelled: nothing more is forwarded); an upstream error (its code and details, unchanged;
@@ -53,16 +50,21 @@ from typing import TYPE_CHECKING, Any, TypeAlias
 
 import grpc
 import grpc.aio
-from google.protobuf.message import DecodeError, Message
 
-from telemetry_guard.interceptors.errors import GuardError, internal_error, wire_error
-from telemetry_guard.interceptors.guard import Guard, UnaryGuard, authorization_from, removed_event_response, serialize
+from telemetry_guard.interceptors.errors import GuardError, internal_error
+from telemetry_guard.interceptors.guard import (
+    Guard,
+    Passed,
+    UnaryGuard,
+    authorization_from,
+    removed_event_response,
+    serialize,
+)
 from telemetry_guard.interceptors.stream import StreamGuard
 from telemetry_guard.policy.engine import PUBLISH_USER_METADATA, RECORD_EVENT, RECORD_EVENTS
 from telemetry_guard.policy.kinds import SERVICE, method_path
-from telemetry_guard.sidecar import wire
 from telemetry_guard.sidecar.logs import fields
-from telemetry_guard.sidecar.metrics import NO_KIND, Metrics, MetricsAudit, StreamTally
+from telemetry_guard.sidecar.metrics import Metrics
 
 if TYPE_CHECKING:
     from telemetry_guard.sidecar.shadow import Shadow, ShadowCall
@@ -233,61 +235,7 @@ class Forwarder:
     def _shadow_call(self, rpc: str, guard: Guard) -> ShadowCall | None:
         return None if self._shadow is None else self._shadow.start(rpc, guard)
 
-    def _sent(self, rpc: str, kind: str | None) -> None:
-        self.metrics.child(self.metrics.requests_out, rpc, kind or NO_KIND).inc()
-
     # -- RecordEvents -------------------------------------------------------------------
-
-    def _tally(self, stream: StreamGuard) -> StreamTally | None:
-        """The stream's decision counters, when its audit log is this sidecar's MetricsAudit (else None:
-        the audit log counts, as record does for every other message)."""
-        audit = stream.guard.audit
-        if type(audit) is MetricsAudit and audit.metrics is self.metrics:
-            return StreamTally(self.metrics, stream.rpc, stream.kind)
-        return None
-
-    def _filter_events(self, stream: StreamGuard, raw: bytes, tally: StreamTally | None = None) -> bytes | None:
-        """The bytes to send upstream for one message of the stream (None: skip it); raises GuardError.
-
-        tally (see _tally): an events payload's audit line is written here, before the payload leaves,
-        and its counting held in the tally, for the pump to do once the payload is written upstream.
-        """
-        if stream.kind is None or wire.payload(raw) != wire.EVENTS:
-            message = stream.accept(raw)  # metadata again, empty, irregular: the protocol's rules
-            return None if message is None else stream.pass_on(serialize, message)
-        index = stream.take_index()  # numbered like the messages accept() sees
-        guard = stream.guard
-        try:  # fail closed as interceptors.errors.evaluating does, without a context manager per payload
-            try:
-                # The stream's identifier was admitted as stream.kind (and stream.override) by this engine:
-                # not judged again per payload.
-                outcome = guard.engine.record_events_admitted(
-                    raw, stream.kind, detailed=guard.detailed, override=stream.override
-                )
-            except DecodeError:
-                raise wire_error(stream.rpc) from None
-            if outcome.denial is not None:
-                raise GuardError.from_denial(outcome.denial)
-            decision = outcome.decision
-            if stream.acks is not None:
-                dropped = guard.engine.acknowledged_removals(stream.kind, decision)
-                if dropped:
-                    # An id both removed and forwarded must not be acknowledged by us: read the forwarded
-                    # ids from the bytes that leave, only when something was removed whole.
-                    stream.acks.forwarded(wire.events_by_id(outcome.request or b""), dropped)
-                else:
-                    stream.acks.forwarded_none_removed()
-            if tally is None:
-                stream.audit(decision, index)
-            else:  # what MetricsAudit.record does, in the same order: count (held), then write the line
-                counts = decision.counts()
-                tally.hold(decision.events_in, decision.events_out, counts)
-                guard.audit.write_decision(stream.decision_lines(), decision, index, counts)
-            return outcome.request
-        except GuardError as exc:
-            raise stream.refuse(exc, message=index) from None
-        except Exception as exc:
-            raise stream.refuse(internal_error(stream.rpc, exc), message=index) from None
 
     async def record_events(self, requests: AsyncIterator[bytes], context: Context) -> AsyncIterator[bytes]:
         metadata = context.invocation_metadata()
@@ -343,11 +291,12 @@ class Forwarder:
             await self._finish(stream, call=call, pump=pump, failure=failure, context=context)
         finally:
             active.dec()
+            stream.tally.flush()  # what was counted before the pump started, or if it never did
 
     async def _pump_events(
         self,
         stream: StreamGuard,
-        first: Message,
+        first: Passed,
         requests: AsyncIterator[bytes],
         call: Any,
         payloads: _Payloads,
@@ -360,29 +309,22 @@ class Forwarder:
         stream's counters are published when it ends, however it ends. The shadow judges a payload
         after it is written.
         """
-        sent = self.metrics.child(self.metrics.requests_out, RECORD_EVENTS, stream.kind or NO_KIND)
-        tally = self._tally(stream)
+        tally = stream.tally
         try:
             if not await _send(call, stream.pass_on(serialize, first)):
                 return  # the upstream ended the call: its status is read by the handler
-            sent.inc()
+            tally.sent()
             async for raw in requests:
-                try:
-                    out = self._filter_events(stream, raw, tally)
-                    if out is None:
-                        continue
-                    await payloads.sending()
-                    if not await _send(call, out):
-                        return  # the upstream ended the call: its status is read by the handler
-                    if tally is None:
-                        sent.inc()
-                    else:
-                        tally.sent()
-                    if shadow is not None:
-                        shadow.events(raw, out, stream.received - 1)
-                finally:
-                    if tally is not None:
-                        tally.count()
+                passed = stream.accept(raw)
+                if passed is None:
+                    continue
+                out = stream.pass_on(serialize, passed)
+                await payloads.sending()
+                if not await _send(call, out):
+                    return  # the upstream ended the call: its status is read by the handler
+                tally.sent()
+                if shadow is not None:
+                    shadow.events(raw, out, stream.received - 1)
             await _settle()
             await _close(call)
         except GuardError:  # refused and audited (stream.error): nothing more goes upstream
@@ -393,8 +335,7 @@ class Forwarder:
             call.cancel()  # the handler reports it as INTERNAL
             raise
         finally:
-            if tally is not None:
-                tally.flush()  # the stream's counters, however it ends
+            tally.flush()  # the stream's counters, however it ends
             if shadow is not None:
                 shadow.close()
 
@@ -464,27 +405,27 @@ class Forwarder:
             return bytes(response)
         finally:
             active.dec()
+            stream.tally.flush()
 
     async def _pump_messages(
         self,
         stream: StreamGuard,
-        first: Message,
+        first: Passed,
         requests: AsyncIterator[bytes],
         call: Any,
         shadow: ShadowCall | None = None,
     ) -> None:
-        kind = stream.kind
         try:
             if not await _send(call, stream.pass_on(serialize, first)):
                 return  # the upstream ended the call: its status is read by the handler
-            self._sent(stream.rpc, kind)
+            stream.tally.sent()
             async for raw in requests:
-                message = stream.accept(raw)
-                if message is None:
+                passed = stream.accept(raw)
+                if passed is None:
                     continue
-                if not await _send(call, stream.pass_on(serialize, message)):
+                if not await _send(call, stream.pass_on(serialize, passed)):
                     return
-                self._sent(stream.rpc, kind)
+                stream.tally.sent()
                 if shadow is not None:
                     shadow.user_metadata(raw, stream, stream.received - 1)
             await _settle()
@@ -520,7 +461,7 @@ class Forwarder:
                 return bytes(removed_event_response(None))
             started = time.perf_counter()
             call = self._record_event(passed, metadata=self._outgoing(metadata), timeout=self._timeout(context))
-            self._sent(RECORD_EVENT, guarded.kind)
+            guarded.tally.sent()
             failure: grpc.aio.AioRpcError | None = None
             response = b""
             try:
@@ -537,6 +478,7 @@ class Forwarder:
             return bytes(response)
         finally:
             active.dec()
+            guarded.tally.flush()
             if shadow is not None:  # after the answer: from the request's bytes (`request` was filtered in place)
                 shadow.record_event(raw, guarded.authorization)
                 shadow.close()

@@ -5,12 +5,12 @@ Identifier oneof, or "none"), a gRPC status code name, a rule name (a key of the
 such as kinds.licensed_instance.private_metadata), a reload trigger, and the policy's sha256.
 Never a value from a message: a removed value cannot become a label.
 
-Most counters are fed by the audit log (MetricsAudit, a subclass of interceptors' AuditLog):
-it sees every request message's decision and every refusal, the same records the audit
-trail writes. The forwarder adds what only it knows: messages sent upstream, upstream
-latency and upstream errors. For the events payloads of a RecordEvents stream the forwarder
-counts a decision itself (StreamTally: the same counters, children fetched once per stream),
-after the payload is written upstream, so that the counting is off the round trip's path.
+The counters of the policy's work (requests and events received, events forwarded, removals per
+rule, refusals, messages sent upstream) have one writer: each call's StreamTally, which the guard
+makes for every call (interceptors.guard.Guard's tally) and feeds with each decision and refusal
+as it is audited, and the forwarder with each message it writes upstream. It adds them up in the
+call and publishes them in batches. The forwarder adds what only it knows: upstream latency,
+upstream errors and the calls in progress.
 
 With --workers N the workers write their values to PROMETHEUS_MULTIPROC_DIR and the parent
 process serves the sum (prometheus_client's multiprocess mode; see workers.py). An Info
@@ -20,7 +20,6 @@ telemetry_guard_policy_info{sha256, name} 1 for the policy in force, 0 for a rep
 
 from __future__ import annotations
 
-import logging
 import os
 import socket
 import threading
@@ -33,12 +32,11 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 from prometheus_client.exposition import ThreadingWSGIServer, generate_latest, make_wsgi_app
 
 from telemetry_guard import version
-from telemetry_guard.interceptors.audit import AuditLog, Sink
 from telemetry_guard.interceptors.errors import GuardError
-from telemetry_guard.policy import Decision, Policy
+from telemetry_guard.interceptors.guard import CallTally
+from telemetry_guard.policy import Policy
 from telemetry_guard.sidecar.spans import CALL
 from telemetry_guard.sidecar.workers import MULTIPROC_ENV
-from telemetrygateway.v1 import telemetrygateway_pb2 as pb
 
 NO_KIND = "none"
 METRICS_PATH = "/metrics"
@@ -128,6 +126,10 @@ class Metrics:
         self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
         build_info(r)
 
+    def tally(self, rpc: str) -> StreamTally:
+        """The counters of one call of `rpc` (interceptors.guard.Guard's tally)."""
+        return StreamTally(self, rpc)
+
     def child(self, metric: Any, *labels: str) -> Any:
         """metric.labels(*labels), cached: label lookup is on the per-message path."""
         key = (id(metric), labels)
@@ -186,122 +188,59 @@ def serve_metrics(host: str, port: int, registry: CollectorRegistry) -> int:
     return int(server.server_port)
 
 
-class MetricsAudit(AuditLog):
-    """The audit log, counting what it records: requests, events, removals per rule, denials."""
-
-    def __init__(self, metrics: Metrics, logger: Any = None, *, sink: Sink | None = None) -> None:
-        super().__init__(logger, sink=sink)
-        self.metrics = metrics
-
-    def record(
-        self,
-        *,
-        side: str,
-        rpc: str,
-        identifier: pb.Identifier | None,
-        decision: Decision | None = None,
-        refusal: GuardError | None = None,
-        request_id: str = "",
-        message: int | None = None,
-        counts: dict[str, int] | None = None,
-    ) -> None:
-        m = self.metrics
-        call = CALL.get()  # the call's span counts, with tracing on
-        kind = (decision.kind if decision is not None else None) or (
-            identifier.WhichOneof("identifier") if identifier is not None else None
-        )
-        kind = kind or NO_KIND
-        m.child(m.requests_in, rpc, kind).inc()
-        if decision is not None:
-            if decision.events_in:
-                m.child(m.events_in, rpc, kind).inc(decision.events_in)
-            if decision.events_out:
-                m.child(m.events_out, rpc, kind).inc(decision.events_out)
-            if counts is None:  # counted once per message, for the metrics and the record
-                counts = decision.counts()  # known without building per-event records
-            for rule, count in counts.items():
-                m.child(m.removals, rpc, kind, rule).inc(count)
-            if call is not None:
-                call.judged(decision.events_in, decision.events_out, counts)
-        if refusal is not None:
-            m.child(m.denials, rpc, refusal.code.name, refusal.rule).inc()
-            if call is not None:
-                call.refused(refusal.code.name, refusal.rule)
-        elif not self.logger.isEnabledFor(logging.INFO):
-            return  # a decision record is INFO (its key names DEBUG): nothing would be written
-        super().record(
-            side=side,
-            rpc=rpc,
-            identifier=identifier,
-            decision=decision,
-            refusal=refusal,
-            request_id=request_id,
-            message=message,
-            counts=counts,
-        )
-
-
-class StreamTally:
-    """What MetricsAudit.record counts for the decisions of one stream, and the messages it sends
-    upstream, added up in the stream and published in batches.
-
-    hold() keeps a decision's numbers (before its audit line is written, as record counts before
-    writing); count() adds them to the stream's totals after the payload is written upstream, and
-    is called on every way out of that step (written, skipped, refused, failed or cancelled), so
-    that every held decision is counted exactly once. The totals reach the registry at least every
-    FLUSH_SECONDS while the stream runs and when it ends (flush(), called by the forwarder): five
-    or more counter updates per payload, each a lock and with --workers an mmap write, become a
-    few per half second. Refusals are still counted by MetricsAudit.record when they happen. With
-    tracing on, hold() also adds the decision to the call's span counts (sidecar.spans).
+class StreamTally(CallTally):
+    """The counters of one call (a RecordEvent call is a stream of one message), added up in the call
+    and published in batches: at least every FLUSH_SECONDS while it runs, at once for a refusal, and
+    when it ends (flush(), called by the forwarder). Five or more counter updates per payload, each a
+    lock and with --workers an mmap write, become a few per half second. The kind label is the call's
+    identifier kind ("none" before one is known). With tracing on, each decision and the refusal are
+    also added to the call's span counts (sidecar.spans).
     """
 
     FLUSH_SECONDS = 0.5
 
-    __slots__ = (
-        "_call",
-        "_counters",
-        "_flushed",
-        "_held",
-        "_kind",
-        "_metrics",
-        "_removals",
-        "_rpc",
-        "_totals",
-    )
+    __slots__ = ("_call", "_counters", "_flushed", "_kind", "_metrics", "_removals", "_rpc", "_totals")
 
-    def __init__(self, metrics: Metrics, rpc: str, kind: str | None) -> None:
-        kind = kind or NO_KIND
+    def __init__(self, metrics: Metrics, rpc: str) -> None:
         self._metrics = metrics
         self._rpc = rpc
-        self._kind = kind
+        self._kind = NO_KIND
         # requests in, events in, events out, requests sent upstream: the counters and unpublished totals
         self._counters = (metrics.requests_in, metrics.events_in, metrics.events_out, metrics.requests_out)
         self._totals = [0, 0, 0, 0]
         self._removals: dict[str, int] = {}  # rule -> removals not yet published
-        self._held: tuple[int, int, dict[str, int]] | None = None
         self._flushed = time.monotonic()
         self._call = CALL.get()
 
-    def hold(self, events_in: int, events_out: int, counts: dict[str, int]) -> None:
-        """A decision of the stream's kind to count at the next count() (counts: decision.counts())."""
-        self._add_held()
-        self._held = (events_in, events_out, counts)
+    def judged(self, kind: str | None, events_in: int, events_out: int, counts: dict[str, int]) -> None:
+        if (kind or NO_KIND) != self._kind:
+            self._label(kind)
+        totals = self._totals
+        totals[0] += 1
+        totals[1] += events_in
+        totals[2] += events_out
+        if counts:
+            removals = self._removals
+            for rule, count in counts.items():
+                removals[rule] = removals.get(rule, 0) + count
         if self._call is not None:
             self._call.judged(events_in, events_out, counts)
-
-    def count(self) -> None:
-        """Add the held decision, if any, to the stream's totals; publish them if it is time."""
-        self._add_held()
         if time.monotonic() - self._flushed >= self.FLUSH_SECONDS:
             self.flush()
 
+    def refused(self, kind: str | None, error: GuardError) -> None:
+        self._label(kind)
+        self._totals[0] += 1
+        m = self._metrics
+        m.child(m.denials, self._rpc, error.code.name, error.rule).inc()
+        if self._call is not None:
+            self._call.refused(error.code.name, error.rule)
+        self.flush()
+
     def sent(self) -> None:
-        """One message written upstream."""
         self._totals[3] += 1
 
     def flush(self) -> None:
-        """Publish the totals, a held decision included."""
-        self._add_held()
         self._flushed = time.monotonic()
         m = self._metrics
         totals = self._totals
@@ -314,17 +253,9 @@ class StreamTally:
                 m.child(m.removals, self._rpc, self._kind, rule).inc(count)
             self._removals = {}
 
-    def _add_held(self) -> None:
-        held = self._held
-        if held is None:
-            return
-        self._held = None
-        events_in, events_out, counts = held
-        totals = self._totals
-        totals[0] += 1
-        totals[1] += events_in
-        totals[2] += events_out
-        if counts:
-            removals = self._removals
-            for rule, count in counts.items():
-                removals[rule] = removals.get(rule, 0) + count
+    def _label(self, kind: str | None) -> None:
+        """The call's kind label: what was counted under another one is published first."""
+        kind = kind or NO_KIND
+        if kind != self._kind:
+            self.flush()
+            self._kind = kind

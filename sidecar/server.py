@@ -33,6 +33,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from telemetry_guard import version
+from telemetry_guard.interceptors.audit import AuditLog
 from telemetry_guard.interceptors.credentials import BearerPresent, CredentialVerifier, TokenIntrospection
 from telemetry_guard.interceptors.guard import Guard
 from telemetry_guard.policy import Engine
@@ -40,7 +41,7 @@ from telemetry_guard.policy.kinds import SERVICE
 from telemetry_guard.sidecar import gateway, logs
 from telemetry_guard.sidecar.forward import DEFAULT_FORWARD_METADATA, DEFAULT_WINDOW, Forwarder
 from telemetry_guard.sidecar.logs import fields
-from telemetry_guard.sidecar.metrics import Metrics, MetricsAudit, multiprocess
+from telemetry_guard.sidecar.metrics import Metrics, multiprocess
 from telemetry_guard.sidecar.reload import PolicyReloader
 from telemetry_guard.sidecar.shadow import Shadow
 
@@ -140,11 +141,11 @@ class Sidecar:
         self.metrics = metrics or Metrics()
         self._sink = sink
         self._reuse_port = reuse_port
-        audit = MetricsAudit(self.metrics, sink=logs.audit_sink())
+        audit = AuditLog(sink=logs.audit_sink())
         verify = verifier(config)
 
         def make_guard(engine: Engine) -> Guard:
-            return Guard(engine, verifier=verify, audit=audit, side="server")
+            return Guard(engine, verifier=verify, audit=audit, side="server", tally=self.metrics.tally)
 
         self.reloader = PolicyReloader(  # raises PolicyError
             config.policy, make_guard, self.metrics, allow_unsafe_policy=config.allow_unsafe_policy

@@ -30,25 +30,22 @@ reference path), which alone record unknown fields per event.
 
 from __future__ import annotations
 
-import json
 import logging
 from typing import Any
 
 from google.protobuf.message import DecodeError
 from prometheus_client import Counter
 
-from telemetry_guard.interceptors.audit import AUDIT_LOGGER_NAME, Sink, identity
+from telemetry_guard.interceptors.audit import AuditLog, Sink, identity
 from telemetry_guard.interceptors.guard import CallGuard, Guard
-from telemetry_guard.policy import Decision, Denial, Engine
+from telemetry_guard.policy import Decision, Denial, Engine, wire
 from telemetry_guard.policy.compare import Difference, PrivateKeys, RefusalDifference, compare, compare_refusals
-from telemetry_guard.sidecar import wire
 from telemetry_guard.sidecar.logs import fields
 from telemetry_guard.sidecar.metrics import NO_KIND, Metrics
 from telemetry_guard.sidecar.shadow_candidate import Candidate, CandidateReloader
 from telemetrygateway.v1 import telemetrygateway_pb2 as pb
 
 LOG = logging.getLogger("telemetry_guard.sidecar.shadow")
-_encode = json.JSONEncoder(sort_keys=True).encode
 
 
 class _PrivateKeys:
@@ -138,8 +135,8 @@ class Shadow:
         self.sampler = Sampler(rate)
         self.metrics = ShadowMetrics(metrics)
         self.candidate = CandidateReloader(path, metrics)
-        self.logger = logging.getLogger(AUDIT_LOGGER_NAME)
-        self._sink = sink
+        self._audit = AuditLog(sink=sink)
+        self.logger = self._audit.logger
 
     def start(self, rpc: str, guard: Guard) -> ShadowCall | None:
         """The shadow of a call that starts now under `guard` (None: no candidate in shadow)."""
@@ -153,13 +150,8 @@ class Shadow:
         await self.candidate.watch(interval)
 
     def emit(self, level: int, record: dict[str, Any]) -> None:
-        """One audit record, as the audit trail writes its own (the sidecar's sink, else logging)."""
-        if not self.logger.isEnabledFor(level):
-            return
-        if self._sink is not None:
-            self._sink(level, _encode(record))
-        else:
-            self.logger.log(level, _encode(record), extra={"telemetry_guard": record})
+        """One audit record, written as the audit trail writes its own (the sidecar's sink, else logging)."""
+        self._audit.emit(level, record)
 
 
 class ShadowCall:

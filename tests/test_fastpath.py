@@ -455,8 +455,7 @@ def test_every_prefix_of_a_payload_gets_the_same_answer_from_both_paths() -> Non
 
 def test_the_readme_states_the_limits_of_the_code() -> None:
     """The nesting limits and the widths README.md gives are the code's and protobuf's."""
-    from telemetry_guard.policy import _wirefilter, unknown
-    from telemetry_guard.sidecar import wire
+    from telemetry_guard.policy import _wirefilter, unknown, wire
 
     readme = " ".join((Path(__file__).parent.parent / "README.md").read_text().split())
     levels = re.search(

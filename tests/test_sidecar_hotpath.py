@@ -1,19 +1,17 @@
 """The sidecar's per-message path outside the policy engine, in process (no gRPC): the shortcuts it
 takes for speed give exactly what the slower forms gave.
 
-- the forwarded ids for the acknowledgement ledger, read from the bytes that leave (wire.events_by_id),
-  are the ids a full parse gives, and acknowledgements stay exact;
+- acknowledgements stay exact when the ledger reads the forwarded ids from the bytes that leave;
 - removals per rule and removed ids, known before a decision's per-event records are built,
   equal what those records say once built;
 - the audit trail builds no record when its logger would write none;
 - the JSON formatter's cached head gives the same line as encoding the head each time;
 - a call's decision records encoded from its template (DecisionLines) are the text json gives for
-  the record's dict, and the forwarder's way of writing and counting an events payload (the line
-  first, the counters once the payload is written) writes the same lines and counts the same as
-  MetricsAudit.record;
+  the record's dict, and a call's counters published in batches count the same as published at once;
 - an events payload judged under the stream's admitted kind (Engine.record_events_admitted) gets the
-  outcome record_events_bytes gives it with the stream's identifier;
-- wire.payload's shortcut for the usual payload answers as the field-by-field walk does.
+  outcome record_events_bytes gives it with the stream's identifier.
+
+policy/wire.py's own tests (the payload sniff, the ids reader) are in test_policy_wire.py.
 """
 
 from __future__ import annotations
@@ -29,6 +27,7 @@ import pytest
 from google.protobuf.message import DecodeError
 from hypothesis import given
 from hypothesis import strategies as st
+from test_policy_wire import PAYLOADS
 from test_properties import SETTINGS, scenarios
 from test_sidecar_support import POLICY, dropped, event, identifier, invalid, metadata, payload, sensitive
 
@@ -39,10 +38,8 @@ from telemetry_guard.interceptors.stream import StreamGuard
 from telemetry_guard.policy import Decision, Engine, default_policy, load_policy
 from telemetry_guard.policy.decision import EventRecord, Removal, clip
 from telemetry_guard.policy.engine import RECORD_EVENTS, Outcome
-from telemetry_guard.sidecar import wire
-from telemetry_guard.sidecar.forward import Forwarder
 from telemetry_guard.sidecar.logs import FIELDS, JsonFormatter
-from telemetry_guard.sidecar.metrics import Metrics, MetricsAudit, StreamTally
+from telemetry_guard.sidecar.metrics import Metrics, StreamTally
 from telemetrygateway.v1 import telemetrygateway_pb2 as pb
 
 
@@ -53,55 +50,18 @@ def engine(tmp_path_factory: pytest.TempPathFactory) -> Engine:
     return Engine(load_policy(path))
 
 
-class _NoChannel:
-    """What Forwarder takes from a channel at construction; nothing is ever called."""
-
-    def stream_stream(self, *args: Any) -> None:
-        return None
-
-    def unary_unary(self, *args: Any) -> None:
-        return None
-
-    def stream_unary(self, *args: Any) -> None:
-        return None
-
-
-def _stream(engine: Engine, kind: str = "unlicensed_instance") -> tuple[Forwarder, StreamGuard]:
+def _stream(engine: Engine, kind: str = "unlicensed_instance") -> StreamGuard:
     metrics = Metrics()
-    guard = Guard(engine, audit=MetricsAudit(metrics), side="server")
-    forwarder = Forwarder(_NoChannel(), lambda: guard, metrics)  # type: ignore[arg-type]
+    guard = Guard(engine, audit=AuditLog(), side="server", tally=metrics.tally)
     stream = StreamGuard(guard, "RecordEvents", None)
     assert stream.accept(metadata(kind).SerializeToString()) is not None
-    return forwarder, stream
-
-
-PAYLOADS = {
-    "plain": payload(event("a"), event("b")),
-    "empty": payload(),
-    "unknown fields": payload(event("u1", unknown=True), sensitive("u2")),
-    "duplicates and unicode": payload(event("d"), event("d"), event("ü-ñ-\u6f22"), event("")),
-    "metadata message": metadata("licensed_instance"),
-    "no payload": pb.RecordEventsRequest(),
-}
-
-
-@pytest.mark.parametrize("name", PAYLOADS)
-def test_events_by_id_reads_the_ids_a_full_parse_reads(name: str) -> None:
-    data = PAYLOADS[name].SerializeToString()
-    full = pb.RecordEventsRequest.FromString(data)
-    expected = [e.id for e in full.events.events] if full.WhichOneof("payload") == "events" else []
-    assert [e.id for e in wire.events_by_id(data)] == expected
-
-
-def test_events_by_id_refuses_what_does_not_parse() -> None:
-    with pytest.raises(DecodeError):
-        wire.events_by_id(b"\x12\x05\x0a")  # events payload longer than the bytes
+    return stream
 
 
 def test_acknowledgements_stay_exact_when_a_removed_id_is_also_forwarded(engine: Engine) -> None:
-    forwarder, stream = _stream(engine)
+    stream = _stream(engine)
     raw = payload(event("keep"), dropped("gone"), invalid("bad"), dropped("dup"), event("dup"), dropped(""))
-    out = forwarder._filter_events(stream, raw.SerializeToString())
+    out = stream.accept(raw.SerializeToString())
     assert out is not None
     assert [e.id for e in pb.RecordEventsRequest.FromString(out).events.events] == ["keep", "dup"]
     # The upstream acknowledges "keep" only: "dup" was forwarded and not acknowledged, so it stays unacknowledged.
@@ -111,8 +71,8 @@ def test_acknowledgements_stay_exact_when_a_removed_id_is_also_forwarded(engine:
 
 
 def test_a_payload_with_nothing_removed_whole_is_answered_unchanged(engine: Engine) -> None:
-    forwarder, stream = _stream(engine)
-    forwarder._filter_events(stream, payload(sensitive("s1"), event("e2")).SerializeToString())
+    stream = _stream(engine)
+    stream.accept(payload(sensitive("s1"), event("e2")).SerializeToString())
     answer = pb.RecordEventsResponse(succeeded_events=["e2"]).SerializeToString()
     assert stream.merge(answer) == answer
 
@@ -170,10 +130,12 @@ def test_metrics_are_counted_even_when_no_record_is_written(engine: Engine) -> N
     logger = logging.getLogger(f"{AUDIT_LOGGER_NAME}.test-metrics")
     logger.setLevel(logging.WARNING)
     metrics = Metrics()
-    audit = MetricsAudit(metrics, logger)
+    call = StreamGuard(Guard(engine, audit=AuditLog(logger), tally=metrics.tally), "RecordEvents", None)
+    assert call.accept(metadata("licensed_instance").SerializeToString()) is not None
     request = payload(sensitive("c1"), dropped("c2"))
     decision = engine.record_events_bytes(request.SerializeToString(), identifier("licensed_instance")).decision
-    audit.record(side="server", rpc="RecordEvents", identifier=identifier("licensed_instance"), decision=decision)
+    call.audit(decision)
+    call.tally.flush()
     text = metrics.expose().decode()
     for rule, count in decision.counts().items():
         assert f'rule="{rule}"}} {float(count)}' in text
@@ -425,11 +387,11 @@ def _without_created(metrics: Metrics) -> list[str]:
 
 
 @pytest.mark.parametrize("level", ["info", "debug", "warning"])
-def test_forwarder_writes_and_counts_events_payloads_as_metrics_audit_does(
+def test_events_payloads_are_written_and_counted_alike_published_at_once_or_in_batches(
     engine: Engine, configured_logs: Any, level: str
 ) -> None:
-    """The same lines and counters by either way: MetricsAudit.record (count and write at once), or the
-    forwarder's (line before the payload leaves, counters once it is written)."""
+    """The same lines and counters whether the call's counters are published after every message or in
+    batches (the forwarder's way: at least every FLUSH_SECONDS, and when the stream ends)."""
     from telemetry_guard.sidecar import logs
 
     logging.getLogger().setLevel(level.upper())
@@ -444,23 +406,20 @@ def test_forwarder_writes_and_counts_events_payloads_as_metrics_audit_does(
     outputs = []
     for split in (False, True):
         metrics = Metrics()
-        guard = Guard(engine, audit=MetricsAudit(metrics, sink=logs.audit_sink()), side="server")
-        forwarder = Forwarder(_NoChannel(), lambda: guard, metrics)  # type: ignore[arg-type]  # noqa: B023
+        guard = Guard(engine, audit=AuditLog(sink=logs.audit_sink()), side="server", tally=metrics.tally)
         stream = StreamGuard(guard, "RecordEvents", None)
         assert stream.accept(metadata("unlicensed_instance", "req-split").SerializeToString()) is not None
-        tally = forwarder._tally(stream) if split else None
-        assert (tally is not None) == split
+        tally = stream.tally
         out = []
         for request in requests:
             try:
-                out.append(forwarder._filter_events(stream, request.SerializeToString(), tally))
+                out.append(stream.accept(request.SerializeToString()))
             except GuardError as exc:
                 out.append(exc.code.name)
             finally:
-                if tally is not None:
-                    tally.count()
-        if tally is not None:
-            tally.flush()  # as the pump does when the stream ends
+                if not split:
+                    tally.flush()  # published at once
+        tally.flush()  # as the pump does when the stream ends
         outputs.append((out, _without_created(metrics)))
     assert outputs[0] == outputs[1]
     assert outputs[0][1] != _without_created(Metrics())  # something was counted
@@ -476,14 +435,11 @@ def _tallied(metrics: Metrics) -> list[str]:
     return [line for line in _without_created(metrics) if line.startswith("telemetry_guard_") and "workspace" in line]
 
 
-def test_a_tally_counts_each_held_decision_once() -> None:
+def test_a_tally_counts_each_decision_once() -> None:
     metrics = Metrics()
-    tally = StreamTally(metrics, "RecordEvents", "workspace")
-    tally.count()  # nothing held: nothing counted
-    tally.hold(3, 2, {"r": 1})
-    tally.hold(1, 0, {})  # the first one is counted before it is replaced
-    tally.count()
-    tally.count()
+    tally = StreamTally(metrics, "RecordEvents")
+    tally.judged("workspace", 3, 2, {"r": 1})
+    tally.judged("workspace", 1, 0, {})
     tally.sent()
     assert _tallied(metrics) == []  # within FLUSH_SECONDS of the start: not published yet
     tally.flush()
@@ -498,33 +454,31 @@ def test_a_tally_counts_each_held_decision_once() -> None:
     assert _tallied(metrics) == published
 
 
+def test_a_tally_counts_under_the_kind_it_was_given() -> None:
+    """What was counted under one kind label is published under it, even when a later record brings another."""
+    metrics = Metrics()
+    tally = StreamTally(metrics, "RecordEvents")
+    tally.judged(None, 1, 1, {})
+    tally.judged("workspace", 3, 2, {"r": 1})
+    tally.refused("licensed_instance", GuardError(grpc.StatusCode.PERMISSION_DENIED, "access", "refused"))
+    text = metrics.expose().decode()
+    assert 'telemetry_guard_events_received_total{kind="none",rpc="RecordEvents"} 1.0' in text
+    assert 'telemetry_guard_events_received_total{kind="workspace",rpc="RecordEvents"} 3.0' in text
+    assert 'telemetry_guard_removals_total{kind="workspace",rpc="RecordEvents",rule="r"} 1.0' in text
+    assert 'telemetry_guard_requests_received_total{kind="licensed_instance",rpc="RecordEvents"} 1.0' in text
+    assert 'telemetry_guard_denials_total{code="PERMISSION_DENIED",rpc="RecordEvents",rule="access"} 1.0' in text
+
+
 def test_a_long_stream_publishes_its_counters_as_it_goes(monkeypatch: pytest.MonkeyPatch) -> None:
     """A stream that never ends still reaches the registry every FLUSH_SECONDS, at its next count()."""
     metrics = Metrics()
-    tally = StreamTally(metrics, "RecordEvents", "workspace")
-    tally.hold(5, 5, {})
-    tally.count()
+    tally = StreamTally(metrics, "RecordEvents")
+    tally.judged("workspace", 5, 5, {})
     assert _tallied(metrics) == []
     monkeypatch.setattr(StreamTally, "FLUSH_SECONDS", 0.0)
-    tally.hold(2, 1, {"r": 3})
-    tally.count()
+    tally.judged("workspace", 2, 1, {"r": 3})
     assert 'telemetry_guard_events_received_total{kind="workspace",rpc="RecordEvents"} 7.0' in _tallied(metrics)
     assert 'telemetry_guard_removals_total{kind="workspace",rpc="RecordEvents",rule="r"} 3.0' in _tallied(metrics)
-
-
-def test_the_split_is_taken_only_with_this_sidecars_metrics_audit(engine: Engine) -> None:
-    metrics = Metrics()
-    for audit, split in (
-        (MetricsAudit(metrics), True),
-        (MetricsAudit(Metrics()), False),  # another registry: its own counting
-        (AuditLog(), False),
-        (type("Counting", (MetricsAudit,), {})(metrics), False),  # a subclass may add to record
-    ):
-        guard = Guard(engine, audit=audit, side="server")
-        forwarder = Forwarder(_NoChannel(), lambda: guard, metrics)  # type: ignore[arg-type]  # noqa: B023
-        stream = StreamGuard(guard, "RecordEvents", None)
-        stream.accept(metadata("unlicensed_instance").SerializeToString())
-        assert (forwarder._tally(stream) is not None) == split
 
 
 # -- the stream's admitted kind ------------------------------------------------------------------------
@@ -592,51 +546,3 @@ def test_a_kind_not_allowed_is_denied_as_its_identifier_is(tmp_path: Path) -> No
         default.record_events_admitted(data, "licensed_instance"),
         default.record_events_bytes(data, identifier("licensed_instance")),
     )
-
-
-# -- wire.payload ------------------------------------------------------------------------------------------
-
-
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while True:
-        out.append((value & 0x7F) | (0x80 if value > 0x7F else 0))
-        value >>= 7
-        if not value:
-            return bytes(out)
-
-
-@st.composite
-def shaped(draw: st.DrawFn) -> bytes:
-    """Bytes that start as an events payload does, their length right, wrong, padded or too long."""
-    body = draw(st.binary(max_size=40))
-    length = _varint(len(body) + draw(st.sampled_from([0, 0, 0, -1, 1, 200])) if body else 0)
-    if draw(st.booleans()):
-        length = bytes(b | 0x80 for b in length) + b"\x80" * draw(st.integers(0, 10)) + b"\x00"  # padded varint
-    return b"\x12" + length + body + draw(st.sampled_from([b"", b"", b"\x0a\x00", b"\x12\x00", b"\x08"]))
-
-
-@SETTINGS
-@given(
-    shaped()
-    | st.binary(max_size=12)
-    | st.builds(lambda r: r.SerializeToString(), st.sampled_from(list(PAYLOADS.values())))
-)
-def test_payload_shortcut_answers_as_the_walk(data: bytes) -> None:
-    assert wire.payload(data) == wire._walk(data)
-
-
-@pytest.mark.parametrize(
-    "data",
-    [
-        b"\x92\x80\x80\x80\x80\x00\x00",  # events, its tag in 6 bytes
-        b"\x8a\x80\x80\x80\x80\x80\x80\x80\x00\x00",  # metadata, its tag in 9 bytes
-        b"\x12\x80\x80\x80\x80\x80\x00",  # events, its length in 6 bytes
-        b"\x12\x00\x8a\xa2\xd4\xe4\x1a\x00",  # a tag past 32 bits (field 898497297) after the payload
-    ],
-)
-def test_payload_sniff_refuses_what_protobuf_refuses(data: bytes) -> None:
-    """Tags and lengths in more than 5 bytes, and tags past 32 bits, are DecodeErrors to protobuf (upb)."""
-    with pytest.raises(DecodeError):
-        pb.RecordEventsRequest.FromString(data)
-    assert wire.payload(data) == wire._walk(data) == wire.IRREGULAR

@@ -5,7 +5,7 @@ and refusals are clean.
     (the Python reference) both refuse the bytes with DecodeError, or return equal decisions and
     outputs that parse to equal messages; record_events_admitted answers as record_events_bytes; a
     bytearray or memoryview gets the answer of bytes. RecordEvent answers as a one-event RecordEvents
-    payload. The sidecar's payload sniff (sidecar/wire.py) never calls EVENTS or METADATA what
+    payload. The sidecar's payload sniff (policy/wire.py) never calls EVENTS or METADATA what
     protobuf reads otherwise, and its ids of the forwarded events are the parser's.
 (b) On every output, parsed by protobuf: no marketing_tracking where the kind drops it; no
     private_metadata key outside the allowlist entry, no non-string value in allowlist mode, none at
@@ -27,10 +27,9 @@ from google.protobuf.message import DecodeError, Message
 from google.protobuf.unknown_fields import UnknownFieldSet
 
 from bench.fuzz.inputs import MARKER, PUBLISH, RECORD_EVENT, RECORD_EVENTS, Case
-from telemetry_guard.policy import Engine, default_policy, fieldpaths, load_policy, validity
+from telemetry_guard.policy import Engine, default_policy, fieldpaths, load_policy, validity, wire
 from telemetry_guard.policy.engine import Outcome
 from telemetry_guard.policy.model import Policy
-from telemetry_guard.sidecar import wire
 from telemetrygateway.v1 import telemetrygateway_pb2 as pb
 
 POLICY_DIR = Path(__file__).parent / "policies"

@@ -31,8 +31,10 @@ the calls in flight).
 exit status: 0 stopped by SIGTERM, 1 a worker failed while stopping, 2 bad arguments, a policy
 that cannot be loaded or that lint refuses, an address that cannot be bound; 3 --workers kept
 dying (a crash loop: a dead worker is otherwise replaced).
-logs: JSON lines on stderr (the audit trail included). --log-level debug also logs the names
-of removed private_metadata keys; never their values.
+logs: JSON lines on stderr (the audit trail included). --log-level debug adds, for a message
+that lost named keys, a record naming them (private_metadata keys, user and organization
+fields), the shadow's named differences, and every logger's debug records (grpc's stays at
+warning); never a removed value.
 """
 
 

@@ -1,11 +1,11 @@
 """Which payload a serialized RecordEventsRequest carries, read from its top-level tags only.
 
-The sidecar filters events payloads on their bytes (Engine.record_events_bytes, one parse into
-the kind's view class); every other message goes through the stream protocol checks of
+An events payload after the metadata is filtered on its bytes (Engine.record_events_admitted, one
+parse into the kind's view class); every other message goes through the stream protocol checks of
 interceptors.stream.StreamGuard, which parses it whole. Telling the two apart must not cost a
 parse: this walks the top-level fields (usually one tag and one length) and answers as the
 protobuf parser would decide the `payload` oneof: the last member present wins.
-Anything irregular answers IRREGULAR, and the full parser of StreamGuard judges it.
+Anything irregular answers IRREGULAR, and the full parser judges it.
 
 events_by_id: the ids of a payload's events, for the acknowledgement ledger, without parsing the rest.
 """
@@ -97,7 +97,7 @@ def _ids_class() -> type[Message]:
     """RecordEventsRequest as far as the ids of its events go; every other field is left unparsed."""
     field = descriptor_pb2.FieldDescriptorProto
     proto = descriptor_pb2.FileDescriptorProto(
-        name="telemetry_guard/sidecar/event_ids.proto", package="telemetry_guard.sidecar", syntax="proto3"
+        name="telemetry_guard/policy/event_ids.proto", package="telemetry_guard.policy", syntax="proto3"
     )
     event = proto.message_type.add(name="EventId")  # telemetrygateway.v1.Event: string id = 1
     event.field.add(name="id", number=1, type=field.TYPE_STRING, label=field.LABEL_OPTIONAL)
@@ -107,7 +107,7 @@ def _ids_class() -> type[Message]:
         number=1,
         type=field.TYPE_MESSAGE,
         label=field.LABEL_REPEATED,
-        type_name=".telemetry_guard.sidecar.EventId",
+        type_name=".telemetry_guard.policy.EventId",
     )
     request = proto.message_type.add(name="RequestEventIds")  # RecordEventsRequest: EventsPayload events = 2
     request.field.add(
@@ -115,11 +115,11 @@ def _ids_class() -> type[Message]:
         number=EVENTS,
         type=field.TYPE_MESSAGE,
         label=field.LABEL_OPTIONAL,
-        type_name=".telemetry_guard.sidecar.EventIds",
+        type_name=".telemetry_guard.policy.EventIds",
     )
     pool = descriptor_pool.DescriptorPool()
     pool.Add(proto)
-    return message_factory.GetMessageClass(pool.FindMessageTypeByName("telemetry_guard.sidecar.RequestEventIds"))
+    return message_factory.GetMessageClass(pool.FindMessageTypeByName("telemetry_guard.policy.RequestEventIds"))
 
 
 _IDS = _ids_class()
