@@ -13,6 +13,8 @@ is one object per kind, sharing one Guard:
 Every other method passes through untouched.
 
 Requests are filtered before they leave (copies; the caller's messages are not changed).
+An events payload goes on as its filtered wire bytes in a message that serializes to them
+(guard.wire_carrier), not parsed back: an interceptor after the guard sees that message.
 A refused call fails locally with the server side's status and sends nothing. For the two
 streaming RPCs the interceptor returns at once a call object that reads and judges the
 first message in a task, then starts the real call: the call's write() API works (writes

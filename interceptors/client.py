@@ -4,10 +4,12 @@
     stub = TelemeteryGatewayServiceStub(channel)
 
 Requests are filtered before they leave the process (copies: the caller's messages are
-never changed). A refused call fails locally with the status the server side would give
-and sends nothing: the stream's first message is read and judged before the call is
-started. Acknowledgements are merged as on the server side. Methods of other services pass
-through untouched.
+never changed). An events payload is judged on its wire bytes and those that may leave are
+handed on unparsed, as a message that serializes to them (guard.wire_carrier): an interceptor
+placed after the guard sees that message, not a RecordEventsRequest. A refused call fails
+locally with the status the server side would give and sends nothing: the stream's first
+message is read and judged before the call is started. Acknowledgements are merged as on
+the server side. Methods of other services pass through untouched.
 
 - RecordEvent (unary): judged when called; an event the policy removes whole is answered
   locally with success, nothing sent.

@@ -6,7 +6,8 @@ steps; every decision is taken here and in stream.py, the same way on both sides
 1. decode: bytes are parsed, messages copied on the client (the exporter's objects are
    never changed in place); anything else is refused. An events payload of an admitted
    RecordEvents stream is not parsed here: it is judged on its wire bytes (a message given
-   is serialized), and the consumer gets the bytes that may leave, or them parsed once;
+   is serialized), and the consumer gets the bytes that may leave: as they are, parsed once
+   (a servicer), or carried to the channel's serializer unparsed (client_encoder);
 2. admit: identifier present and complete, kind allowed for the RPC, bearer token present
    when the kind needs credentials (the engine's check_access);
 3. verify: the verifier judges the token (sync, or in an executor for aio);
@@ -25,6 +26,7 @@ from contextlib import contextmanager
 from typing import Any
 
 import grpc
+from google.protobuf import empty_pb2
 from google.protobuf.message import DecodeError, Message
 
 from telemetry_guard.interceptors.audit import AuditLog, DecisionLines
@@ -72,8 +74,40 @@ def server_encoder(rpc: str, deserializer: Callable[[bytes], Any] | None) -> Enc
 
 
 def client_encoder(call: CallGuard) -> Encode:
-    """How a channel takes a filtered request: as the caller gave them (bytes for a raw-bytes method)."""
-    return serialize if call.raw else _message_of(REQUEST_TYPES[call.rpc])
+    """How a channel takes a filtered request: bytes for a raw-bytes method, else a message its serializer takes.
+
+    The filtered wire bytes of an events payload go as a wire carrier (wire_carrier()), which the request type's
+    serializer writes out as they are: not parsed back into a message for grpc to serialize again.
+    """
+    if call.raw:
+        return serialize
+    if _CARRIERS_SERIALIZE:
+        return _as_carrier
+    return _message_of(REQUEST_TYPES[call.rpc])
+
+
+def wire_carrier(data: bytes) -> Message:
+    """A message that serializes to exactly `data`: a message type without fields, which keeps all of `data` as its
+    unknown fields (protobuf writes unknown fields back as they were read; only the top-level tags are read)."""
+    return empty_pb2.Empty.FromString(data)
+
+
+def _as_carrier(passed: Passed) -> Message:
+    """Encode: for a channel whose request serializer is a protobuf message type's (as generated stubs register)."""
+    return wire_carrier(passed) if isinstance(passed, bytes) else passed
+
+
+def _carriers_serialize() -> bool:
+    """Whether the request types' serializers write a wire carrier as its bytes (upb's and the pure Python
+    implementation's SerializeToString take any message); if not, filtered bytes are parsed into the request type."""
+    sample = b"\x12\x04\x0a\x02\x0a\x00"  # field 2 holding a message that holds an empty field 1
+    try:
+        return all(cls.SerializeToString(wire_carrier(sample)) == sample for cls in REQUEST_TYPES.values())
+    except Exception:  # a serializer that refuses the carrier: the request type itself is used
+        return False
+
+
+_CARRIERS_SERIALIZE = _carriers_serialize()
 
 
 def serialize(passed: Passed) -> bytes:

@@ -90,6 +90,61 @@ def test_callers_messages_are_not_changed(stack: str) -> None:
     assert [r.SerializeToString() for r in requests] == before
 
 
+class _SyncSpy(grpc.StreamStreamClientInterceptor):
+    """An interceptor placed after the guard: records what the guard hands on."""
+
+    def __init__(self) -> None:
+        self.seen: list[Any] = []
+
+    def intercept_stream_stream(self, continuation: Any, details: Any, request_iterator: Any) -> Any:
+        def passing() -> Any:
+            for request in request_iterator:
+                self.seen.append(request)
+                yield request
+
+        return continuation(details, passing())
+
+
+class _AioSpy(grpc.aio.StreamStreamClientInterceptor):
+    def __init__(self) -> None:
+        self.seen: list[Any] = []
+
+    async def intercept_stream_stream(self, continuation: Any, details: Any, request_iterator: Any) -> Any:
+        async def passing() -> Any:
+            async for request in request_iterator:
+                self.seen.append(request)
+                yield request
+
+        return await continuation(details, passing())
+
+
+@pytest.mark.parametrize("stack", STACKS)
+def test_events_payload_leaves_as_the_filtered_bytes(stack: str) -> None:
+    """An events payload is not parsed back: grpc's serializer writes the engine's filtered bytes as they are."""
+    policy = load_test_policy()
+    requests = [metadata_request("licensed_instance"), events_request(sensitive_event("w1"), dropped_event("w2"))]
+    expected = Engine(policy).record_events_admitted(requests[1].SerializeToString(), "licensed_instance").request
+    if stack == "sync":
+        spy: Any = _SyncSpy()
+        with serve_sync() as served, grpc.insecure_channel(served.target) as raw:
+            result = call_sync(wrap_channel(grpc.intercept_channel(raw, spy), policy), "RecordEvents", requests)
+    else:
+        spy = _AioSpy()
+
+        async def run() -> Any:
+            async with serve_aio() as served:
+                interceptors = [*aio_client_interceptors(policy), spy]
+                async with grpc.aio.insecure_channel(served.target, interceptors=interceptors) as channel:
+                    return await call_aio(channel, "RecordEvents", requests), served
+
+        result, served = asyncio.run(run())
+    assert result.code == OK and result.acked == [["w1", "w2"]]
+    assert served.recorder.calls[0].messages == [requests[0], events_request(kept_event("w1"))]
+    payload = spy.seen[1]
+    assert not isinstance(payload, pb.RecordEventsRequest), "the filtered bytes were parsed back"
+    assert pb.RecordEventsRequest.SerializeToString(payload) == expected
+
+
 def test_raw_bytes_method_is_filtered_sync() -> None:
     """A channel method without serializers (bytes in, bytes out) is guarded all the same."""
     requests = [
