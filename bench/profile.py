@@ -1,0 +1,166 @@
+"""Where one payload's microseconds go in the running sidecar, beside the bare pass-through proxy.
+
+    python -m bench.profile                 # 100-event payloads, one stream, 8 s per proxy
+    python -m bench.profile --seconds 20    # steadier figures
+
+It starts the upstream, the pass-through proxy and `telemetry-guard serve` (one worker, the
+default policy and logging) as bench.sidecar does, drives one RecordEvents stream of 100-event
+payloads from bench/workload.py through each proxy in turn, and samples the proxy's processes
+with Linux `perf record` while it does. Each sample is charged to the shared object it was
+taken in (the C walk of policy/_wirefilter.c, the Python interpreter, protobuf's upb, grpc's
+core, libc, the kernel) and the table gives microseconds of CPU per payload: samples times the
+sampling period, over the payloads sent. "Python" is the interpreter running the proxy's own
+code and asyncio; what Python code calls in C is charged to that C.
+
+It needs `perf` (Debian's linux-perf) and the right to sample another process (root, or
+kernel.perf_event_paranoid at 1 or lower); without them it says so and exits 2. A sample
+period is 1/FREQ seconds of one core's time, so the figures carry perf's own overhead (a few
+per cent) alike for both proxies.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+from bench.sidecar import Process, _children, drive, start_passthrough, start_sidecar, start_upstream
+
+BATCH = 100
+FREQ = 4000  # samples per second of CPU time
+
+# Shared objects by what they do, in the order of the table; anything else is "other".
+GROUPS = (
+    ("C walk (_wirefilter)", ("_wirefilter",)),
+    ("Python interpreter", ("libpython", "python3")),
+    ("protobuf (upb)", ("_message.abi3",)),
+    ("grpc core (cygrpc)", ("cygrpc",)),
+    ("libc (memcpy, malloc)", ("libc.so", "libc-")),
+    ("kernel (sockets, scheduling)", ("[kernel", "kallsyms")),
+)
+
+
+def _group(dso: str) -> str:
+    for name, needles in GROUPS:
+        if any(needle in dso for needle in needles):
+            return name
+    return "other"
+
+
+def _samples_by_group(data: Path) -> dict[str, int]:
+    """perf report's sample counts per shared object, added up by group."""
+    report = subprocess.run(
+        ["perf", "report", "-i", str(data), "--no-children", "-n", "--sort", "dso", "--stdio"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    counts: collections.Counter[str] = collections.Counter()
+    for line in report.splitlines():
+        parts = line.split()
+        if len(parts) >= 3 and parts[0].endswith("%") and parts[1].isdigit():
+            counts[_group(" ".join(parts[2:]))] += int(parts[1])
+    return dict(counts)
+
+
+async def _profile(proxy: Process, seconds: float, out: Path) -> tuple[int, dict[str, int]]:
+    """(payloads sent, samples by group) for one proxy driven for `seconds` under perf."""
+    pids = [proxy.process.pid, *_children(proxy.process.pid)]
+    perf = subprocess.Popen(
+        ["perf", "record", "-F", str(FREQ), "-o", str(out), "-p", ",".join(map(str, pids))],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        await asyncio.sleep(0.5)  # perf attached
+        result = await drive(proxy.target, BATCH, 1, seconds, 0.5)
+    finally:
+        perf.send_signal(signal.SIGINT)
+        perf.wait(30)
+    return result.payloads, _samples_by_group(out)
+
+
+def _perf_usable() -> str | None:
+    """Why perf cannot sample here, or None."""
+    if shutil.which("perf") is None:
+        return "perf is not installed (Debian: apt-get install linux-perf)"
+    paranoid = Path("/proc/sys/kernel/perf_event_paranoid")
+    if os.geteuid() != 0 and paranoid.exists() and int(paranoid.read_text()) > 1:
+        return "perf may not sample other processes here (kernel.perf_event_paranoid > 1; run as root)"
+    return None
+
+
+async def _run(seconds: float) -> dict[str, tuple[int, dict[str, int]]]:
+    upstream = start_upstream()
+    found: dict[str, tuple[int, dict[str, int]]] = {}
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            for name, start in (
+                ("pass-through", lambda: start_passthrough(upstream.target, 1)[0]),
+                ("sidecar", lambda: start_sidecar(upstream.target, 1)),
+            ):
+                proxy = start()
+                try:
+                    await drive(proxy.target, BATCH, 1, 1.0, 0.5)  # warm-up, not sampled
+                    found[name] = await _profile(proxy, seconds, Path(tmp) / f"{name}.data")
+                finally:
+                    proxy.stop()
+    finally:
+        upstream.stop()
+    return found
+
+
+def table(found: dict[str, tuple[int, dict[str, int]]]) -> list[str]:
+    """The markdown table: us of CPU per payload by group, for each proxy, and the difference."""
+    period_us = 1e6 / FREQ
+    names = [name for name, _ in GROUPS] + ["other"]
+    per = {
+        proxy: {group: n * period_us / max(1, payloads) for group, n in samples.items()}
+        for proxy, (payloads, samples) in found.items()
+    }
+    base, side = per["pass-through"], per["sidecar"]
+    lines = [
+        "| where | pass-through us/payload | sidecar us/payload | sidecar - pass-through |",
+        "|---|---:|---:|---:|",
+    ]
+    for name in names:
+        a, b = base.get(name, 0.0), side.get(name, 0.0)
+        if a or b:
+            lines.append(f"| {name} | {a:,.0f} | {b:,.0f} | {b - a:+,.0f} |")
+    total_a, total_b = sum(base.values()), sum(side.values())
+    lines.append(f"| **all** | **{total_a:,.0f}** | **{total_b:,.0f}** | **{total_b - total_a:+,.0f}** |")
+    return lines
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seconds", type=float, default=8.0, help="sampled seconds per proxy (default: 8)")
+    args = parser.parse_args(argv)
+    why = _perf_usable()
+    if why is not None:
+        print(f"bench.profile: {why}", file=sys.stderr)
+        return 2
+    found = asyncio.run(_run(args.seconds))
+    print(
+        f"# one payload in the running sidecar: {BATCH}-event payloads, one stream, one worker, "
+        f"{args.seconds:g} s sampled at {FREQ} Hz per proxy"
+    )
+    print()
+    for line in table(found):
+        print(line)
+    print()
+    for proxy, (payloads, _) in found.items():
+        print(f"{proxy}: {payloads:,} payloads sampled")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
