@@ -103,11 +103,12 @@ async def _run(seconds: float) -> dict[str, tuple[int, dict[str, int]]]:
     found: dict[str, tuple[int, dict[str, int]]] = {}
     try:
         with tempfile.TemporaryDirectory() as tmp:
-            for name, start in (
-                ("pass-through", lambda: start_passthrough(upstream.target, 1)[0]),
-                ("sidecar", lambda: start_sidecar(upstream.target, 1)),
-            ):
-                proxy = start()
+            for name in ("pass-through", "sidecar"):
+                proxy = (
+                    start_passthrough(upstream.target, 1)[0]
+                    if name == "pass-through"
+                    else start_sidecar(upstream.target, 1)
+                )
                 try:
                     await drive(proxy.target, BATCH, 1, 1.0, 0.5)  # warm-up, not sampled
                     found[name] = await _profile(proxy, seconds, Path(tmp) / f"{name}.data")
