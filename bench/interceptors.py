@@ -1,23 +1,33 @@
 """The interceptors' cost: the same traffic with and without the guard, in one process, in one run.
 
-    python -m bench.interceptors            # five alternating rounds of 2 s per cell
-    python -m bench.interceptors --quick    # one round of 1 s per cell (a smoke run, noisier)
+    python -m bench.interceptors                      # five alternating rounds of 2 s per cell
+    python -m bench.interceptors --quick              # one round of 1 s per cell (a smoke run, noisier)
+    python -m bench.interceptors --rpc RecordEvents   # one RPC only (repeat --rpc for more)
 
-Four cells, each the guard on one end of a call against the same call without it:
+Four sides, each the guard on one end of a call against the same call without it:
 
 - grpc.aio server:  grpc.aio.server(interceptors=[AsyncGuardServerInterceptor(policy)])
 - grpc.aio channel: grpc.aio.insecure_channel(target, interceptors=aio_client_interceptors(policy))
 - sync server:      grpc.server(executor, interceptors=[GuardServerInterceptor(policy)])
 - sync channel:     wrap_channel(grpc.insecure_channel(target), policy)
 
-The policy is the default one. The servicer is the generated one (messages, not bytes) and acknowledges every
-event, parsing the request as a gateway does. The client sends one RecordEvents stream as a licensed instance,
-100-event batches from bench/workload.py (marketing and private metadata included, so the policy has work to
-do), one payload in flight (send, wait for its acknowledgement, send the next), on 127.0.0.1. The audit logger
-is left as a library user's process leaves it unless they configure logging: at WARNING, so no decision line is
-written (refusals would be). Baseline and guarded alternate round by round, so that the shared cores' noise hits
-both alike; events/s is the median of the rounds, CPU per payload (the whole process: client, server and grpc's
-threads) is over all rounds. Target (issue 14): guarded at least 0.9 of the baseline's events/s.
+and on each side the three RPCs, as exporters send them, on 127.0.0.1:
+
+- RecordEvents: one stream as a licensed instance, 100-event batches from bench/workload.py (marketing and
+  private metadata included, so the policy has work to do), one payload in flight (send, wait for its
+  acknowledgement, send the next); events/s, CPU per payload.
+- RecordEvent: one event per call as a managed service (bearer token present), the same events one by one,
+  one call in flight; events/s, CPU per call.
+- PublishInstanceUserMetadata: calls of 10 payloads of 100 users each as a licensed instance (client
+  streaming: the answer comes when the call ends), one call in flight; users/s, CPU per payload.
+
+The policy is the default one, with user metadata enabled (user_fields without primary_email) for the third
+RPC, which the default refuses. The servicer is the generated one (messages, not bytes): it parses each request
+as a gateway does and acknowledges every event. The audit logger is left as a library user's process leaves it
+unless they configure logging: at WARNING, so no decision line is written (refusals would be). Baseline and
+guarded alternate round by round, so that the shared cores' noise hits both alike; the rate is the median of
+the rounds, CPU per message (the whole process: client, server and grpc's threads) is over all rounds.
+Target (issue 14): guarded at least 0.9 of the baseline's rate.
 """
 
 from __future__ import annotations
@@ -27,10 +37,12 @@ import asyncio
 import platform
 import queue
 import statistics
+import tempfile
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from concurrent import futures
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import google.protobuf
@@ -44,35 +56,73 @@ from telemetry_guard.interceptors import (
     aio_client_interceptors,
     wrap_channel,
 )
-from telemetry_guard.policy import default_policy
+from telemetry_guard.policy import Policy, load_policy
 from telemetry_guard.policy.kinds import SERVICE
+from telemetry_guard.policy.loader import default_policy_path
 from telemetrygateway.v1 import telemetrygateway_pb2 as pb
 from telemetrygateway.v1 import telemetrygateway_pb2_grpc as pb_grpc
 
 HOST = "127.0.0.1"
-BATCH = 100
-TARGET = 0.9  # the issue's target: guarded events/s >= 90% of the same traffic without the guard
-METADATA = pb.RecordEventsRequest(
-    metadata=pb.RecordEventsRequestMetadata(
-        request_id="bench",
-        identifier=pb.Identifier(
-            licensed_instance=pb.Identifier.LicensedInstanceIdentifier(license_key="key", instance_id="bench")
-        ),
-    )
+BATCH = 100  # events per RecordEvents payload, users per user metadata payload
+PAYLOADS_PER_CALL = 10  # PublishInstanceUserMetadata
+TARGET = 0.9  # the issue's target: guarded rate >= 90% of the same traffic without the guard
+RPCS = ("RecordEvents", "RecordEvent", "PublishInstanceUserMetadata")
+UNITS = {"RecordEvents": "events", "RecordEvent": "events", "PublishInstanceUserMetadata": "users"}
+BEARER = (("authorization", "Bearer bench"),)
+
+LICENSED = pb.Identifier(
+    licensed_instance=pb.Identifier.LicensedInstanceIdentifier(license_key="key", instance_id="bench")
 )
+METADATA = pb.RecordEventsRequest(metadata=pb.RecordEventsRequestMetadata(request_id="bench", identifier=LICENSED))
+USERS_METADATA = pb.PublishInstanceUserMetadataRequest(
+    metadata=pb.PublishInstanceUserMetadataRequestMetadata(request_id="bench", identifier=LICENSED)
+)
+
+
+def bench_policy() -> Policy:
+    """The default policy with user metadata enabled (primary_email withheld), from a temporary copy."""
+    text = default_policy_path().read_text()
+    enabled = "user_metadata:\n  enabled: true\n  user_fields: [id, username, assigned_rbac_roles]\n"
+    changed = text.replace("user_metadata:\n  enabled: false", enabled.rstrip("\n"), 1)
+    if changed == text:
+        raise RuntimeError("the default policy's user_metadata section has changed: update bench_policy()")
+    folder = tempfile.TemporaryDirectory()  # kept until the process ends: lint reads the file again
+    _KEPT.append(folder)
+    path = Path(folder.name) / "bench.yaml"
+    path.write_text(changed)
+    return load_policy(path)
+
+
+_KEPT: list[tempfile.TemporaryDirectory[str]] = []
+
+
+def unary_requests() -> list[pb.RecordEventRequest]:
+    """The workload's events, one RecordEvent request each, as a managed service."""
+    service = pb.Identifier(managed_service=pb.Identifier.ManagedServiceIdentifier(service_id="bench"))
+    metadata = pb.RecordEventsRequestMetadata(request_id="bench", identifier=service)
+    return [pb.RecordEventRequest(metadata=metadata, event=event) for event in workload.events(BATCH)]
+
+
+def users_payload() -> pb.PublishInstanceUserMetadataRequest:
+    request = pb.PublishInstanceUserMetadataRequest()
+    for i in range(BATCH):
+        request.user_metadata.users.add(
+            id=i + 1, username=f"user-{i}", primary_email=f"user-{i}@example.com", assigned_rbac_roles=["USER"]
+        )
+    return request
 
 
 @dataclass
 class Cell:
     """One side of a comparison, added up over its rounds."""
 
-    rates: list[float] = field(default_factory=list)  # events/s of each round
-    payloads: int = 0
+    rates: list[float] = field(default_factory=list)  # units/s of each round
+    messages: int = 0  # payloads (or unary calls) sent
     cpu: float = 0.0  # process CPU seconds
 
-    def add(self, payloads: int, seconds: float, cpu: float) -> None:
-        self.rates.append(payloads * BATCH / seconds)
-        self.payloads += payloads
+    def add(self, units: int, messages: int, seconds: float, cpu: float) -> None:
+        self.rates.append(units / seconds)
+        self.messages += messages
         self.cpu += cpu
 
     @property
@@ -81,7 +131,10 @@ class Cell:
 
     @property
     def cpu_us(self) -> float:
-        return self.cpu / max(1, self.payloads) * 1e6
+        return self.cpu / max(1, self.messages) * 1e6
+
+
+# -- the servicer (the generated shapes: messages in and out) ------------------------------------------
 
 
 def _acknowledge(request: pb.RecordEventsRequest) -> pb.RecordEventsResponse | None:
@@ -106,21 +159,60 @@ def _sync_record_events(requests: Iterator[pb.RecordEventsRequest], context: Any
             yield response
 
 
-def _service(record_events: Any) -> grpc.GenericRpcHandler:
-    """RecordEvents as the generated code registers it: messages in and out."""
-    handler = grpc.stream_stream_rpc_method_handler(
-        record_events,
-        request_deserializer=pb.RecordEventsRequest.FromString,
-        response_serializer=pb.RecordEventsResponse.SerializeToString,
-    )
-    return grpc.method_handlers_generic_handler(SERVICE, {"RecordEvents": handler})
+def _record_event(request: pb.RecordEventRequest, context: Any) -> pb.RecordEventResponse:
+    if not request.event.id:
+        raise ValueError("an event without an id")
+    return pb.RecordEventResponse()
 
 
-# -- grpc.aio --------------------------------------------------------------------------------------
+async def _aio_record_event(request: pb.RecordEventRequest, context: Any) -> pb.RecordEventResponse:
+    return _record_event(request, context)
 
 
-async def _aio_stream(channel: grpc.aio.Channel, data: pb.RecordEventsRequest, seconds: float) -> tuple[int, float]:
-    """Payloads sent one at a time for `seconds` on one stream; (payloads, seconds taken)."""
+async def _aio_publish(
+    requests: AsyncIterator[pb.PublishInstanceUserMetadataRequest], context: Any
+) -> pb.PublishInstanceUserMetadataResponse:
+    async for _ in requests:
+        pass
+    return pb.PublishInstanceUserMetadataResponse()
+
+
+def _sync_publish(
+    requests: Iterator[pb.PublishInstanceUserMetadataRequest], context: Any
+) -> pb.PublishInstanceUserMetadataResponse:
+    for _ in requests:
+        pass
+    return pb.PublishInstanceUserMetadataResponse()
+
+
+def _service(record_events: Any, record_event: Any, publish: Any) -> grpc.GenericRpcHandler:
+    """The three RPCs as the generated code registers them."""
+    handlers: dict[str, Any] = {
+        "RecordEvents": grpc.stream_stream_rpc_method_handler(
+            record_events,
+            request_deserializer=pb.RecordEventsRequest.FromString,
+            response_serializer=pb.RecordEventsResponse.SerializeToString,
+        ),
+        "RecordEvent": grpc.unary_unary_rpc_method_handler(
+            record_event,
+            request_deserializer=pb.RecordEventRequest.FromString,
+            response_serializer=pb.RecordEventResponse.SerializeToString,
+        ),
+        "PublishInstanceUserMetadata": grpc.stream_unary_rpc_method_handler(
+            publish,
+            request_deserializer=pb.PublishInstanceUserMetadataRequest.FromString,
+            response_serializer=pb.PublishInstanceUserMetadataResponse.SerializeToString,
+        ),
+    }
+    return grpc.method_handlers_generic_handler(SERVICE, handlers)
+
+
+# -- grpc.aio clients: (units, messages, seconds taken) for `seconds` of one RPC's traffic --------------
+
+
+async def _aio_record_events_client(channel: grpc.aio.Channel, seconds: float) -> tuple[int, int, float]:
+    """Payloads sent one at a time on one stream."""
+    data = workload.batch(BATCH)
     call: Any = pb_grpc.TelemeteryGatewayServiceStub(channel).RecordEvents(timeout=600)
     await call.write(METADATA)
     payloads = 0
@@ -135,37 +227,72 @@ async def _aio_stream(channel: grpc.aio.Channel, data: pb.RecordEventsRequest, s
     await call.done_writing()
     while await call.read() is not grpc.aio.EOF:
         pass
-    return payloads, taken
+    return payloads * BATCH, payloads, taken
 
 
-async def _aio_cells(data: pb.RecordEventsRequest, rounds: int, seconds: float) -> dict[str, tuple[Cell, Cell]]:
-    policy = default_policy()
+async def _aio_record_event_client(channel: grpc.aio.Channel, seconds: float) -> tuple[int, int, float]:
+    """One call at a time, one event each."""
+    requests = unary_requests()
+    stub = pb_grpc.TelemeteryGatewayServiceStub(channel)
+    calls = 0
+    start = time.perf_counter()
+    stop_at = start + seconds
+    while time.perf_counter() < stop_at:
+        await stub.RecordEvent(requests[calls % len(requests)], metadata=BEARER, timeout=60)
+        calls += 1
+    return calls, calls, time.perf_counter() - start
+
+
+async def _aio_publish_client(channel: grpc.aio.Channel, seconds: float) -> tuple[int, int, float]:
+    """Calls of PAYLOADS_PER_CALL payloads, one at a time."""
+    payload = users_payload()
+    stub = pb_grpc.TelemeteryGatewayServiceStub(channel)
+    payloads = 0
+    start = time.perf_counter()
+    stop_at = start + seconds
+    while time.perf_counter() < stop_at:
+        call: Any = stub.PublishInstanceUserMetadata(timeout=60)
+        await call.write(USERS_METADATA)
+        for _ in range(PAYLOADS_PER_CALL):
+            await call.write(payload)
+        await call.done_writing()
+        await call
+        payloads += PAYLOADS_PER_CALL
+    return payloads * BATCH, payloads, time.perf_counter() - start
+
+
+AioClient = Callable[[grpc.aio.Channel, float], Awaitable[tuple[int, int, float]]]
+AIO_CLIENTS: dict[str, AioClient] = {
+    "RecordEvents": _aio_record_events_client,
+    "RecordEvent": _aio_record_event_client,
+    "PublishInstanceUserMetadata": _aio_publish_client,
+}
+
+
+async def _aio_cells(policy: Policy, rpcs: list[str], rounds: int, seconds: float) -> dict[tuple[str, str], Any]:
     servers = []
     ports = {}
     for name, interceptors in (("plain", []), ("guarded", [AsyncGuardServerInterceptor(policy)])):
         server = grpc.aio.server(interceptors=interceptors)
-        server.add_generic_rpc_handlers((_service(_aio_record_events),))
+        server.add_generic_rpc_handlers((_service(_aio_record_events, _aio_record_event, _aio_publish),))
         ports[name] = server.add_insecure_port(f"{HOST}:0")
         await server.start()
         servers.append(server)
     plain = grpc.aio.insecure_channel(f"{HOST}:{ports['plain']}")
     to_guarded = grpc.aio.insecure_channel(f"{HOST}:{ports['guarded']}")
     guarded = grpc.aio.insecure_channel(f"{HOST}:{ports['plain']}", interceptors=aio_client_interceptors(policy))
-    cells = {"grpc.aio server": (Cell(), Cell()), "grpc.aio channel": (Cell(), Cell())}
-    runs: dict[str, tuple[grpc.aio.Channel, grpc.aio.Channel]] = {
-        "grpc.aio server": (plain, to_guarded),
-        "grpc.aio channel": (plain, guarded),
-    }
+    sides = {"grpc.aio server": (plain, to_guarded), "grpc.aio channel": (plain, guarded)}
+    cells = {(side, rpc): (Cell(), Cell()) for side in sides for rpc in rpcs}
     try:
-        for base, guard in runs.values():  # warm-up, not measured
-            await _aio_stream(base, data, seconds / 4)
-            await _aio_stream(guard, data, seconds / 4)
+        for side, rpc in cells:
+            for channel in sides[side]:  # warm-up, not measured
+                await AIO_CLIENTS[rpc](channel, seconds / 4)
         for _ in range(rounds):
-            for name, channels in runs.items():
-                for cell, channel in zip(cells[name], channels, strict=True):
+            for (side, rpc), pair in cells.items():
+                for cell, channel in zip(pair, sides[side], strict=True):
                     cpu = time.process_time()
-                    payloads, taken = await _aio_stream(channel, data, seconds)
-                    cell.add(payloads, taken, time.process_time() - cpu)
+                    units, messages, taken = await AIO_CLIENTS[rpc](channel, seconds)
+                    cell.add(units, messages, taken, time.process_time() - cpu)
     finally:
         for channel in (plain, to_guarded, guarded):
             await channel.close()
@@ -174,11 +301,12 @@ async def _aio_cells(data: pb.RecordEventsRequest, rounds: int, seconds: float) 
     return cells
 
 
-# -- sync ------------------------------------------------------------------------------------------
+# -- sync clients ----------------------------------------------------------------------------------------
 
 
-def _sync_stream(channel: grpc.Channel, data: pb.RecordEventsRequest, seconds: float) -> tuple[int, float]:
-    """_aio_stream for a sync channel: the request iterator is fed one payload per response."""
+def _sync_record_events_client(channel: grpc.Channel, seconds: float) -> tuple[int, int, float]:
+    """As the aio client: the request iterator is fed one payload per response."""
+    data = workload.batch(BATCH)
     outbox: queue.SimpleQueue[pb.RecordEventsRequest | None] = queue.SimpleQueue()
 
     def requests() -> Iterator[pb.RecordEventsRequest]:
@@ -200,38 +328,66 @@ def _sync_stream(channel: grpc.Channel, data: pb.RecordEventsRequest, seconds: f
         outbox.put(None)
     for _ in responses:
         pass
-    return payloads, taken
+    return payloads * BATCH, payloads, taken
 
 
-def _sync_cells(data: pb.RecordEventsRequest, rounds: int, seconds: float) -> dict[str, tuple[Cell, Cell]]:
-    policy = default_policy()
+def _sync_record_event_client(channel: grpc.Channel, seconds: float) -> tuple[int, int, float]:
+    requests = unary_requests()
+    stub = pb_grpc.TelemeteryGatewayServiceStub(channel)
+    calls = 0
+    start = time.perf_counter()
+    stop_at = start + seconds
+    while time.perf_counter() < stop_at:
+        stub.RecordEvent(requests[calls % len(requests)], metadata=BEARER, timeout=60)
+        calls += 1
+    return calls, calls, time.perf_counter() - start
+
+
+def _sync_publish_client(channel: grpc.Channel, seconds: float) -> tuple[int, int, float]:
+    payload = users_payload()
+    stub = pb_grpc.TelemeteryGatewayServiceStub(channel)
+    payloads = 0
+    start = time.perf_counter()
+    stop_at = start + seconds
+    while time.perf_counter() < stop_at:
+        stub.PublishInstanceUserMetadata(iter([USERS_METADATA] + [payload] * PAYLOADS_PER_CALL), timeout=60)
+        payloads += PAYLOADS_PER_CALL
+    return payloads * BATCH, payloads, time.perf_counter() - start
+
+
+SyncClient = Callable[[grpc.Channel, float], tuple[int, int, float]]
+SYNC_CLIENTS: dict[str, SyncClient] = {
+    "RecordEvents": _sync_record_events_client,
+    "RecordEvent": _sync_record_event_client,
+    "PublishInstanceUserMetadata": _sync_publish_client,
+}
+
+
+def _sync_cells(policy: Policy, rpcs: list[str], rounds: int, seconds: float) -> dict[tuple[str, str], Any]:
     servers = []
     ports = {}
     guarding: list[grpc.ServerInterceptor] = [GuardServerInterceptor(policy)]
     for name, interceptors in (("plain", []), ("guarded", guarding)):
         server = grpc.server(futures.ThreadPoolExecutor(max_workers=4), interceptors=interceptors)
-        server.add_generic_rpc_handlers((_service(_sync_record_events),))
+        server.add_generic_rpc_handlers((_service(_sync_record_events, _record_event, _sync_publish),))
         ports[name] = server.add_insecure_port(f"{HOST}:0")
         server.start()
         servers.append(server)
     plain = grpc.insecure_channel(f"{HOST}:{ports['plain']}")
     to_guarded = grpc.insecure_channel(f"{HOST}:{ports['guarded']}")
     guarded = wrap_channel(grpc.insecure_channel(f"{HOST}:{ports['plain']}"), policy)
-    cells = {"sync server": (Cell(), Cell()), "sync channel": (Cell(), Cell())}
-    runs: dict[str, tuple[grpc.Channel, grpc.Channel]] = {
-        "sync server": (plain, to_guarded),
-        "sync channel": (plain, guarded),
-    }
+    sides = {"sync server": (plain, to_guarded), "sync channel": (plain, guarded)}
+    cells = {(side, rpc): (Cell(), Cell()) for side in sides for rpc in rpcs}
     try:
-        for base, guard in runs.values():  # warm-up, not measured
-            _sync_stream(base, data, seconds / 4)
-            _sync_stream(guard, data, seconds / 4)
+        for side, rpc in cells:
+            for channel in sides[side]:  # warm-up, not measured
+                SYNC_CLIENTS[rpc](channel, seconds / 4)
         for _ in range(rounds):
-            for name, channels in runs.items():
-                for cell, channel in zip(cells[name], channels, strict=True):
+            for (side, rpc), pair in cells.items():
+                for cell, channel in zip(pair, sides[side], strict=True):
                     cpu = time.process_time()
-                    payloads, taken = _sync_stream(channel, data, seconds)
-                    cell.add(payloads, taken, time.process_time() - cpu)
+                    units, messages, taken = SYNC_CLIENTS[rpc](channel, seconds)
+                    cell.add(units, messages, taken, time.process_time() - cpu)
     finally:
         for channel in (plain, to_guarded, guarded):
             channel.close()
@@ -240,9 +396,9 @@ def _sync_cells(data: pb.RecordEventsRequest, rounds: int, seconds: float) -> di
     return cells
 
 
-def _row(name: str, base: Cell, guarded: Cell) -> str:
+def _row(side: str, rpc: str, base: Cell, guarded: Cell) -> str:
     return (
-        f"| {name} | {base.rate:,.0f} | {guarded.rate:,.0f} | {guarded.rate / base.rate:.2f} | "
+        f"| {side} | {rpc} | {base.rate:,.0f} {UNITS[rpc]}/s | {guarded.rate:,.0f} | {guarded.rate / base.rate:.2f} | "
         f"{base.cpu_us:,.0f} | {guarded.cpu_us:,.0f} | {guarded.cpu_us / base.cpu_us:.2f} |"
     )
 
@@ -252,29 +408,33 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="one round of 1 s per cell")
     parser.add_argument("--rounds", type=int, default=None, help="alternating rounds per cell (default: 5)")
     parser.add_argument("--seconds", type=float, default=None, help="seconds per round (default: 2)")
+    parser.add_argument("--rpc", action="append", choices=RPCS, help="only this RPC (repeat; default: all three)")
     args = parser.parse_args(argv)
     rounds = args.rounds or (1 if args.quick else 5)
     seconds = args.seconds or (1.0 if args.quick else 2.0)
-    data = workload.batch(BATCH)
+    rpcs = [rpc for rpc in RPCS if rpc in (args.rpc or RPCS)]
+    policy = bench_policy()
     print(
         f"# interceptors benchmark: Python {platform.python_version()}, grpcio {grpc.__version__}, protobuf "
-        f"{google.protobuf.__version__}; one stream of {BATCH}-event payloads, one in flight, in one process; "
-        f"{rounds} alternating round(s) of {seconds:g} s per cell (events/s: the median round)"
+        f"{google.protobuf.__version__}; in one process, one call or payload in flight; {BATCH} events or users "
+        f"per payload; {rounds} alternating round(s) of {seconds:g} s per cell (rates: the median round)"
     )
-    cells = asyncio.run(_aio_cells(data, rounds, seconds))
-    cells.update(_sync_cells(data, rounds, seconds))
+    print("# reproduce: python -m bench.interceptors")
+    cells = asyncio.run(_aio_cells(policy, rpcs, rounds, seconds))
+    cells.update(_sync_cells(policy, rpcs, rounds, seconds))
     print()
     print(
-        "| guard on | without ev/s | with ev/s | with / without "
-        "| without CPU us/payload | with CPU us/payload | CPU ratio |"
+        "| guard on | RPC | without | with | with / without "
+        "| without CPU us/message | with CPU us/message | CPU ratio |"
     )
-    print("|---|---:|---:|---:|---:|---:|---:|")
-    for name, (base, guarded) in cells.items():
-        print(_row(name, base, guarded))
-    worst = min(guarded.rate / base.rate for base, guarded in cells.values())
+    print("|---|---|---:|---:|---:|---:|---:|---:|")
+    for (side, rpc), (base, guarded) in cells.items():
+        print(_row(side, rpc, base, guarded))
     print()
-    verdict = "met" if worst >= TARGET else "NOT met"
-    print(f"with / without events/s at worst: {worst:.2f} (target {TARGET:.2f}: {verdict})")
+    for rpc in rpcs:
+        worst = min(guarded.rate / base.rate for (_, name), (base, guarded) in cells.items() if name == rpc)
+        verdict = "met" if worst >= TARGET else "NOT met"
+        print(f"{rpc}: with / without at worst {worst:.2f} (target {TARGET:.2f}: {verdict})")
     return 0
 
 
