@@ -31,6 +31,7 @@ enum { REC_MARKETING = 1, REC_PRIVATE_WHOLE = 2, REC_UNKNOWN = 4 };
 #define MAX_FIELD 63   /* field numbers above are unknown to every message here */
 #define MAX_DEPTH 32   /* deeper: fallback (upb's own limit is 100) */
 #define MAX_KEYS 48    /* map entries checked for duplicates; more: fallback */
+#define LINEAR_KEYS 12 /* up to this many: compared one by one; more: a hash table */
 #define MAX_TYPES 64   /* event types remembered per call */
 #define MAX_MESSAGES 64
 #define MAX_REMEMBERED 4096 /* event types kept in Plan.types; then it starts afresh */
@@ -413,7 +414,7 @@ typedef struct {
     uint64_t seen;
     uint32_t oneofs;
     int nkeys;
-    uint8_t slots[2 * 64];       /* the keys by fingerprint: index + 1, 0 = empty (cleared at the first key) */
+    uint8_t slots[2 * 64];       /* the keys by fingerprint: index + 1, 0 = empty (filled at LINEAR_KEYS keys) */
     uint32_t key_maps[MAX_KEYS]; /* keys[i] is a key of the map field key_maps[i] */
     uint64_t prints[MAX_KEYS];   /* keys[i]'s fingerprint: compared before the bytes */
     Slice keys[MAX_KEYS];
@@ -480,24 +481,44 @@ INLINE uint64_t fingerprint(uint32_t num, Slice key) {
 
 /* A map entry's key, against the keys of the same map seen before (a key given twice would
  * shadow a value). *plain: the entry was checked whole here; otherwise it is walked. */
+INLINE uint32_t key_slot(uint64_t print) {
+    uint64_t x = print ^ (print >> 33); /* murmur3's finalizer: the slot depends on every byte read */
+    x *= 0xff51afd7ed558ccdull;
+    x ^= x >> 33;
+    return (uint32_t)x;
+}
+
+/* The keys seen so far go into the hash table (from LINEAR_KEYS keys on). */
+static void hash_keys(Seen *s) {
+    uint32_t mask = sizeof s->slots - 1;
+    memset(s->slots, 0, sizeof s->slots);
+    for (int k = 0; k < s->nkeys; k++) {
+        uint32_t i = key_slot(s->prints[k]) & mask;
+        while (s->slots[i]) i = (i + 1) & mask;
+        s->slots[i] = (uint8_t)(k + 1);
+    }
+}
+
 INLINE int map_entry_key(const Plan *plan, const Head *h, Seen *s, int *plain) {
     Slice key;
     *plain = plain_entry(&plan->msgs[h->f->child], h->v, h->end, &key);
     if ((!*plain && map_key(h->v, h->end, &key) != OK) || s->nkeys == MAX_KEYS) return FALLBACK;
     uint64_t print = fingerprint(h->num, key);
-    if (s->nkeys == 0) memset(s->slots, 0, sizeof s->slots);
-    uint64_t x = print ^ (print >> 33); /* murmur3's finalizer: the slot depends on every byte read */
-    x *= 0xff51afd7ed558ccdull;
-    x ^= x >> 33;
-    uint32_t mask = sizeof s->slots - 1, i = (uint32_t)x & mask;
-    for (; s->slots[i]; i = (i + 1) & mask) {
-        int k = s->slots[i] - 1;
-        if (s->prints[k] == print && s->key_maps[k] == h->num && same(s->keys[k], key.p, key.n)) return FALLBACK;
+    if (s->nkeys < LINEAR_KEYS) { /* most maps here are small: compared one by one, no table */
+        for (int k = 0; k < s->nkeys; k++)
+            if (s->prints[k] == print && s->key_maps[k] == h->num && same(s->keys[k], key.p, key.n)) return FALLBACK;
+    } else {
+        uint32_t mask = sizeof s->slots - 1, i = key_slot(print) & mask;
+        for (; s->slots[i]; i = (i + 1) & mask) {
+            int k = s->slots[i] - 1;
+            if (s->prints[k] == print && s->key_maps[k] == h->num && same(s->keys[k], key.p, key.n)) return FALLBACK;
+        }
+        s->slots[i] = (uint8_t)(s->nkeys + 1);
     }
-    s->slots[i] = (uint8_t)(s->nkeys + 1);
     s->key_maps[s->nkeys] = h->num;
     s->prints[s->nkeys] = print;
     s->keys[s->nkeys++] = key;
+    if (s->nkeys == LINEAR_KEYS) hash_keys(s);
     return OK;
 }
 
@@ -542,7 +563,9 @@ static int whole_keys(Ctx *c, const uint8_t *p, const uint8_t *end) {
     return OK;
 }
 
-/* A message, field by field: copied, skipped or rewritten (emit), or only checked (!emit). */
+/* A message, field by field: copied, skipped or rewritten (emit), or only checked (!emit).
+ * Fields kept as they came are copied in runs: a field that follows the run is added to it, and the
+ * run is written out (flush) before anything else is written and at the end. */
 static int walk(Ctx *c, int mi, const uint8_t *p, const uint8_t *end, int depth, int emit) {
     if (depth > MAX_DEPTH) return FALLBACK;
     const Plan *plan = c->plan;
@@ -554,6 +577,20 @@ static int walk(Ctx *c, int mi, const uint8_t *p, const uint8_t *end, int depth,
     s.nkeys = 0;
     Head h;
     Py_ssize_t index = 0;
+    const uint8_t *run = NULL, *run_end = NULL; /* input bytes kept as they came, not yet written */
+#define KEEP(from, to)                                                                                  \
+    do {                                                                                                \
+        if (run_end != (from)) {                                                                        \
+            if (run != NULL && put(c, run, run_end - run) < 0) return FAIL;                            \
+            run = (from);                                                                               \
+        }                                                                                               \
+        run_end = (to);                                                                                 \
+    } while (0)
+#define FLUSH()                                                                                         \
+    do {                                                                                                \
+        if (run != NULL && put(c, run, run_end - run) < 0) return FAIL;                                \
+        run = run_end = NULL;                                                                           \
+    } while (0)
     while (p < end) {
         int r = next_field(m, p, end, &s, &h);
         if (r != OK) return r;
@@ -562,7 +599,7 @@ static int walk(Ctx *c, int mi, const uint8_t *p, const uint8_t *end, int depth,
         if (f == NULL) {
             c->saw_unknown = 1;
             if (emit && plan->discard_unknown) c->flags |= REC_UNKNOWN; /* left out of what leaves */
-            if (emit && !plan->discard_unknown && put(c, h.start, h.end - h.start) < 0) return FAIL;
+            if (emit && !plan->discard_unknown) KEEP(h.start, h.end);
             continue;
         }
         int keep = emit && f->drop < 0;
@@ -572,6 +609,7 @@ static int walk(Ctx *c, int mi, const uint8_t *p, const uint8_t *end, int depth,
             return FALLBACK;
         case R_EVENT:
             if (!emit) return FALLBACK;
+            FLUSH();
             if ((r = event(c, f, h.start, h.tag_end, h.v, h.end, index++)) != OK) return r;
             continue;
         case R_MARKETING:
@@ -586,6 +624,7 @@ static int walk(Ctx *c, int mi, const uint8_t *p, const uint8_t *end, int depth,
         case R_PRIVATE:
             if (!emit || plan->private_mode == MODE_KEEP) break;
             if (plan->private_mode == MODE_ALLOWLIST && c->keys != NULL) {
+                FLUSH();
                 if ((r = private_allowlist(c, h.start, h.tag_end, h.v, h.end)) != OK) return r;
                 continue;
             }
@@ -597,13 +636,13 @@ static int walk(Ctx *c, int mi, const uint8_t *p, const uint8_t *end, int depth,
             break;
         }
         if (f->type != T_MESSAGE) {
-            if (keep && put(c, h.start, h.end - h.start) < 0) return FAIL;
+            if (keep) KEEP(h.start, h.end);
             continue;
         }
         int plain = 0;
         if ((f->flags & F_MAP) && (r = map_entry_key(plan, &h, &s, &plain)) != OK) return r;
         if (plain) {
-            if (keep && put(c, h.start, h.end - h.start) < 0) return FAIL;
+            if (keep) KEEP(h.start, h.end);
             continue;
         }
         if (keep && plan->msgs[f->child].clean) { /* checked, then copied as it came */
@@ -614,12 +653,13 @@ static int walk(Ctx *c, int mi, const uint8_t *p, const uint8_t *end, int depth,
             c->saw_unknown |= saw;
             if (rewrite) c->flags |= REC_UNKNOWN;
             if (!rewrite) {
-                if (put(c, h.start, h.end - h.start) < 0) return FAIL;
+                KEEP(h.start, h.end);
                 continue;
             }
         }
         if (keep) {
             Len len;
+            FLUSH();
             if (put(c, h.start, h.tag_end - h.start) < 0 || open_len(c, &len, h.end - h.v) < 0) return FAIL;
             if ((r = walk(c, f->child, h.v, h.end, depth + 1, 1)) != OK) return r;
             if (close_len(c, &len) < 0) return FAIL;
@@ -627,6 +667,9 @@ static int walk(Ctx *c, int mi, const uint8_t *p, const uint8_t *end, int depth,
         }
         if ((r = walk(c, f->child, h.v, h.end, depth + 1, 0)) != OK) return r;
     }
+    FLUSH();
+#undef KEEP
+#undef FLUSH
     return OK;
 }
 
