@@ -48,6 +48,9 @@ typedef struct {
     int8_t oneof; /* -1: not in a oneof */
     int8_t drop;  /* -1: kept; else the bit of the drop_fields rule that removes it */
     int16_t child; /* message index for T_MESSAGE (the entry message for a map) */
+    /* Of the child message, kept here so that the per-field loop does not reach into another table: */
+    uint8_t child_clean; /* the child's Msg.clean */
+    uint8_t entry_value; /* a map's entry: 1 + the type of its value (field 2), 0 if it has none */
 } Field;
 
 typedef struct {
@@ -239,13 +242,28 @@ INLINE int read_tag(const uint8_t **pp, const uint8_t *end, uint32_t *num, uint3
     return 1;
 }
 
+/* Past a varint value, not decoded: as read_varint_long reads it (at most 10 bytes, the 10th 0 or 1). */
+INLINE int skip_varint(const uint8_t **pp, const uint8_t *end) {
+    const uint8_t *p = *pp;
+    for (int i = 0; i < VALUE_WIDTH; i++) {
+        if (p + i >= end) return 0;
+        uint8_t b = p[i];
+        if (!(b & 0x80)) {
+            if (i == VALUE_WIDTH - 1 && b > 1) return 0;
+            *pp = p + i + 1;
+            return 1;
+        }
+    }
+    return 0;
+}
+
 /* Past one value of wire type wt; v..*vend is a length-delimited payload. Groups: no. */
 INLINE int skip_value(const uint8_t **pp, const uint8_t *end, uint32_t wt, const uint8_t **v) {
     uint64_t x;
     switch (wt) {
     case 0:
         *v = *pp;
-        return read_varint(pp, end, &x);
+        return skip_varint(pp, end);
     case 1:
         if (end - *pp < 8) return 0;
         *v = *pp;
@@ -352,18 +370,18 @@ INLINE int map_key(const uint8_t *p, const uint8_t *end, Slice *key) {
 
 /* A map entry in the form every encoder writes: key, then a scalar or string value, each
  * with one-byte lengths, nothing else. Checked here without a walk (1 = it is; key set). */
-INLINE int plain_entry(const Msg *entry, const uint8_t *v, const uint8_t *end, Slice *key) {
+INLINE int plain_entry(const Field *map, const uint8_t *v, const uint8_t *end, Slice *key) {
     if (end - v < 2 || v[0] != 0x0a || v[1] >= 0x80 || v[1] > end - v - 2) return 0;
     *key = (Slice){v + 2, v[1]};
     const uint8_t *q = v + 2 + v[1];
     if (q < end) {
-        const Field *f = &entry->fields[2];
-        if (!f->known) return 0;
-        switch (f->type) {
+        if (!map->entry_value) return 0;
+        uint8_t type = (uint8_t)(map->entry_value - 1);
+        switch (type) {
         case T_STRING:
         case T_BYTES:
             if (end - q < 2 || q[0] != 0x12 || q[1] >= 0x80 || q + 2 + q[1] != end) return 0;
-            if (f->type == T_STRING && !utf8_ok(q + 2, q[1])) return 0;
+            if (type == T_STRING && !utf8_ok(q + 2, q[1])) return 0;
             break;
         case T_FIXED64:
             if (q[0] != 0x11 || end - q != 9) return 0;
@@ -499,9 +517,9 @@ static void hash_keys(Seen *s) {
     }
 }
 
-INLINE int map_entry_key(const Plan *plan, const Head *h, Seen *s, int *plain) {
+INLINE int map_entry_key(const Head *h, Seen *s, int *plain) {
     Slice key;
-    *plain = plain_entry(&plan->msgs[h->f->child], h->v, h->end, &key);
+    *plain = plain_entry(h->f, h->v, h->end, &key);
     if ((!*plain && map_key(h->v, h->end, &key) != OK) || s->nkeys == MAX_KEYS) return FALLBACK;
     uint64_t print = fingerprint(h->num, key);
     if (s->nkeys < LINEAR_KEYS) { /* most maps here are small: compared one by one, no table */
@@ -542,7 +560,7 @@ static int check(Ctx *c, int mi, const uint8_t *p, const uint8_t *end, int depth
         }
         if (h.f->type != T_MESSAGE) continue;
         int plain = 0;
-        if ((h.f->flags & F_MAP) && (r = map_entry_key(plan, &h, &s, &plain)) != OK) return r;
+        if ((h.f->flags & F_MAP) && (r = map_entry_key(&h, &s, &plain)) != OK) return r;
         if (!plain && (r = check(c, h.f->child, h.v, h.end, depth + 1)) != OK) return r;
     }
     return OK;
@@ -640,12 +658,12 @@ static int walk(Ctx *c, int mi, const uint8_t *p, const uint8_t *end, int depth,
             continue;
         }
         int plain = 0;
-        if ((f->flags & F_MAP) && (r = map_entry_key(plan, &h, &s, &plain)) != OK) return r;
+        if ((f->flags & F_MAP) && (r = map_entry_key(&h, &s, &plain)) != OK) return r;
         if (plain) {
             if (keep) KEEP(h.start, h.end);
             continue;
         }
-        if (keep && plan->msgs[f->child].clean) { /* checked, then copied as it came */
+        if (keep && f->child_clean) { /* checked, then copied as it came */
             int saw = c->saw_unknown;
             c->saw_unknown = 0;
             if ((r = check(c, f->child, h.v, h.end, depth + 1)) != OK) return r;
@@ -1117,6 +1135,16 @@ static int parse_messages(Plan *self, PyObject *messages) {
             if (num < 16) m->tag1[(num << 3) | wire_type(f->type)] = 1;
         }
         Py_DECREF(seq);
+    }
+    for (int i = 0; i < self->nmsgs; i++) { /* what the walk reads of a field's child, on the field */
+        Msg *m = &self->msgs[i];
+        for (int num = 1; num <= m->max; num++) {
+            Field *f = &m->fields[num];
+            if (!f->known || f->type != T_MESSAGE) continue;
+            const Msg *child = &self->msgs[f->child];
+            f->child_clean = (uint8_t)child->clean;
+            f->entry_value = child->fields[2].known ? (uint8_t)(1 + child->fields[2].type) : 0;
+        }
     }
     return 0;
 }
