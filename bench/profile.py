@@ -16,6 +16,11 @@ It needs `perf` (Debian's linux-perf) and the right to sample another process (r
 kernel.perf_event_paranoid at 1 or lower); without them it says so and exits 2. A sample
 period is 1/FREQ seconds of one core's time, so the figures carry perf's own overhead (a few
 per cent) alike for both proxies.
+
+With --python (py-spy: `pip install -e '.[profile]'`), a second run of each proxy is sampled by
+py-spy instead, and a second table charges each sample to the Python function that was running,
+the C it called included (the C walk shows as FastPlan.filter, grpc's writes as the line that
+awaits them): where the interpreter's share of the first table goes, function by function.
 """
 
 from __future__ import annotations
@@ -36,6 +41,8 @@ from bench.sidecar import Process, _children, drive, start_passthrough, start_si
 
 BATCH = 100
 FREQ = 4000  # samples per second of CPU time
+PY_RATE = 1000  # py-spy's samples per second of a running thread
+TOP = 15  # functions in the Python table
 
 # Shared objects by what they do, in the order of the table; anything else is "other".
 GROUPS = (
@@ -88,6 +95,36 @@ async def _profile(proxy: Process, seconds: float, out: Path) -> tuple[int, dict
     return result.payloads, _samples_by_group(out)
 
 
+async def _py_profile(proxy: Process, seconds: float, out: Path) -> tuple[int, dict[str, int]]:
+    """(payloads sent, py-spy samples by the function running) for one proxy driven for `seconds`."""
+    pid = ([*_children(proxy.process.pid)] or [proxy.process.pid])[-1]  # the worker, where the calls run
+    duration = str(int(seconds + 2))
+    command = ["py-spy", "record", "-p", str(pid), "-r", str(PY_RATE), "-d", duration, "-f", "raw", "-o", str(out)]
+    spy = subprocess.Popen([*command, "--nonblocking"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    await asyncio.sleep(1.0)  # py-spy attached
+    result = await drive(proxy.target, BATCH, 1, seconds, 0.2)
+    spy.wait(seconds + 30)
+    counts: collections.Counter[str] = collections.Counter()
+    for line in out.read_text().splitlines():
+        stack, _, n = line.rpartition(" ")
+        function = _function(stack.rsplit(";", 1)[-1])
+        if function is not None:
+            counts[function] += int(n)
+    return result.payloads, dict(counts)
+
+
+# Frames where a thread waits rather than runs (py-spy counts a thread in epoll_wait as active).
+WAITING = ("EpollSelector.select", "Thread.run")
+
+
+def _function(frame: str) -> str | None:
+    """'name (path:line)' as 'name (path)'; None for a frame that waits."""
+    name, _, where = frame.partition(" (")
+    if name in WAITING:
+        return None
+    return f"{name} ({where.split(':', 1)[0]})" if where else name
+
+
 def _perf_usable() -> str | None:
     """Why perf cannot sample here, or None."""
     if shutil.which("perf") is None:
@@ -98,9 +135,13 @@ def _perf_usable() -> str | None:
     return None
 
 
-async def _run(seconds: float) -> dict[str, tuple[int, dict[str, int]]]:
+Found = dict[str, tuple[int, dict[str, int]]]  # proxy -> (payloads, samples by group or function)
+
+
+async def _run(seconds: float, python: bool) -> tuple[Found, Found]:
     upstream = start_upstream()
-    found: dict[str, tuple[int, dict[str, int]]] = {}
+    found: Found = {}
+    functions: Found = {}
     try:
         with tempfile.TemporaryDirectory() as tmp:
             for name in ("pass-through", "sidecar"):
@@ -112,14 +153,16 @@ async def _run(seconds: float) -> dict[str, tuple[int, dict[str, int]]]:
                 try:
                     await drive(proxy.target, BATCH, 1, 1.0, 0.5)  # warm-up, not sampled
                     found[name] = await _profile(proxy, seconds, Path(tmp) / f"{name}.data")
+                    if python:
+                        functions[name] = await _py_profile(proxy, seconds, Path(tmp) / f"{name}.txt")
                 finally:
                     proxy.stop()
     finally:
         upstream.stop()
-    return found
+    return found, functions
 
 
-def table(found: dict[str, tuple[int, dict[str, int]]]) -> list[str]:
+def table(found: Found) -> list[str]:
     """The markdown table: us of CPU per payload by group, for each proxy, and the difference."""
     period_us = 1e6 / FREQ
     names = [name for name, _ in GROUPS] + ["other"]
@@ -141,15 +184,36 @@ def table(found: dict[str, tuple[int, dict[str, int]]]) -> list[str]:
     return lines
 
 
+def python_table(functions: Found) -> list[str]:
+    """The TOP functions by the sidecar's us per payload (py-spy), beside the pass-through's."""
+    period_us = 1e6 / PY_RATE
+    per = {
+        proxy: {name: n * period_us / max(1, payloads) for name, n in samples.items()}
+        for proxy, (payloads, samples) in functions.items()
+    }
+    base, side = per["pass-through"], per["sidecar"]
+    lines = [
+        "| Python function running (with the C it calls) | pass-through us/payload | sidecar us/payload |",
+        "|---|---:|---:|",
+    ]
+    for name in sorted(side, key=side.__getitem__, reverse=True)[:TOP]:
+        lines.append(f"| `{name}` | {base.get(name, 0.0):,.1f} | {side[name]:,.1f} |")
+    lines.append(f"| all functions | {sum(base.values()):,.0f} | {sum(side.values()):,.0f} |")
+    return lines
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=float, default=8.0, help="sampled seconds per proxy (default: 8)")
+    parser.add_argument("--python", action="store_true", help="also sample with py-spy, function by function")
     args = parser.parse_args(argv)
     why = _perf_usable()
+    if why is None and args.python and shutil.which("py-spy") is None:
+        why = "py-spy is not installed (pip install -e '.[profile]')"
     if why is not None:
         print(f"bench.profile: {why}", file=sys.stderr)
         return 2
-    found = asyncio.run(_run(args.seconds))
+    found, functions = asyncio.run(_run(args.seconds, args.python))
     print(
         f"# one payload in the running sidecar: {BATCH}-event payloads, one stream, one worker, "
         f"{args.seconds:g} s sampled at {FREQ} Hz per proxy"
@@ -160,6 +224,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     print()
     for proxy, (payloads, _) in found.items():
         print(f"{proxy}: {payloads:,} payloads sampled")
+    if functions:
+        print()
+        for line in python_table(functions):
+            print(line)
+        print()
+        for proxy, (payloads, _) in functions.items():
+            print(f"{proxy}: {payloads:,} payloads sampled by py-spy at {PY_RATE} Hz")
     return 0
 
 
