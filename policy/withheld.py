@@ -81,7 +81,9 @@ class WithheldPlan:
         for position, name in enumerate(self.names):
             count = len(getattr(counted, name))
             if count:
-                first = next(i for i, item in enumerate(items) if getattr(item, name))
+                first = next((i for i, item in enumerate(items) if getattr(item, name)), None)
+                if first is None:  # the count and the items disagree: never guess (fail closed)
+                    raise ValueError(f"{self._items}.{name}: counted {count} but no item has it set")
                 found.append((first, position, name, count))
         kept = self._kept.FromString(data)
         kept.DiscardUnknownFields()  # the fields withheld, which the kept view does not know, and any unknown
