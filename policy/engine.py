@@ -409,11 +409,9 @@ class Engine:
             request.event.Clear()
             request.event.MergeFromString(events[0].SerializeToString())
         else:
-            refused = self._invalid_unacknowledged(kind, decision, request.event)
-            if refused is not None:
-                decision.denial = refused
+            decision.denial = self._event_removed(kind, decision, request)
+            if decision.denial is not None:
                 return Outcome(None, decision)
-            request.ClearField("event")
         self._unknown(plan, request, decision)
         return Outcome(request, decision)
 
@@ -429,11 +427,9 @@ class Engine:
             if fast.data != payload:  # the walk changed the event: it leaves as the walk wrote it
                 request.event.CopyFrom(pb.RecordEventsRequest.FromString(fast.data).events.events[0])
         else:
-            refused = self._invalid_unacknowledged(key, decision, request.event)
-            if refused is not None:
-                decision.denial = refused
+            decision.denial = self._event_removed(key, decision, request)
+            if decision.denial is not None:
                 return Outcome(None, decision)
-            request.ClearField("event")
         if plan.discard_unknown:
             # The event left the walk without unknown fields at any depth, and nothing else in the request can
             # hold a Struct (test_fastpath checks it): upb's own discard reaches every field left.
@@ -442,6 +438,13 @@ class Engine:
         else:
             decision.unknown_fields = "kept"
         return Outcome(request, decision)
+
+    def _event_removed(self, key: str, decision: Decision, request: pb.RecordEventRequest) -> Denial | None:
+        """RecordEvent's one event removed whole: the request goes on without it, or is refused (see below)."""
+        refused = self._invalid_unacknowledged(key, decision, request.event)
+        if refused is None:
+            request.ClearField("event")
+        return refused
 
     def _invalid_unacknowledged(self, key: str, decision: Decision, event: pb.Event) -> Denial | None:
         """RecordEvent's one event removed as invalid, for a kind whose invalid events the gateway fails:

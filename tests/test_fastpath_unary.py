@@ -15,7 +15,7 @@ import pytest
 from google.protobuf.message import DecodeError
 from hypothesis import given
 from hypothesis import strategies as st
-from test_fastpath import FAST, LICENSED, MANAGED, SLOW, WORKSPACE, engine_name, event, field, private
+from test_fastpath import FAST, LICENSED, MANAGED, SLOW, WORKSPACE, engine_name, event, field, mutate, private
 from test_properties import SETTINGS, append_unknown, scenarios, unknown_fields, varint
 
 from telemetry_guard.policy import Engine, load_policy, unknown
@@ -78,21 +78,8 @@ def test_record_event_fast_and_python_paths_agree(case: tuple[str, bytes]) -> No
 
 @st.composite
 def mutated_unary(draw: st.DrawFn) -> tuple[str, bytes]:
-    name, raw = draw(unary_requests())
-    data = bytearray(raw)
-    for _ in range(draw(st.integers(1, 3))):
-        at = draw(st.integers(0, len(data)))
-        how = draw(st.sampled_from(["flip", "cut", "insert", "repeat"]))
-        if how == "flip" and at < len(data):
-            data[at] = draw(st.integers(0, 255))
-        elif how == "cut":
-            del data[at:]
-        elif how == "insert":
-            data[at:at] = draw(st.binary(min_size=1, max_size=4))
-        elif how == "repeat":
-            end = draw(st.integers(at, len(data)))
-            data[end:end] = data[at:end]
-    return name, bytes(data)
+    name, data = draw(unary_requests())
+    return name, mutate(draw, data)
 
 
 @SETTINGS
