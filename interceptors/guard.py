@@ -377,26 +377,32 @@ class CallGuard:
 
 
 class UnaryGuard(CallGuard):
-    """RecordEvent: the identifier travels in the request itself."""
+    """RecordEvent: the identifier travels in the request itself.
+
+    Fails closed as judging() does, without a context manager: these steps run once per call.
+    """
 
     def admit(self, item: Any) -> pb.RecordEventRequest:
         """Decode and admit the request (verify next, then filter)."""
-        with self.judging():
+        try:
             request = self._decode(item)
             if not isinstance(request, pb.RecordEventRequest):
                 raise TypeError(type(request).__name__)
-            self.request_id = request.metadata.request_id
-            identifier = request.metadata.identifier if request.HasField("metadata") else None
+            metadata = request.metadata
+            self.request_id = metadata.request_id
+            identifier = metadata.identifier if request.HasField("metadata") else None
             missing = check_event(request)  # the gateway judges the event before the identifier
             if missing is not None:
                 self._remember(identifier)
                 raise GuardError.from_denial(missing)
             self._admit(identifier)
             return request
+        except Exception as exc:
+            raise self.failed(exc) from None
 
     def filter(self, request: pb.RecordEventRequest) -> pb.RecordEventRequest | None:
         """What may be passed on; None when the policy removed the event whole."""
-        with self.judging():
+        try:
             self._require_verified()
             outcome = self.guard.engine.record_event(request, detailed=self.guard.detailed)
             if outcome.denial is not None:
@@ -405,3 +411,5 @@ class UnaryGuard(CallGuard):
             if outcome.request is None or not outcome.request.HasField("event"):
                 return None
             return outcome.request
+        except Exception as exc:
+            raise self.failed(exc) from None

@@ -24,7 +24,7 @@ from cachetools import LRUCache
 from google.protobuf import struct_pb2
 from google.protobuf.message import DecodeError, Message
 
-from telemetry_guard.policy import access, fastpath, fieldpaths, validity, views
+from telemetry_guard.policy import access, fastpath, fieldpaths, validity, views, withheld
 from telemetry_guard.policy.decision import Decision, Denial, EventRecord, Removal
 from telemetry_guard.policy.kinds import SINGLE_TENANT_KINDS
 from telemetry_guard.policy.model import MATCH_FINGERPRINT, AllowlistEntry, KindRules, Override, Policy
@@ -41,6 +41,10 @@ PUBLISH_USER_METADATA = "PublishInstanceUserMetadata"
 
 _USER_FIELDS = tuple(pb.InstanceUserMetadata.DESCRIPTOR.fields_by_name)
 _ORG_FIELDS = tuple(pb.InstanceOrganizationMetadata.DESCRIPTOR.fields_by_name)
+_PAYLOADS = {
+    "user_metadata": pb.PublishInstanceUserMetadataRequest.UserMetadataPayload.DESCRIPTOR,
+    "organization_metadata": pb.PublishInstanceUserMetadataRequest.OrganizationMetadataPayload.DESCRIPTOR,
+}
 
 
 @dataclass(slots=True)
@@ -138,8 +142,16 @@ class Engine:
         self._types: LRUCache[tuple[str, str, str], EventType] = LRUCache(maxsize=cache_size)
         self._types_lock = threading.Lock()
         keep = policy.user_metadata
-        self._user_drop = tuple(f for f in _USER_FIELDS if f not in keep.user_fields)
-        self._org_drop = tuple(f for f in _ORG_FIELDS if f not in keep.organization_fields)
+        # Per user metadata payload: its items, the fields withheld from them, the same removals by the parser
+        # where it can count them exactly (accelerate: False runs the reference alone), the rule.
+        self._withheld: dict[str, tuple[str, tuple[str, ...], withheld.WithheldPlan | None, str]] = {}
+        for payload, items, fields, kept, rule in (
+            ("user_metadata", "users", _USER_FIELDS, keep.user_fields, "user_fields"),
+            ("organization_metadata", "organizations", _ORG_FIELDS, keep.organization_fields, "organization_fields"),
+        ):
+            names = tuple(f for f in fields if f not in kept)
+            fast = withheld.plan(_PAYLOADS[payload], items, names) if accelerate else None
+            self._withheld[payload] = (items, names, fast, f"{keep.rule}.{rule}")
 
     # -- access ---------------------------------------------------------------------------
 
@@ -379,9 +391,14 @@ class Engine:
         if kind is None:
             return Outcome(None, decision)
         plan = self._plans[kind]
-        # The same path as RecordEvents: the event as a one-event payload of the kind's view.
+        # The same path as RecordEvents: the event as a one-event payload, on the C walk where it applies.
+        payload = _events_payload(request.event.SerializeToString())
+        if plan.fast is not None:
+            fast = plan.fast.filter(payload, self._resolvers[kind])
+            if fast is not None:
+                return self._event_filtered(request, payload, fast, kind, decision)
         try:
-            view: Any = plan.view.FromString(_events_payload(request.event.SerializeToString()))
+            view: Any = plan.view.FromString(payload)
         except DecodeError:  # one level deeper there than in its own request: past the parser's limit
             decision.denial = access.nested_too_deep(RECORD_EVENT)
             return Outcome(None, decision)
@@ -392,13 +409,42 @@ class Engine:
             request.event.Clear()
             request.event.MergeFromString(events[0].SerializeToString())
         else:
-            refused = self._invalid_unacknowledged(kind, decision, request.event)
-            if refused is not None:
-                decision.denial = refused
+            decision.denial = self._event_removed(kind, decision, request)
+            if decision.denial is not None:
                 return Outcome(None, decision)
-            request.ClearField("event")
         self._unknown(plan, request, decision)
         return Outcome(request, decision)
+
+    def _event_filtered(
+        self, request: pb.RecordEventRequest, payload: bytes, fast: fastpath.Filtered, key: str, decision: Decision
+    ) -> Outcome[pb.RecordEventRequest]:
+        """record_event's answer from the C walk over its one-event payload (what the Python path decides)."""
+        plan = self._plans[key]
+        decision.events_in += fast.events_in
+        decision.events_out += fast.events_out
+        decision.defer(fast.records, fast.counts, fast.dropped_ids)
+        if fast.events_out:
+            if fast.data != payload:  # the walk changed the event: it leaves as the walk wrote it
+                request.event.CopyFrom(pb.RecordEventsRequest.FromString(fast.data).events.events[0])
+        else:
+            decision.denial = self._event_removed(key, decision, request)
+            if decision.denial is not None:
+                return Outcome(None, decision)
+        if plan.discard_unknown:
+            # The event left the walk without unknown fields at any depth, and nothing else in the request can
+            # hold a Struct (test_fastpath checks it): upb's own discard reaches every field left.
+            request.DiscardUnknownFields()
+            decision.unknown_fields = "discarded"
+        else:
+            decision.unknown_fields = "kept"
+        return Outcome(request, decision)
+
+    def _event_removed(self, key: str, decision: Decision, request: pb.RecordEventRequest) -> Denial | None:
+        """RecordEvent's one event removed whole: the request goes on without it, or is refused (see below)."""
+        refused = self._invalid_unacknowledged(key, decision, request.event)
+        if refused is None:
+            request.ClearField("event")
+        return refused
 
     def _invalid_unacknowledged(self, key: str, decision: Decision, event: pb.Event) -> Denial | None:
         """RecordEvent's one event removed as invalid, for a kind whose invalid events the gateway fails:
@@ -448,32 +494,19 @@ class Engine:
         kind = self._admit(PUBLISH_USER_METADATA, identifier, decision)
         if kind is None:
             return Outcome(None, decision)
-        rule = self.policy.user_metadata.rule
-        if payload == "user_metadata":
-            self._drop_fields(request.user_metadata.users, self._user_drop, f"{rule}.user_fields", "users", decision)
-        else:
-            self._drop_fields(
-                request.organization_metadata.organizations,
-                self._org_drop,
-                f"{rule}.organization_fields",
-                "organizations",
-                decision,
-            )
-        self._unknown(self._plans[kind], request, decision)
+        plan = self._plans[kind]
+        items, names, fast, rule = self._withheld[payload]
+        if fast is not None and names and plan.discard_unknown:  # by the parser, counted exactly (policy/withheld.py)
+            kept, removed = fast.remove(getattr(request, payload))
+            request.ClearField(payload)
+            self._unknown(plan, request, decision)  # the rest of the request (the payload's are gone already)
+            getattr(request, payload).MergeFromString(kept)
+        else:  # item by item: the reference (no item visited when every field passes)
+            removed = _removed_each(getattr(getattr(request, payload), items), names) if names else []
+            self._unknown(plan, request, decision)
+        for name, count in removed:
+            decision.removals.append(Removal(rule, f"{items}.{name}", tuple([name] * count)))
         return Outcome(request, decision)
-
-    @staticmethod
-    def _drop_fields(
-        items: Iterable[Message], names: tuple[str, ...], rule: str, path: str, decision: Decision
-    ) -> None:
-        removed: dict[str, int] = {}
-        for item in items:
-            for name in names:
-                if getattr(item, name):  # proto3 scalars and repeated fields: falsy when not set
-                    item.ClearField(name)
-                    removed[name] = removed.get(name, 0) + 1
-        for name, count in removed.items():
-            decision.removals.append(Removal(rule, f"{path}.{name}", tuple([name] * count)))
 
     # -- shared -------------------------------------------------------------------------
 
@@ -627,6 +660,17 @@ class Engine:
         return removals
 
 
+def _removed_each(items: Iterable[Message], names: tuple[str, ...]) -> list[tuple[str, int]]:
+    """Remove the fields `names` from each item: (field, items that had it set), in the order they were met."""
+    removed: dict[str, int] = {}
+    for item in items:
+        for name in names:
+            if getattr(item, name):  # proto3 scalars and repeated fields: falsy when not set
+                item.ClearField(name)
+                removed[name] = removed.get(name, 0) + 1
+    return list(removed.items())
+
+
 def _as_bytes(data: Wire) -> bytes:
     """A payload as bytes, whatever buffer holds it: both paths read the same bytes, and the fast path's
     records, which point into them, never see them change. Not bytes-like (a str): TypeError."""
@@ -640,6 +684,8 @@ def _events_payload(event: bytes) -> bytes:
 
 
 def _varint(value: int) -> bytes:
+    if value < 0x4000:  # an event's length, nearly always: one or two bytes, without the loop
+        return bytes((value,)) if value < 0x80 else bytes((value & 0x7F | 0x80, value >> 7))
     out = bytearray()
     while True:
         byte = value & 0x7F

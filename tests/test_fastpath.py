@@ -124,7 +124,12 @@ def test_fast_and_python_paths_agree(scenario: Any) -> None:
 @st.composite
 def mutated(draw: st.DrawFn) -> tuple[str, pb.Identifier | None, bytes]:
     engine, _kind, ident, request = draw(scenarios())
-    data = bytearray(request.SerializeToString())
+    return engine_name(engine), ident, mutate(draw, request.SerializeToString())
+
+
+def mutate(draw: st.DrawFn, given: bytes) -> bytes:
+    """The bytes with one to three random flips, cuts, insertions or repeated runs."""
+    data = bytearray(given)
     for _ in range(draw(st.integers(1, 3))):
         at = draw(st.integers(0, len(data)))
         how = draw(st.sampled_from(["flip", "cut", "insert", "repeat"]))
@@ -137,7 +142,7 @@ def mutated(draw: st.DrawFn) -> tuple[str, pb.Identifier | None, bytes]:
         elif how == "repeat":
             end = draw(st.integers(at, len(data)))
             data[end:end] = data[at:end]
-    return engine_name(engine), ident, bytes(data)
+    return bytes(data)
 
 
 @SETTINGS

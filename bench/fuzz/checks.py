@@ -5,7 +5,8 @@ and refusals are clean.
     (the Python reference) both refuse the bytes with DecodeError, or return equal decisions and
     outputs that parse to equal messages; record_events_admitted answers as record_events_bytes; a
     bytearray or memoryview gets the answer of bytes. RecordEvent answers as a one-event RecordEvents
-    payload. The sidecar's payload sniff (policy/wire.py) never calls EVENTS or METADATA what
+    payload; for it and PublishInstanceUserMetadata both engines give equal decisions and write the
+    same request. The sidecar's payload sniff (policy/wire.py) never calls EVENTS or METADATA what
     protobuf reads otherwise, and its ids of the forwarded events are the parser's.
 (b) On every output, parsed by protobuf: no marketing_tracking where the kind drops it; no
     private_metadata key outside the allowlist entry, no non-string value in allowlist mode, none at
@@ -97,6 +98,14 @@ def same(a: Outcome[bytes] | str, b: Outcome[bytes] | str, what: str, case: Case
     expect(a.decision.dropped_event_ids == b.decision.dropped_event_ids, f"{what}: removed ids differ", case)
     expect(a.decision == b.decision, f"{what}: decisions differ:\n{a.decision}\n{b.decision}", case)
     expect(parsed(a.request, case) == parsed(b.request, case), f"{what}: outputs differ", case)
+
+
+def same_message(a: Outcome[Any], b: Outcome[Any], what: str, case: Case) -> None:
+    """same(), for the RPCs whose outcome holds a message: equal decisions, the same bytes written."""
+    expect(a.decision.counts() == b.decision.counts(), f"{what}: counts differ", case)
+    expect(a.decision == b.decision, f"{what}: decisions differ:\n{a.decision}\n{b.decision}", case)
+    written = [None if o.request is None else o.request.SerializeToString(deterministic=True) for o in (a, b)]
+    expect(written[0] == written[1], f"{what}: outputs differ", case)
 
 
 def short(outcome: Outcome[bytes] | str) -> str:
@@ -261,7 +270,11 @@ def record_event(case: Case) -> str:
     except DecodeError:
         return "refused: DecodeError"
     event = request.event.SerializeToString() if request.HasField("event") else None
+    copy = pb.RecordEventRequest()
+    copy.CopyFrom(request)
     outcome = slow.record_event(request)
+    # The fast path (the event on the C walk where it applies): the same decision, the same request.
+    same_message(fast.record_event(copy), outcome, "RecordEvent", case)
     if outcome.request is None:
         expect(outcome.denial is not None and bool(outcome.denial.rule), "no output and no denial", case)
         return "refused: denial"
@@ -279,18 +292,22 @@ def record_event(case: Case) -> str:
         assert isinstance(left, pb.RecordEventsRequest)
         unary = [output.event] if output.HasField("event") else []
         expect(unary == list(left.events.events), "RecordEvent output differs from a batch's", case)
-    return "passed: Python path"
+    return "passed: both paths"
 
 
 def publish(case: Case) -> str:
-    _fast, slow = engines(case.policy)
+    fast, slow = engines(case.policy)
     try:
         request = pb.PublishInstanceUserMetadataRequest.FromString(case.data)
     except DecodeError:
         return "refused: DecodeError"
     given = pb.PublishInstanceUserMetadataRequest()
     given.CopyFrom(request)
+    copy = pb.PublishInstanceUserMetadataRequest()
+    copy.CopyFrom(request)
     outcome = slow.publish_instance_user_metadata(request, case.identifier)
+    # The fast path (withheld fields counted and removed by the parser where it can): the same answer.
+    same_message(fast.publish_instance_user_metadata(copy, case.identifier), outcome, "user metadata", case)
     if outcome.request is None:
         expect(outcome.denial is not None and bool(outcome.denial.rule), "no output and no denial", case)
         return "refused: denial"
@@ -311,4 +328,4 @@ def publish(case: Case) -> str:
     if policies()[case.policy].kinds[outcome.decision.kind].unknown_fields.value == "discard":
         expect(unknowns(output) == [], "unknown fields left", case)
     no_values_in(outcome, case)
-    return "passed: Python path"
+    return "passed: both paths"

@@ -1,0 +1,245 @@
+"""RecordEvent and PublishInstanceUserMetadata on their fast paths, against the Python reference.
+
+RecordEvent judges its event as a one-event RecordEvents payload on the C walk (falling back to the Python
+path where the walk says None); user metadata payloads have their withheld fields counted and removed by the
+parser (policy/withheld.py). For the same request, `Engine(policy)` and `Engine(policy, accelerate=False)` must
+give equal decisions (records, counts, dropped ids, denials) and requests that serialize to the same bytes.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+from google.protobuf.message import DecodeError
+from hypothesis import given
+from hypothesis import strategies as st
+from test_fastpath import FAST, LICENSED, MANAGED, SLOW, WORKSPACE, engine_name, event, field, mutate, private
+from test_properties import SETTINGS, append_unknown, scenarios, unknown_fields, varint
+
+from telemetry_guard.policy import Engine, load_policy, unknown
+from telemetry_guard.policy.engine import Outcome
+from telemetrygateway.v1 import telemetrygateway_pb2 as pb
+
+Answer = Outcome[Any] | str
+
+
+def same(fast: Answer, slow: Answer) -> Answer:
+    """The two answers agree exactly; returns the fast one."""
+    if isinstance(fast, str) or isinstance(slow, str):
+        assert fast == slow, (fast, slow)
+        return fast
+    assert fast.decision.counts() == slow.decision.counts()
+    assert fast.decision.dropped_event_ids == slow.decision.dropped_event_ids
+    assert fast.decision == slow.decision
+    assert fast.denial == slow.denial
+    written = [None if o.request is None else o.request.SerializeToString(deterministic=True) for o in (fast, slow)]
+    assert written[0] == written[1]
+    return fast
+
+
+# --- RecordEvent -------------------------------------------------------------------------------------------
+
+
+def record_event(engine: Engine, data: bytes) -> Answer:
+    try:
+        request = pb.RecordEventRequest.FromString(data)
+    except DecodeError:
+        return "DecodeError"
+    return engine.record_event(request)
+
+
+def assert_same_event(name: str, data: bytes) -> Answer:
+    return same(record_event(FAST[name], data), record_event(SLOW[name], data))
+
+
+@st.composite
+def unary_requests(draw: st.DrawFn) -> tuple[str, bytes]:
+    """A scenario's event (or none) as a RecordEvent request, unknown fields maybe added around it."""
+    engine, _kind, ident, payload = draw(scenarios())
+    request = pb.RecordEventRequest(metadata=pb.RecordEventsRequestMetadata(request_id="r"))
+    if ident is not None:
+        request.metadata.identifier.CopyFrom(ident)
+    events = payload.events.events
+    if events:
+        request.event.CopyFrom(events[draw(st.integers(0, len(events) - 1))])
+    for target in draw(st.lists(st.sampled_from(["request", "metadata", "identifier"]), max_size=2)):
+        message = {"request": request, "metadata": request.metadata, "identifier": request.metadata.identifier}
+        append_unknown(message[target], draw(unknown_fields()))
+    return engine_name(engine), request.SerializeToString()
+
+
+@SETTINGS
+@given(unary_requests())
+def test_record_event_fast_and_python_paths_agree(case: tuple[str, bytes]) -> None:
+    assert_same_event(*case)
+
+
+@st.composite
+def mutated_unary(draw: st.DrawFn) -> tuple[str, bytes]:
+    name, data = draw(unary_requests())
+    return name, mutate(draw, data)
+
+
+@SETTINGS
+@given(mutated_unary())
+def test_record_event_mutated_bytes_get_the_same_answer_from_both_paths(case: tuple[str, bytes]) -> None:
+    assert_same_event(*case)
+
+
+def unary(ident: pb.Identifier, event_bytes: bytes) -> bytes:
+    return field(1, field(2, ident.SerializeToString())) + field(2, event_bytes)
+
+
+INVALID = event(feature=b"Not A Feature")  # a name the gateway refuses
+SECRET = private((b"languageId", field(3, b"go")), (b"prompt", field(3, b"secret")))
+
+
+@pytest.mark.parametrize(
+    ("name", "ident", "data"),
+    [
+        ("properties", MANAGED, event(field(9, field(1, b"m")), SECRET)),  # marketing and private_metadata dropped
+        ("properties", MANAGED, event(SECRET, b"\xa0\x06\x01")),  # an unknown field (100) in the event, discarded
+        ("properties", MANAGED, event(feature=b"search.results")),  # filtered out whole: success, nothing sent
+        ("invalid_events", MANAGED, INVALID),  # removed as invalid: INTERNAL, as the gateway fails it
+        ("default", MANAGED, INVALID),  # forwarded
+        ("default", WORKSPACE, event()),  # not served for RecordEvent: UNIMPLEMENTED
+        ("default", MANAGED, event(field(3, b"SHADOWED"))),  # feature given twice: the walk leaves it to Python
+        ("default", LICENSED, event()),  # not served for RecordEvent: UNIMPLEMENTED
+    ],
+)
+def test_record_event_cases_agree(name: str, ident: pb.Identifier, data: bytes) -> None:
+    assert_same_event(name, unary(ident, data))
+
+
+def test_record_event_is_judged_on_the_c_walk(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With the Python filter out of order, a canonical event still gets the reference's answer: the walk gave it."""
+    data = unary(MANAGED, event(field(9, field(1, b"m")), SECRET))
+    expected = record_event(SLOW["properties"], data)
+    assert not isinstance(expected, str) and expected.decision.counts(), "something to remove"
+
+    def broken(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("the Python path was taken")
+
+    monkeypatch.setattr(Engine, "_filter_events", broken)
+    same(record_event(FAST["properties"], data), expected)
+
+
+def test_record_event_nested_past_the_payload_limit_is_refused_on_both_paths() -> None:
+    """An event as deep as its own request allows is one level too deep as a payload's: INVALID_ARGUMENT (rule
+    nesting) from both paths, and the same answers on the way down (each Struct level is three messages deep:
+    a bottom of 0, 1 or 2 more messages reaches every depth)."""
+    bottoms = (b"", field(1, field(1, b"k")), field(1, field(1, b"k") + field(2, b"")))
+    answers = []
+    for levels, bottom in ((levels, bottom) for levels in range(25, 40) for bottom in bottoms):
+        struct = bottom
+        for _ in range(levels):
+            struct = field(1, field(1, b"k") + field(2, field(5, struct)))
+        got = assert_same_event("default", unary(MANAGED, event(field(6, field(3, struct)))))
+        if isinstance(got, str):
+            break
+        answers.append(got.denial)
+    assert answers and answers[0] is None, "shallow enough: judged as usual"
+    deepest = answers[-1]
+    assert deepest is not None and (deepest.code.name, deepest.rule) == ("INVALID_ARGUMENT", "nesting")
+
+
+def test_a_record_event_request_holds_structs_only_in_its_event() -> None:
+    """What the fast path's upb discard of the rest of the request relies on (Engine._event_filtered)."""
+    paths = unknown._paths(pb.RecordEventRequest.DESCRIPTOR)
+    assert paths and all(path[0][0] == "event" for path in paths)
+
+
+# --- PublishInstanceUserMetadata ---------------------------------------------------------------------------
+
+ACCESS = "access:\n  PublishInstanceUserMetadata: [licensed_instance]\n"
+WITHHOLDING = {  # name: (user_fields, organization_fields, unknown_fields)
+    "email": ("[id, username, assigned_rbac_roles]", "[id, name, user_ids]", "discard"),
+    "numbers": ("[assigned_rbac_roles]", "[user_ids]", "discard"),
+    "repeated": ("[id, username]", "[id, name]", "discard"),
+    "kept-unknown": ("[id, username, assigned_rbac_roles]", "[user_ids]", "keep"),
+}
+
+
+@pytest.fixture(scope="module")
+def publish_engines(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Engine, Engine]]:
+    folder = tmp_path_factory.mktemp("policies")
+    engines = {}
+    for name, (users, organizations, unknown_rule) in WITHHOLDING.items():
+        path = folder / f"{name}.yaml"
+        path.write_text(
+            f"version: 1\n{ACCESS}user_metadata:\n  enabled: true\n  user_fields: {users}\n"
+            f"  organization_fields: {organizations}\ndefaults:\n  unknown_fields: {unknown_rule}\n"
+        )
+        policy = load_policy(Path(path))
+        engines[name] = (Engine(policy), Engine(policy, accelerate=False))
+    return engines
+
+
+def varint_field(number: int, value: int) -> bytes:
+    return varint(number << 3) + varint(value)
+
+
+def item_fields() -> st.SearchStrategy[bytes]:
+    """One field of a user or an organization as it may come on the wire: set, given its default, twice, with
+    another wire type (a number as a length-delimited run of varints, a string as a varint), or unknown."""
+    numbers = st.sampled_from([0, 1, 7, 2**40, 2**64 - 1])
+    texts = st.sampled_from([b"", b"a", b"user-1", b"x@example.com"])
+    return st.one_of(
+        numbers.map(lambda v: varint_field(1, v)),  # id
+        st.lists(numbers, max_size=3).map(lambda vs: field(1, b"".join(map(varint, vs)))),  # id, wrong wire type
+        st.tuples(st.integers(2, 3), texts).map(lambda t: field(*t)),  # username / name, primary_email / display
+        st.tuples(st.integers(2, 3), numbers).map(lambda t: varint_field(*t)),  # the same, wrong wire type
+        texts.map(lambda t: field(4, t)),  # a role (users)
+        st.lists(numbers, max_size=3).map(lambda vs: field(4, b"".join(map(varint, vs)))),  # user_ids packed
+        numbers.map(lambda v: varint_field(4, v)),  # user_ids unpacked
+        unknown_fields(),
+    )
+
+
+@st.composite
+def metadata_payloads(draw: st.DrawFn) -> tuple[str, bytes]:
+    name = draw(st.sampled_from(sorted(WITHHOLDING)))
+    items = draw(st.lists(st.lists(item_fields(), max_size=6).map(b"".join), max_size=6))
+    number = draw(st.sampled_from([2, 3]))  # user_metadata, organization_metadata
+    extra = draw(st.lists(unknown_fields(), max_size=1))
+    return name, field(number, b"".join(field(1, item) for item in items) + b"".join(extra))
+
+
+def publish(engine: Engine, data: bytes) -> Answer:
+    try:
+        request = pb.PublishInstanceUserMetadataRequest.FromString(data)
+    except DecodeError:
+        return "DecodeError"
+    return engine.publish_instance_user_metadata(request, LICENSED)
+
+
+@SETTINGS
+@given(metadata_payloads())
+def test_withheld_fields_fast_and_python_paths_agree(
+    publish_engines: dict[str, tuple[Engine, Engine]], case: tuple[str, bytes]
+) -> None:
+    name, data = case
+    fast, slow = publish_engines[name]
+    same(publish(fast, data), publish(slow, data))
+
+
+def test_the_parser_path_serves_the_fields_it_can_count(
+    publish_engines: dict[str, tuple[Engine, Engine]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Singular fields take the parser path (the item-by-item one out of order still answers); repeated ones
+    (assigned_rbac_roles, user_ids) and kinds that keep unknown fields take the reference."""
+    users = b"".join(
+        field(1, varint_field(1, i) + field(2, b"u") + field(3, b"e@x") + field(4, b"R")) for i in range(1, 4)
+    )
+    data = field(2, users)
+    expected = {name: publish(slow, data) for name, (_, slow) in publish_engines.items()}
+    monkeypatch.setattr("telemetry_guard.policy.engine._removed_each", None)  # calling it raises TypeError
+    for name in ("email", "numbers"):
+        got = same(publish(publish_engines[name][0], data), expected[name])
+        assert not isinstance(got, str)
+        assert got.decision.counts() == {"user_metadata.user_fields": {"email": 3, "numbers": 9}[name]}
+    for name in ("repeated", "kept-unknown"):
+        with pytest.raises(TypeError):
+            publish(publish_engines[name][0], data)
