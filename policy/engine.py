@@ -24,7 +24,7 @@ from cachetools import LRUCache
 from google.protobuf import struct_pb2
 from google.protobuf.message import DecodeError, Message
 
-from telemetry_guard.policy import access, fastpath, fieldpaths, validity, views, withheld
+from telemetry_guard.policy import access, fastpath, fieldpaths, validity, views
 from telemetry_guard.policy.decision import Decision, Denial, EventRecord, Removal
 from telemetry_guard.policy.kinds import SINGLE_TENANT_KINDS
 from telemetry_guard.policy.model import MATCH_FINGERPRINT, AllowlistEntry, KindRules, Override, Policy
@@ -41,10 +41,6 @@ PUBLISH_USER_METADATA = "PublishInstanceUserMetadata"
 
 _USER_FIELDS = tuple(pb.InstanceUserMetadata.DESCRIPTOR.fields_by_name)
 _ORG_FIELDS = tuple(pb.InstanceOrganizationMetadata.DESCRIPTOR.fields_by_name)
-_PAYLOADS = {
-    "user_metadata": pb.PublishInstanceUserMetadataRequest.UserMetadataPayload.DESCRIPTOR,
-    "organization_metadata": pb.PublishInstanceUserMetadataRequest.OrganizationMetadataPayload.DESCRIPTOR,
-}
 
 
 @dataclass(slots=True)
@@ -142,16 +138,14 @@ class Engine:
         self._types: LRUCache[tuple[str, str, str], EventType] = LRUCache(maxsize=cache_size)
         self._types_lock = threading.Lock()
         keep = policy.user_metadata
-        # Per user metadata payload: its items, the fields withheld from them, the same removals by the parser
-        # where it can count them exactly (accelerate: False runs the reference alone), the rule.
-        self._withheld: dict[str, tuple[str, tuple[str, ...], withheld.WithheldPlan | None, str]] = {}
+        # Per user metadata payload: its items, the fields withheld from them, the rule.
+        self._withheld: dict[str, tuple[str, tuple[str, ...], str]] = {}
         for payload, items, fields, kept, rule in (
             ("user_metadata", "users", _USER_FIELDS, keep.user_fields, "user_fields"),
             ("organization_metadata", "organizations", _ORG_FIELDS, keep.organization_fields, "organization_fields"),
         ):
             names = tuple(f for f in fields if f not in kept)
-            fast = withheld.plan(_PAYLOADS[payload], items, names) if accelerate else None
-            self._withheld[payload] = (items, names, fast, f"{keep.rule}.{rule}")
+            self._withheld[payload] = (items, names, f"{keep.rule}.{rule}")
 
     # -- access ---------------------------------------------------------------------------
 
@@ -495,15 +489,9 @@ class Engine:
         if kind is None:
             return Outcome(None, decision)
         plan = self._plans[kind]
-        items, names, fast, rule = self._withheld[payload]
-        if fast is not None and names and plan.discard_unknown:  # by the parser, counted exactly (policy/withheld.py)
-            kept, removed = fast.remove(getattr(request, payload))
-            request.ClearField(payload)
-            self._unknown(plan, request, decision)  # the rest of the request (the payload's are gone already)
-            getattr(request, payload).MergeFromString(kept)
-        else:  # item by item: the reference (no item visited when every field passes)
-            removed = _removed_each(getattr(getattr(request, payload), items), names) if names else []
-            self._unknown(plan, request, decision)
+        items, names, rule = self._withheld[payload]
+        removed = _removed_each(getattr(getattr(request, payload), items), names) if names else []
+        self._unknown(plan, request, decision)
         for name, count in removed:
             decision.removals.append(Removal(rule, f"{items}.{name}", tuple([name] * count)))
         return Outcome(request, decision)

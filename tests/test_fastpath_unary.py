@@ -1,14 +1,12 @@
-"""RecordEvent and PublishInstanceUserMetadata on their fast paths, against the Python reference.
+"""RecordEvent on the fast path, against the Python reference.
 
 RecordEvent judges its event as a one-event RecordEvents payload on the C walk (falling back to the Python
-path where the walk says None); user metadata payloads have their withheld fields counted and removed by the
-parser (policy/withheld.py). For the same request, `Engine(policy)` and `Engine(policy, accelerate=False)` must
-give equal decisions (records, counts, dropped ids, denials) and requests that serialize to the same bytes.
+path where the walk says None). For the same request, `Engine(policy)` and `Engine(policy, accelerate=False)`
+must give equal decisions (records, counts, dropped ids, denials) and requests that serialize to the same bytes.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -16,9 +14,9 @@ from google.protobuf.message import DecodeError
 from hypothesis import given
 from hypothesis import strategies as st
 from test_fastpath import FAST, LICENSED, MANAGED, SLOW, WORKSPACE, engine_name, event, field, mutate, private
-from test_properties import SETTINGS, append_unknown, scenarios, unknown_fields, varint
+from test_properties import SETTINGS, append_unknown, scenarios, unknown_fields
 
-from telemetry_guard.policy import Engine, load_policy, unknown
+from telemetry_guard.policy import Engine, unknown
 from telemetry_guard.policy.engine import Outcome
 from telemetrygateway.v1 import telemetrygateway_pb2 as pb
 
@@ -149,97 +147,3 @@ def test_a_record_event_request_holds_structs_only_in_its_event() -> None:
     """What the fast path's upb discard of the rest of the request relies on (Engine._event_filtered)."""
     paths = unknown._paths(pb.RecordEventRequest.DESCRIPTOR)
     assert paths and all(path[0][0] == "event" for path in paths)
-
-
-# --- PublishInstanceUserMetadata ---------------------------------------------------------------------------
-
-ACCESS = "access:\n  PublishInstanceUserMetadata: [licensed_instance]\n"
-WITHHOLDING = {  # name: (user_fields, organization_fields, unknown_fields)
-    "email": ("[id, username, assigned_rbac_roles]", "[id, name, user_ids]", "discard"),
-    "numbers": ("[assigned_rbac_roles]", "[user_ids]", "discard"),
-    "repeated": ("[id, username]", "[id, name]", "discard"),
-    "kept-unknown": ("[id, username, assigned_rbac_roles]", "[user_ids]", "keep"),
-}
-
-
-@pytest.fixture(scope="module")
-def publish_engines(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Engine, Engine]]:
-    folder = tmp_path_factory.mktemp("policies")
-    engines = {}
-    for name, (users, organizations, unknown_rule) in WITHHOLDING.items():
-        path = folder / f"{name}.yaml"
-        path.write_text(
-            f"version: 1\n{ACCESS}user_metadata:\n  enabled: true\n  user_fields: {users}\n"
-            f"  organization_fields: {organizations}\ndefaults:\n  unknown_fields: {unknown_rule}\n"
-        )
-        policy = load_policy(Path(path))
-        engines[name] = (Engine(policy), Engine(policy, accelerate=False))
-    return engines
-
-
-def varint_field(number: int, value: int) -> bytes:
-    return varint(number << 3) + varint(value)
-
-
-def item_fields() -> st.SearchStrategy[bytes]:
-    """One field of a user or an organization as it may come on the wire: set, given its default, twice, with
-    another wire type (a number as a length-delimited run of varints, a string as a varint), or unknown."""
-    numbers = st.sampled_from([0, 1, 7, 2**40, 2**64 - 1])
-    texts = st.sampled_from([b"", b"a", b"user-1", b"x@example.com"])
-    return st.one_of(
-        numbers.map(lambda v: varint_field(1, v)),  # id
-        st.lists(numbers, max_size=3).map(lambda vs: field(1, b"".join(map(varint, vs)))),  # id, wrong wire type
-        st.tuples(st.integers(2, 3), texts).map(lambda t: field(*t)),  # username / name, primary_email / display
-        st.tuples(st.integers(2, 3), numbers).map(lambda t: varint_field(*t)),  # the same, wrong wire type
-        texts.map(lambda t: field(4, t)),  # a role (users)
-        st.lists(numbers, max_size=3).map(lambda vs: field(4, b"".join(map(varint, vs)))),  # user_ids packed
-        numbers.map(lambda v: varint_field(4, v)),  # user_ids unpacked
-        unknown_fields(),
-    )
-
-
-@st.composite
-def metadata_payloads(draw: st.DrawFn) -> tuple[str, bytes]:
-    name = draw(st.sampled_from(sorted(WITHHOLDING)))
-    items = draw(st.lists(st.lists(item_fields(), max_size=6).map(b"".join), max_size=6))
-    number = draw(st.sampled_from([2, 3]))  # user_metadata, organization_metadata
-    extra = draw(st.lists(unknown_fields(), max_size=1))
-    return name, field(number, b"".join(field(1, item) for item in items) + b"".join(extra))
-
-
-def publish(engine: Engine, data: bytes) -> Answer:
-    try:
-        request = pb.PublishInstanceUserMetadataRequest.FromString(data)
-    except DecodeError:
-        return "DecodeError"
-    return engine.publish_instance_user_metadata(request, LICENSED)
-
-
-@SETTINGS
-@given(metadata_payloads())
-def test_withheld_fields_fast_and_python_paths_agree(
-    publish_engines: dict[str, tuple[Engine, Engine]], case: tuple[str, bytes]
-) -> None:
-    name, data = case
-    fast, slow = publish_engines[name]
-    same(publish(fast, data), publish(slow, data))
-
-
-def test_the_parser_path_serves_the_fields_it_can_count(
-    publish_engines: dict[str, tuple[Engine, Engine]], monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Singular fields take the parser path (the item-by-item one out of order still answers); repeated ones
-    (assigned_rbac_roles, user_ids) and kinds that keep unknown fields take the reference."""
-    users = b"".join(
-        field(1, varint_field(1, i) + field(2, b"u") + field(3, b"e@x") + field(4, b"R")) for i in range(1, 4)
-    )
-    data = field(2, users)
-    expected = {name: publish(slow, data) for name, (_, slow) in publish_engines.items()}
-    monkeypatch.setattr("telemetry_guard.policy.engine._removed_each", None)  # calling it raises TypeError
-    for name in ("email", "numbers"):
-        got = same(publish(publish_engines[name][0], data), expected[name])
-        assert not isinstance(got, str)
-        assert got.decision.counts() == {"user_metadata.user_fields": {"email": 3, "numbers": 9}[name]}
-    for name in ("repeated", "kept-unknown"):
-        with pytest.raises(TypeError):
-            publish(publish_engines[name][0], data)

@@ -5,8 +5,8 @@ and refusals are clean.
     (the Python reference) both refuse the bytes with DecodeError, or return equal decisions and
     outputs that parse to equal messages; record_events_admitted answers as record_events_bytes; a
     bytearray or memoryview gets the answer of bytes. RecordEvent answers as a one-event RecordEvents
-    payload; for it and PublishInstanceUserMetadata both engines give equal decisions and write the
-    same request. The sidecar's payload sniff (policy/wire.py) never calls EVENTS or METADATA what
+    payload, and both engines give it equal decisions and write the same request. The sidecar's
+    payload sniff (policy/wire.py) never calls EVENTS or METADATA what
     protobuf reads otherwise, and its ids of the forwarded events are the parser's.
 (b) On every output, parsed by protobuf: no marketing_tracking where the kind drops it; no
     private_metadata key outside the allowlist entry, no non-string value in allowlist mode, none at
@@ -296,18 +296,14 @@ def record_event(case: Case) -> str:
 
 
 def publish(case: Case) -> str:
-    fast, slow = engines(case.policy)
+    _fast, slow = engines(case.policy)
     try:
         request = pb.PublishInstanceUserMetadataRequest.FromString(case.data)
     except DecodeError:
         return "refused: DecodeError"
     given = pb.PublishInstanceUserMetadataRequest()
     given.CopyFrom(request)
-    copy = pb.PublishInstanceUserMetadataRequest()
-    copy.CopyFrom(request)
     outcome = slow.publish_instance_user_metadata(request, case.identifier)
-    # The fast path (withheld fields counted and removed by the parser where it can): the same answer.
-    same_message(fast.publish_instance_user_metadata(copy, case.identifier), outcome, "user metadata", case)
     if outcome.request is None:
         expect(outcome.denial is not None and bool(outcome.denial.rule), "no output and no denial", case)
         return "refused: denial"
@@ -328,4 +324,4 @@ def publish(case: Case) -> str:
     if policies()[case.policy].kinds[outcome.decision.kind].unknown_fields.value == "discard":
         expect(unknowns(output) == [], "unknown fields left", case)
     no_values_in(outcome, case)
-    return "passed: both paths"
+    return "passed: Python path"
