@@ -15,7 +15,7 @@ import dataclasses
 import hashlib
 import hmac
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
@@ -283,24 +283,39 @@ class Engine:
         override: the name of the override the identifier matched (override_for, once per stream), if any.
         A kind the policy does not allow RecordEvents is denied as record_events_bytes denies it.
         """
-        data = _as_bytes(data)
-        decision = Decision(RECORD_EVENTS, kind)
+        return self.admitted_payloads(kind, override=override)(_as_bytes(data))
+
+    def admitted_payloads(self, kind: str, *, override: str | None = None) -> Callable[[bytes], Outcome[bytes]]:
+        """record_events_admitted for one stream, as a function of the payload's bytes: what depends only on
+        the stream (the kind's access, the override, the plan) is looked up once, not for every payload."""
         key = kind
+        denial: Denial | None = None
         if override is None:
             if kind not in self.policy.access[RECORD_EVENTS]:
-                decision.denial = access.check_kind(self.policy, RECORD_EVENTS, kind)
-                return Outcome(None, decision)
+                denial = access.check_kind(self.policy, RECORD_EVENTS, kind)
         else:
             found = self._overrides[override]
             if found.kind != kind:
                 raise ValueError(f"override {override!r} is for {found.kind}, not {kind}")
-            decision.override, key = override, found.key
+            key = found.key
             denial = self._check_kind(RECORD_EVENTS, kind, found)
-            if denial is not None:
-                decision.denial = denial
+        if denial is not None:
+
+            def denied(data: bytes) -> Outcome[bytes]:
+                decision = Decision(RECORD_EVENTS, kind, denial=denial)
+                decision.override = override
                 return Outcome(None, decision)
-        out = self._payload_bytes(data, key, decision)
-        return self._metadata_bytes(data, decision) if out is None else out
+
+            return denied
+        payload = self._payload_bytes
+
+        def judge(data: bytes) -> Outcome[bytes]:
+            decision = Decision(RECORD_EVENTS, kind)
+            decision.override = override
+            out = payload(data, key, decision)
+            return self._metadata_bytes(data, decision) if out is None else out
+
+        return judge
 
     def _payload_bytes(self, data: bytes, kind: str, decision: Decision) -> Outcome[bytes] | None:
         """A message of an admitted kind's stream, but for a metadata message (None: see _metadata_bytes)."""

@@ -45,7 +45,7 @@ import asyncio
 import logging
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Collection
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection
 from typing import TYPE_CHECKING, Any, TypeAlias
 
 import grpc
@@ -98,36 +98,53 @@ async def _settle() -> None:
     await asyncio.sleep(END_SETTLE_SECONDS)
 
 
-async def _send(call: Any, data: bytes) -> bool:
-    """Write one message on an upstream stream call; False when the call has ended (its status says how).
+def _sender(call: Any) -> Callable[[bytes], Awaitable[bool]]:
+    """How to write messages on an upstream stream call: send(data) is False when the call has ended (its
+    status says how). Resolved once per call.
 
     Not call.write(): when the upstream ends the call while a write is on its way, grpc.aio's write
     sets the call's status to INTERNAL "Internal error from Core", over the status the upstream sent
     or before it arrives, so that the client would get INTERNAL instead of, say, UNAVAILABLE (which
     exporters retry; grpc/grpc#36066). This is call.write() through grpc's cython call, with core's
     refusal of the write taken for what it is: the call is over, and the upstream's status stands.
-    Where grpc has not that shape, call.write() as it is.
+    Where grpc has not that shape, call.write() as it is. The call's metadata goes out before its first
+    message (call.wait_for_connection(), which raises the status if the call ended meanwhile): once is
+    enough, as grpc.aio's own write waits for it only until it is out.
     """
-    if call.done():
-        return False
-    send = getattr(getattr(call, "_cython_call", None), "send_serialized_message", None)
-    if send is None or _CoreRefused is None:
-        await call.write(data)
+    core_send = getattr(getattr(call, "_cython_call", None), "send_serialized_message", None)
+    if core_send is None or _CoreRefused is None:
+
+        async def write(data: bytes) -> bool:
+            if call.done():
+                return False
+            await call.write(data)
+            return True
+
+        return write
+    connected = False
+
+    async def send(data: bytes) -> bool:
+        nonlocal connected
+        if call.done():
+            return False
+        if not connected:
+            await call.wait_for_connection()
+            connected = True
+        try:
+            await core_send(data)
+        except _CoreRefused:
+            return False
+        except asyncio.CancelledError:
+            if not call.cancelled():
+                call.cancel()
+            raise
         return True
-    await call.wait_for_connection()  # the call's metadata is out (raises the status if it ended meanwhile)
-    try:
-        await send(data)
-    except _CoreRefused:
-        return False
-    except asyncio.CancelledError:
-        if not call.cancelled():
-            call.cancel()
-        raise
-    return True
+
+    return send
 
 
 async def _close(call: Any) -> None:
-    """call.done_writing(); core refusing it means the call is over (see _send)."""
+    """call.done_writing(); core refusing it means the call is over (see _sender)."""
     try:
         await call.done_writing()
     except Exception as exc:
@@ -148,21 +165,37 @@ def _cancelled_from_outside() -> bool:
 
 
 class _Payloads:
-    """Events payloads sent upstream and not yet answered: the window, and their send times."""
+    """Events payloads sent upstream and not yet answered: the window, and their send times.
+
+    One writer (the pump) and one reader (the handler), on one event loop: a count, and a future only
+    while the pump waits for room.
+    """
+
+    __slots__ = ("_free", "_room", "_sent")
 
     def __init__(self, window: int) -> None:
-        self._slots = asyncio.Semaphore(window)
+        self._free = window
         self._sent: deque[float] = deque()
+        self._room: asyncio.Future[None] | None = None
 
     async def sending(self) -> None:
-        await self._slots.acquire()
+        """Wait for room in the window, then count a payload as sent now."""
+        while self._free <= 0:
+            self._room = asyncio.get_running_loop().create_future()
+            await self._room
+        self._free -= 1
         self._sent.append(time.perf_counter())
 
     def answered(self) -> float | None:
         """Seconds since the oldest unanswered payload was sent (None: no payload was waiting)."""
         if not self._sent:
             return None
-        self._slots.release()
+        self._free += 1
+        room = self._room
+        if room is not None:
+            self._room = None
+            if not room.done():
+                room.set_result(None)
         return time.perf_counter() - self._sent.popleft()
 
 
@@ -310,17 +343,19 @@ class Forwarder:
         after it is written.
         """
         tally = stream.tally
+        send = _sender(call)
         try:
-            if not await _send(call, stream.pass_on(serialize, first)):
+            if not await send(stream.pass_on(serialize, first)):
                 return  # the upstream ended the call: its status is read by the handler
             tally.sent()
             async for raw in requests:
                 passed = stream.accept(raw)
                 if passed is None:
                     continue
-                out = stream.pass_on(serialize, passed)
+                # An events payload comes back as the bytes that may leave, judged once the stream was verified.
+                out = passed if type(passed) is bytes else stream.pass_on(serialize, passed)
                 await payloads.sending()
-                if not await _send(call, out):
+                if not await send(out):
                     return  # the upstream ended the call: its status is read by the handler
                 tally.sent()
                 if shadow is not None:
@@ -415,15 +450,16 @@ class Forwarder:
         call: Any,
         shadow: ShadowCall | None = None,
     ) -> None:
+        send = _sender(call)
         try:
-            if not await _send(call, stream.pass_on(serialize, first)):
+            if not await send(stream.pass_on(serialize, first)):
                 return  # the upstream ended the call: its status is read by the handler
             stream.tally.sent()
             async for raw in requests:
                 passed = stream.accept(raw)
                 if passed is None:
                     continue
-                if not await _send(call, stream.pass_on(serialize, passed)):
+                if not await send(stream.pass_on(serialize, passed)):
                     return
                 stream.tally.sent()
                 if shadow is not None:

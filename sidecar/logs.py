@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import sys
+import threading
 import time
 import traceback
 from typing import IO, Any
@@ -111,14 +112,14 @@ def audit_sink() -> Sink | None:
         return None
     pid = os.getpid()
     stream = handler.stream
+    lock = handler.lock or threading.RLock()  # whole lines, between the records other threads log through it
+    names = {level: logging.getLevelName(level) for level in (logging.DEBUG, logging.INFO, logging.WARNING)}
+    line = formatter.audit_line
 
     def write(level: int, message: str) -> None:
-        line = formatter.audit_line(logging.getLevelName(level), AUDIT_LOGGER_NAME, pid, message, time.time())
-        handler.acquire()  # whole lines, between the records other threads log through the handler
-        try:
-            stream.write(line + "\n")
+        text = line(names.get(level) or logging.getLevelName(level), AUDIT_LOGGER_NAME, pid, message, time.time())
+        with lock:
+            stream.write(text + "\n")
             stream.flush()
-        finally:
-            handler.release()
 
     return write
