@@ -181,11 +181,10 @@ class DecisionLines:
             if unknown:
                 return templates[1] % (dropped, events_in, events_out, removed, unknown)
             return templates[0] % (dropped, events_in, events_out, removed)
-        if type(message) is not int:
-            message = _encode(message)
+        index: Any = message if type(message) is int else _encode(message)
         if unknown:
-            return templates[3] % (dropped, events_in, events_out, message, removed, unknown)
-        return templates[2] % (dropped, events_in, events_out, message, removed)
+            return templates[3] % (dropped, events_in, events_out, index, removed, unknown)
+        return templates[2] % (dropped, events_in, events_out, index, removed)
 
     def _counts(self, counts: dict[str, int]) -> str:
         """_encode(counts), the keys of rule names encoded once per call."""
