@@ -266,7 +266,7 @@ class Engine:
         decision = Decision(RECORD_EVENTS)
         kind = None if identifier is None else self._admit(RECORD_EVENTS, identifier, decision)
         if kind is not None:
-            out = self._payload_bytes(data, kind, decision)
+            out = self._payload_bytes(data, self._plans[kind], self._resolvers[kind], decision)
             if out is not None:
                 return out
         elif identifier is not None:
@@ -307,21 +307,23 @@ class Engine:
                 return Outcome(None, decision)
 
             return denied
-        payload = self._payload_bytes
+        payload, plan, resolve = self._payload_bytes, self._plans[key], self._resolvers[key]
 
         def judge(data: bytes) -> Outcome[bytes]:
             decision = Decision(RECORD_EVENTS, kind)
             decision.override = override
-            out = payload(data, key, decision)
+            out = payload(data, plan, resolve, decision)
             return self._metadata_bytes(data, decision) if out is None else out
 
         return judge
 
-    def _payload_bytes(self, data: bytes, kind: str, decision: Decision) -> Outcome[bytes] | None:
-        """A message of an admitted kind's stream, but for a metadata message (None: see _metadata_bytes)."""
-        plan = self._plans[kind]
+    def _payload_bytes(
+        self, data: bytes, plan: _KindPlan, resolve: fastpath.Resolver, decision: Decision
+    ) -> Outcome[bytes] | None:
+        """A message of an admitted kind's stream, but for a metadata message (None: see _metadata_bytes).
+        plan and resolve: the kind's (or the override's)."""
         if plan.fast is not None:
-            fast = plan.fast.filter(data, self._resolvers[kind])
+            fast = plan.fast.filter(data, resolve)
             if fast is not None:
                 decision.events_in += fast.events_in
                 decision.events_out += fast.events_out
