@@ -259,7 +259,7 @@ class _GuardedCall(grpc.Call, _Future):
         return self
 
     def __next__(self) -> Any:
-        call = self._started()
+        call = self._call or self._started()  # started: every response after the first, without the lock
         try:
             response = next(call)
         except grpc.RpcError as exc:
