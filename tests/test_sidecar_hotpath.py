@@ -381,6 +381,26 @@ def test_decision_lines_encode_odd_values_as_json_encodes_them(odd: dict[str, An
     assert len(written) == 2 and written[0] == written[1]
 
 
+def test_decision_records_through_logging_carry_the_dict_of_their_line(caplog: pytest.LogCaptureFixture) -> None:
+    """One encoder for every output: through logging, the line is the call's template's and the dict attached for
+    structured handlers says the same, for a decision of the call and for one with fields of its own."""
+    caplog.set_level(logging.INFO, logger=AUDIT_LOGGER_NAME)
+    lines = DecisionLines("server", "RecordEvents", identifier("licensed_instance"), "req", "overrides.x")
+    ours = Decision("RecordEvents", "licensed_instance", events_in=2, events_out=1)
+    ours.override = "overrides.x"
+    own = Decision("RecordEvents", "workspace", request_id="its-own")  # no override: a stream's metadata message
+    for decision in (ours, own):
+        AuditLog().write_decision(lines, decision, 3)
+    records = [r for r in caplog.records if r.name == AUDIT_LOGGER_NAME]
+    written = [json.loads(r.getMessage()) for r in records]
+    assert written == [r.telemetry_guard for r in records]  # type: ignore[attr-defined]
+    assert [r.getMessage() for r in records] == [lines.encode(ours, 3), lines.encode(own, 3)]
+    assert [(w["kind"], w.get("override"), w["request_id"]) for w in written] == [
+        ("licensed_instance", "overrides.x", "req"),
+        ("workspace", None, "req"),
+    ]
+
+
 def _without_created(metrics: Metrics) -> list[str]:
     """The exposition, without the creation timestamps of the counters."""
     return [line for line in metrics.expose().decode().splitlines() if "_created" not in line]
