@@ -4,9 +4,9 @@ The sidecar's handlers take and give raw bytes (no deserializer): a request is p
 guard, never by grpc, so a request that does not parse is refused by the guard
 (INVALID_ARGUMENT naming the rule) instead of being answered INTERNAL by grpc. Enforcement
 composes interceptors/: StreamGuard (the stream protocol: metadata first and only once; the
-identifier admitted once; each events payload judged on its wire bytes under the admitted kind,
-Engine.record_events_admitted; refusals audited), UnaryGuard, the credential verifier, the audit
-log and the acknowledgement ledger, as the four interceptors do.
+identifier admitted once; each events payload judged on its wire bytes under the admitted kind by
+a judge made once per stream, Engine.admitted_payloads; refusals audited), UnaryGuard, the
+credential verifier, the audit log and the acknowledgement ledger, as the four interceptors do.
 
 One client RecordEvents stream = one upstream stream:
 
@@ -23,7 +23,8 @@ the policy removed whole from the payload it answers are added (interceptors/ack
 the upstream did not acknowledge is never added.
 
 Audit and metrics: a message's audit line is written before it is forwarded (a forwarded payload
-always has its record first), from a template of the call's constant fields; its counters
+always has its record first), by the call's one encoder of decision records (a template of its
+constant fields, interceptors.audit.DecisionLines); its counters
 (requests, events, removals per rule, refusals, messages sent) go to the call's tally
 (sidecar.metrics.StreamTally: added up in the call, published at least every half second and when
 the call ends), and a payload's round trip is observed once the response is on its way to the
