@@ -179,11 +179,18 @@ class _Payloads:
         self._sent: deque[float] = deque()
         self._room: asyncio.Future[None] | None = None
 
-    async def sending(self) -> None:
-        """Wait for room in the window, then count a payload as sent now."""
+    @property
+    def full(self) -> bool:
+        return self._free <= 0
+
+    async def room(self) -> None:
+        """Until the window has room (awaited only when it is full)."""
         while self._free <= 0:
             self._room = asyncio.get_running_loop().create_future()
             await self._room
+
+    def sending(self) -> None:
+        """Count a payload as sent now (there is room: see full)."""
         self._free -= 1
         self._sent.append(time.perf_counter())
 
@@ -355,7 +362,9 @@ class Forwarder:
                     continue
                 # An events payload comes back as the bytes that may leave, judged once the stream was verified.
                 out = passed if type(passed) is bytes else stream.pass_on(serialize, passed)
-                await payloads.sending()
+                if payloads.full:
+                    await payloads.room()
+                payloads.sending()
                 if not await send(out):
                     return  # the upstream ended the call: its status is read by the handler
                 tally.sent()
