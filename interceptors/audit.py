@@ -133,7 +133,7 @@ class DecisionLines:
         self._rules: dict[str, str] = {}  # rule name -> its JSON key and separator, for removed_per_rule
         self._others: dict[tuple[str | None, str | None, str], DecisionLines] = {}
 
-    def _for(self, decision: Decision) -> DecisionLines:
+    def for_decision(self, decision: Decision) -> DecisionLines:
         """The template of this decision's record: the call's, unless the decision has fields of its own."""
         kind = decision.kind or self.kind
         request_id = self.request_id or decision.request_id
@@ -163,7 +163,7 @@ class DecisionLines:
             or decision.override != self.override
             or (decision.request_id and not self.request_id)
         ):
-            return self._for(decision).encode(decision, message, counts)
+            return self.for_decision(decision).encode(decision, message, counts)
         # Decision.fields, read field by field (no dict per message): tests hold the two to the same text.
         events_in: Any = decision.events_in
         events_out: Any = decision.events_out
@@ -206,7 +206,7 @@ class DecisionLines:
         self, decision: Decision, message: int | None = None, counts: dict[str, int] | None = None
     ) -> dict[str, Any]:
         """The record encode() writes, as a dict: what logging attaches for structured handlers."""
-        lines = self._for(decision)
+        lines = self.for_decision(decision)
         record = dict(lines._constant)
         if message is not None:
             record["message"] = message
@@ -283,7 +283,7 @@ class AuditLog:
         else:
             logger.log(logging.INFO, line, extra={"telemetry_guard": lines.record(decision, message, counts)})
         if logger.isEnabledFor(logging.DEBUG):
-            self._debug_keys(lines._for(decision), decision, message)
+            self._debug_keys(lines.for_decision(decision), decision, message)
 
     def _debug_keys(self, lines: DecisionLines, decision: Decision, message: int | None) -> None:
         """Key names removed, per event (by index and id) and outside events. DEBUG only."""
