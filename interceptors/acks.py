@@ -13,13 +13,13 @@ removed ids are merged into that answer. This keeps one response per payload, in
 with no response invented by the guard and no thread to interleave one.
 
 Responses answer payloads in order, so a FIFO of the removed ids of each forwarded payload
-is enough. The ledger is thread-safe: a sync server's request iterator and response
-iterator may run on different threads.
+is enough. The ledger is thread-safe without a lock: a sync server's request iterator and
+response iterator may run on different threads, but there is one of each (one appends, one
+takes), and a deque's append and popleft are atomic.
 """
 
 from __future__ import annotations
 
-import threading
 from collections import deque
 from collections.abc import Sequence
 from typing import Any
@@ -33,7 +33,6 @@ class AckLedger:
 
     def __init__(self) -> None:
         self._pending: deque[tuple[str, ...]] = deque()
-        self._lock = threading.Lock()
 
     def forwarded(self, request: bytes | None, removed_ids: Sequence[str]) -> None:
         """Call for every events payload, before it is passed on.
@@ -47,8 +46,7 @@ class AckLedger:
             if removed:
                 kept = {event.id for event in wire.events_by_id(request or b"")}
                 ids = tuple(i for i in removed if i not in kept)
-        with self._lock:
-            self._pending.append(ids)
+        self._pending.append(ids)
 
     def merge(self, response: Any) -> Any:
         """The response to the oldest unanswered payload, its removed ids added.
@@ -57,8 +55,10 @@ class AckLedger:
         changed in place) or its serialized bytes (raw-bytes handlers and channels); returns
         the same form. A response with no payload waiting passes unchanged.
         """
-        with self._lock:
-            ids = self._pending.popleft() if self._pending else ()
+        try:
+            ids = self._pending.popleft()
+        except IndexError:  # no payload waiting
+            return response
         if not ids:
             return response
         if isinstance(response, bytes | bytearray):

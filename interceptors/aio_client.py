@@ -25,8 +25,8 @@ the real call, and the call reports the guard's status. Acknowledgements are mer
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable, Generator, Iterable
-from typing import Any
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Generator, Iterable
+from typing import Any, cast
 
 import grpc
 import grpc.aio
@@ -150,14 +150,17 @@ class AsyncGuardStreamStreamInterceptor(_AsyncGuardInterceptor, grpc.aio.StreamS
         return _GuardedStreamStreamCall(self.guard, rpc, continuation, client_call_details, request_iterator)
 
 
-async def _aiter(requests: AsyncIterator[Any] | Iterable[Any]) -> AsyncIterator[Any]:
-    """grpc.aio takes sync and async request iterables alike."""
+def _aiter(requests: AsyncIterable[Any] | Iterable[Any]) -> AsyncIterator[Any]:
+    """grpc.aio takes sync and async request iterables alike; an async one is iterated as it is (no layer
+    of our own per message: grpc's iterator of the caller's write()s is one already)."""
     if hasattr(requests, "__aiter__"):
-        async for request in requests:
-            yield request
-    else:
-        for request in requests:
-            yield request
+        return cast(AsyncIterable[Any], requests).__aiter__()
+    return _from_sync(requests)
+
+
+async def _from_sync(requests: Iterable[Any]) -> AsyncIterator[Any]:
+    for request in requests:
+        yield request
 
 
 def _retrieve(task: asyncio.Task[Any]) -> None:
@@ -201,6 +204,8 @@ class _GuardedStreamCall:
             self._call.cancel()
 
     async def _started(self) -> Any:
+        if self._call is not None:  # started: every read after the first
+            return self._call
         return await asyncio.shield(self._task)
 
     def _refusal(self, exc: BaseException) -> BaseException:

@@ -9,12 +9,13 @@ It never holds a removed value.
 
 Names of removed private_metadata keys can say something about the data themselves, so they
 go only to a second record at DEBUG level, emitted only when the logger is enabled for
-DEBUG. Each record's message is the JSON text; the same dict is attached to the LogRecord
-as the attribute `telemetry_guard` for structured handlers.
+DEBUG. Each record's message is the JSON text; through logging, the same record as a dict is
+attached to the LogRecord as the attribute `telemetry_guard` for structured handlers.
 
-A process that writes the records itself (a sink: the sidecar) can have a call's decision
-records encoded from a template made once per call (DecisionLines, AuditLog.write_decision):
-the same text, without building and encoding the dict of constant fields for every message.
+A decision's record has one encoder, whatever the output: the call's DecisionLines, a template
+of the fields that are constant in the call, made once per call (AuditLog.write_decision). A
+process that writes the records itself (a sink: the sidecar) gets the same line as logging
+would write, without a LogRecord per message and without building the dict.
 """
 
 from __future__ import annotations
@@ -84,34 +85,66 @@ def _template(constant: dict[str, Any], variable: tuple[str, ...]) -> str:
 
 
 class DecisionLines:
-    """One call's decision records as JSON text: what AuditLog.record encodes, its constant part encoded once.
+    """The one encoder of a call's decision records: their JSON text, whichever the output (sink or logging).
 
-    side, rpc, kind, the publisher id and request_id are the same for every message of a call; only the
-    message index, the counts and the ids change. encode() gives the exact text of _encode(record) for the
-    dict AuditLog.record builds (tests compare them on generated decisions), or None when a decision
-    does not fit the template (a kind or request_id of its own, numbers that are not ints): the caller
-    then encodes the dict.
+    side, rpc, kind, the publisher id, the override and request_id are the same for every message of a call:
+    they are encoded once, into a template; only the message index, the counts and the ids change. encode()
+    gives exactly the text of json.dumps(record(...), sort_keys=True) (tests compare them on generated
+    decisions). A decision with a kind, override or request_id of its own (a stream's metadata message,
+    judged by its own identifier) is encoded from a template made for those (kept for the call).
     """
 
-    __slots__ = ("_constant", "_rules", "_templates", "identifier", "kind", "override", "request_id", "rpc", "side")
+    __slots__ = (
+        "_constant",
+        "_others",
+        "_rules",
+        "_templates",
+        "identifier",
+        "kind",
+        "override",
+        "request_id",
+        "rpc",
+        "side",
+    )
 
     def __init__(
-        self, side: str, rpc: str, identifier: pb.Identifier | None, request_id: str, override: str | None = None
+        self,
+        side: str,
+        rpc: str,
+        identifier: pb.Identifier | None,
+        request_id: str,
+        override: str | None = None,
+        kind: str | None = None,
     ) -> None:
+        """kind: the record's kind when it is not the identifier's (a decision's own)."""
         self.side = side
         self.rpc = rpc
         self.identifier = identifier
         self.request_id = request_id
         self.override = override
-        self.kind = identifier.WhichOneof("identifier") if identifier is not None else None
+        self.kind = kind or (identifier.WhichOneof("identifier") if identifier is not None else None)
         constant: dict[str, Any] = {"audit": "decision", "side": side, "rpc": rpc, "kind": self.kind}
         constant.update(identity(identifier))
         if override is not None:
             constant["override"] = override
         constant["request_id"] = request_id
         self._constant = constant
-        self._templates: tuple[str, ...] = ()  # made at the first encode(): a call written through logging needs none
+        self._templates: tuple[str, ...] = ()  # made at the first encode()
         self._rules: dict[str, str] = {}  # rule name -> its JSON key and separator, for removed_per_rule
+        self._others: dict[tuple[str | None, str | None, str], DecisionLines] = {}
+
+    def for_decision(self, decision: Decision) -> DecisionLines:
+        """The template of this decision's record: the call's, unless the decision has fields of its own."""
+        kind = decision.kind or self.kind
+        request_id = self.request_id or decision.request_id
+        override = decision.override
+        if kind == self.kind and override == self.override and request_id == self.request_id:
+            return self
+        key = (kind, override, request_id)
+        other = self._others.get(key)
+        if other is None:
+            other = self._others[key] = DecisionLines(self.side, self.rpc, self.identifier, request_id, override, kind)
+        return other
 
     def _made(self) -> tuple[str, ...]:
         """The templates, indexed by (message given) * 2 + (unknown_fields given): a record's two optional fields."""
@@ -123,24 +156,24 @@ class DecisionLines:
             )
         return self._templates
 
-    def encode(
-        self, decision: Decision, message: int | None = None, counts: dict[str, int] | None = None
-    ) -> str | None:
-        """_encode of the record AuditLog.record builds for this decision of the call, or None (see the class)."""
-        if (decision.kind and decision.kind != self.kind) or decision.override != self.override:
-            return None
-        if decision.request_id and not self.request_id:
-            return None
+    def encode(self, decision: Decision, message: int | None = None, counts: dict[str, int] | None = None) -> str:
+        """The JSON text of the record of this decision of the call (counts: decision.counts(), if known)."""
+        if (
+            (decision.kind and decision.kind != self.kind)
+            or decision.override != self.override
+            or (decision.request_id and not self.request_id)
+        ):
+            return self.for_decision(decision).encode(decision, message, counts)
         # Decision.fields, read field by field (no dict per message): tests hold the two to the same text.
-        events_in = decision.events_in
-        events_out = decision.events_out
-        if type(events_in) is not int or type(events_out) is not int:
-            return None  # bool or float: the encoder writes them its own way
+        events_in: Any = decision.events_in
+        events_out: Any = decision.events_out
+        if type(events_in) is not int:
+            events_in = _encode(events_in)  # bool or float: as the encoder writes them
+        if type(events_out) is not int:
+            events_out = _encode(events_out)
         ids = decision.dropped_event_ids
         dropped = _encode([clip(i) for i in ids]) if ids else "[]"
         removed = self._counts(decision.counts() if counts is None else counts)
-        if removed is None:
-            return None
         given = decision.unknown_fields
         unknown = (_encode_str(given) if type(given) is str else _encode(given)) if given else ""
         templates = self._templates or self._made()
@@ -148,29 +181,37 @@ class DecisionLines:
             if unknown:
                 return templates[1] % (dropped, events_in, events_out, removed, unknown)
             return templates[0] % (dropped, events_in, events_out, removed)
-        if type(message) is not int:
-            return None
+        index: Any = message if type(message) is int else _encode(message)
         if unknown:
-            return templates[3] % (dropped, events_in, events_out, message, removed, unknown)
-        return templates[2] % (dropped, events_in, events_out, message, removed)
+            return templates[3] % (dropped, events_in, events_out, index, removed, unknown)
+        return templates[2] % (dropped, events_in, events_out, index, removed)
 
-    def _counts(self, counts: dict[str, int]) -> str | None:
-        """_encode(counts) for rule names and int counts (rule keys encoded once per call); None otherwise."""
+    def _counts(self, counts: dict[str, int]) -> str:
+        """_encode(counts), the keys of rule names encoded once per call."""
         if not counts:
             return "{}"
         rules = self._rules
         parts = []
         for rule in sorted(counts):
             count = counts[rule]
-            if type(count) is not int:
-                return None
             key = rules.get(rule)
             if key is None:
                 if type(rule) is not str:
-                    return None
+                    return _encode(counts)
                 key = rules[rule] = f"{_encode_str(rule)}: "
-            parts.append(f"{key}{count}")
+            parts.append(f"{key}{count}" if type(count) is int else f"{key}{_encode(count)}")
         return "{" + ", ".join(parts) + "}"
+
+    def record(
+        self, decision: Decision, message: int | None = None, counts: dict[str, int] | None = None
+    ) -> dict[str, Any]:
+        """The record encode() writes, as a dict: what logging attaches for structured handlers."""
+        lines = self.for_decision(decision)
+        record = dict(lines._constant)
+        if message is not None:
+            record["message"] = message
+        record.update(decision.fields(counts))
+        return record
 
 
 class AuditLog:
@@ -199,11 +240,15 @@ class AuditLog:
     ) -> None:
         """One request message: what the policy did to it, or why the call was refused.
 
-        counts: decision.counts(), when the caller has it already.
+        A decision's record is written by write_decision (a template for this one record); a refusal's
+        (once per call) is encoded from its dict. counts: decision.counts(), when the caller has it already.
         """
-        level = logging.WARNING if refusal is not None else logging.INFO
-        if not self.logger.isEnabledFor(level):
-            return  # nothing would be written (the DEBUG record needs INFO enabled too): build nothing
+        if refusal is None:
+            if decision is not None:
+                self.write_decision(DecisionLines(side, rpc, identifier, request_id), decision, message, counts)
+            return
+        if not self.logger.isEnabledFor(logging.WARNING):
+            return  # nothing would be written: build nothing
         kind = identifier.WhichOneof("identifier") if identifier is not None else None
         record: dict[str, Any] = {
             "audit": "decision",
@@ -213,44 +258,34 @@ class AuditLog:
         }
         record.update(identity(identifier))
         if decision is not None and decision.override is not None:
-            record["override"] = decision.override  # the override whose rules applied
+            record["override"] = decision.override
         record["request_id"] = request_id or (decision.request_id if decision is not None else "")
         if message is not None:
             record["message"] = message
         if decision is not None:
             record.update(decision.fields(counts))
-        if refusal is not None:
-            record["refused"] = {"code": refusal.code.name, "rule": refusal.rule, "message": refusal.message}
-            if refusal.reason:
-                record["refused"]["reason"] = refusal.reason
-        self.emit(level, record)
-        if decision is not None and self.logger.isEnabledFor(logging.DEBUG):
-            self._debug_keys(record, decision)
+        record["refused"] = {"code": refusal.code.name, "rule": refusal.rule, "message": refusal.message}
+        if refusal.reason:
+            record["refused"]["reason"] = refusal.reason
+        self.emit(logging.WARNING, record)
 
     def write_decision(
         self, lines: DecisionLines, decision: Decision, message: int | None = None, counts: dict[str, int] | None = None
     ) -> None:
-        """What record writes for a decision of the call `lines` was made for: with a sink, the INFO line
-        encoded from the call's template."""
+        """A decision's record (INFO), encoded by the call's DecisionLines for every output; with logging as the
+        output its dict is attached too. At DEBUG, the removed key names follow in a record of their own."""
         logger = self.logger
-        if self._sink is not None and not logger.isEnabledFor(logging.DEBUG):
-            if not logger.isEnabledFor(logging.INFO):
-                return
-            line = lines.encode(decision, message, counts)
-            if line is not None:
-                self._sink(logging.INFO, line)
-                return
-        self.record(
-            side=lines.side,
-            rpc=lines.rpc,
-            identifier=lines.identifier,
-            decision=decision,
-            request_id=lines.request_id,
-            message=message,
-            counts=counts,
-        )
+        if not logger.isEnabledFor(logging.INFO):
+            return  # nothing would be written (the DEBUG record needs INFO enabled too): build nothing
+        line = lines.encode(decision, message, counts)
+        if self._sink is not None:
+            self._sink(logging.INFO, line)
+        else:
+            logger.log(logging.INFO, line, extra={"telemetry_guard": lines.record(decision, message, counts)})
+        if logger.isEnabledFor(logging.DEBUG):
+            self._debug_keys(lines.for_decision(decision), decision, message)
 
-    def _debug_keys(self, base: dict[str, Any], decision: Decision) -> None:
+    def _debug_keys(self, lines: DecisionLines, decision: Decision, message: int | None) -> None:
         """Key names removed, per event (by index and id) and outside events. DEBUG only."""
         events = [
             {"index": e.index, "id": clip(e.event_id), "removals": [_removal(r) for r in e.removals]}
@@ -259,7 +294,10 @@ class AuditLog:
         ]
         if not events and not decision.removals:
             return
-        record: dict[str, Any] = {k: base[k] for k in ("side", "rpc", "kind", "request_id", "message") if k in base}
+        record: dict[str, Any] = {"side": lines.side, "rpc": lines.rpc, "kind": lines.kind}
+        record["request_id"] = lines.request_id
+        if message is not None:
+            record["message"] = message
         record["audit"] = "removed_keys"
         record["events"] = events
         record["removals"] = [_removal(r) for r in decision.removals]

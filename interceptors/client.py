@@ -259,7 +259,9 @@ class _GuardedCall(grpc.Call, _Future):
         return self
 
     def __next__(self) -> Any:
-        call = self._started()
+        call = self._call
+        if call is None:  # not started yet: once (every later response skips the lock)
+            call = self._started()
         try:
             response = next(call)
         except grpc.RpcError as exc:

@@ -295,9 +295,15 @@ class CallGuard:
         return self.error
 
     def audit(self, decision: Decision, message: int | None = None) -> None:
-        """Count a decision and write its audit line (before the message is passed on: record first)."""
-        counts = decision.counts()
-        self.tally.judged(self.identified_as, decision.events_in, decision.events_out, counts)
+        """Count a decision and write its audit line (before the message is passed on: record first).
+
+        Without a tally (the interceptors keep no metrics) nothing is counted, and the audit log reads the
+        decision only if it writes it: a library user's logger at WARNING costs no record per message.
+        """
+        counts = None
+        if self.tally is not NO_TALLY:
+            counts = decision.counts()
+            self.tally.judged(self.identified_as, decision.events_in, decision.events_out, counts)
         self.guard.audit.write_decision(self.decision_lines(), decision, message, counts)
 
     def decision_lines(self) -> DecisionLines:

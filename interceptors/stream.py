@@ -42,6 +42,9 @@ class StreamGuard(CallGuard):
         super().__init__(guard, rpc, authorization)
         self.acks = AckLedger() if rpc == RECORD_EVENTS else None
         self._received = 0
+        self._judge: Callable[[bytes], Outcome[bytes]] | None = None  # events payloads, once admitted and verified
+        self._acks = AckLedger()  # self.acks and self.kind, once _judge is made
+        self._kind = ""
 
     # -- one message --------------------------------------------------------------------
 
@@ -50,12 +53,6 @@ class StreamGuard(CallGuard):
         """How many messages the stream has received so far (the index of the last one is this minus 1)."""
         return self._received
 
-    def take_index(self) -> int:
-        """The position of the next message received on the stream (0: the first), for audit records."""
-        index = self._received
-        self._received += 1
-        return index
-
     def accept(self, item: Any) -> Passed | None:
         """The next request as received: what to pass on, or None to skip it; raises GuardError.
 
@@ -63,11 +60,17 @@ class StreamGuard(CallGuard):
         the bytes that may leave; every other message is parsed whole and checked against the protocol.
         Fails closed as judging() does, without a context manager on the per-payload path.
         """
-        index = self.take_index()
+        index = self._received
+        self._received = index + 1
         try:
-            data = self._events_wire(item)
-            if data is not None:
-                return self._events(data, index)
+            if self._judge is not None and type(item) is bytes:  # the usual: bytes, on an admitted stream
+                if wire.payload(item) == wire.EVENTS:
+                    self.raw = True
+                    return self._events(item, index)
+            else:
+                data = self._events_wire(item)
+                if data is not None:
+                    return self._events(data, index)
         except Exception as exc:
             raise self.failed(exc, message=index) from None
         with self.judging(message=index):
@@ -92,24 +95,34 @@ class StreamGuard(CallGuard):
     def _events(self, data: bytes, index: int) -> bytes | None:
         """One events payload of the admitted stream: the bytes that may leave (None: nothing to pass on).
 
-        Judged under the stream's kind and override as admitted once (Engine.record_events_admitted),
-        its removed-whole ids given to the acknowledgement ledger, its decision counted and audited
-        before anything is passed on.
+        Judged under the stream's kind and override as admitted once (Engine.admitted_payloads, made at the
+        first payload), its removed-whole ids given to the acknowledgement ledger, its decision counted and
+        audited before anything is passed on.
         """
-        kind = self.kind
-        if not self._verified or kind is None or self.acks is None:
-            raise RuntimeError("events before the stream was admitted and its credentials verified")
-        guard = self.guard
+        judge = self._judge
+        if judge is None:
+            judge = self._judging_payloads()
         try:
-            outcome = guard.engine.record_events_admitted(data, kind, detailed=guard.detailed, override=self.override)
+            outcome = judge(data)
         except DecodeError:
             raise wire_error(self.rpc) from None
-        if outcome.denial is not None:
-            raise GuardError.from_denial(outcome.denial)
         decision = outcome.decision
-        self.acks.forwarded(outcome.request, guard.engine.acknowledged_removals(kind, decision))
+        if decision.denial is not None:
+            raise GuardError.from_denial(decision.denial)
+        removed = decision.dropped_event_ids
+        if removed:
+            removed = self.guard.engine.acknowledged_removals(self._kind, decision)
+        self._acks.forwarded(outcome.request, removed)
         self.audit(decision, index)
         return outcome.request
+
+    def _judging_payloads(self) -> Callable[[bytes], Outcome[bytes]]:
+        """The stream's judge of events payloads, once it is admitted and its credentials verified."""
+        if not self._verified or self.kind is None or self.acks is None:
+            raise RuntimeError("events before the stream was admitted and its credentials verified")
+        self._acks, self._kind = self.acks, self.kind
+        self._judge = self.guard.engine.admitted_payloads(self.kind, override=self.override)
+        return self._judge
 
     def _message(self, item: Any, index: int) -> Message | bytes | None:
         """A message parsed whole: the stream's metadata, a user metadata payload, or one irregular on the wire."""

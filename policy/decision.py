@@ -131,15 +131,20 @@ class Decision:
 
     def defer(self, records: Callable[[], list[EventRecord]], counts: dict[str, int], dropped: list[str]) -> None:
         """Records to be appended when first read; their counts() and dropped ids, known now."""
-        self.events  # noqa: B018 (one pending batch at a time: an earlier one is built first)
+        if self._later is not None:
+            self.events  # noqa: B018 (one pending batch at a time: an earlier one is built first)
         self._later, self._later_counts, self._later_dropped = records, counts, dropped
 
     @property
     def dropped_event_ids(self) -> list[str]:
+        if not self._events:
+            return list(self._later_dropped)
         return [e.event_id for e in self._events if e.dropped_by is not None] + self._later_dropped
 
     def counts(self) -> dict[str, int]:
         """Removals per rule: whole events count 1, private_metadata keys 1 each. Once per message: kept lean."""
+        if not self._events and not self.removals:
+            return dict(self._later_counts)  # a payload of the fast path whose records are not built yet
         counts: dict[str, int] = {}
         get = counts.get
         for event in self._events:

@@ -15,7 +15,7 @@ import dataclasses
 import hashlib
 import hmac
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
@@ -272,7 +272,7 @@ class Engine:
         decision = Decision(RECORD_EVENTS)
         kind = None if identifier is None else self._admit(RECORD_EVENTS, identifier, decision)
         if kind is not None:
-            out = self._payload_bytes(data, kind, decision)
+            out = self._payload_bytes(data, self._plans[kind], self._resolvers[kind], decision)
             if out is not None:
                 return out
         elif identifier is not None:
@@ -289,30 +289,47 @@ class Engine:
         override: the name of the override the identifier matched (override_for, once per stream), if any.
         A kind the policy does not allow RecordEvents is denied as record_events_bytes denies it.
         """
-        data = _as_bytes(data)
-        decision = Decision(RECORD_EVENTS, kind)
+        return self.admitted_payloads(kind, override=override)(_as_bytes(data))
+
+    def admitted_payloads(self, kind: str, *, override: str | None = None) -> Callable[[bytes], Outcome[bytes]]:
+        """record_events_admitted for one stream, as a function of the payload's bytes: what depends only on
+        the stream (the kind's access, the override, the plan) is looked up once, not for every payload."""
         key = kind
+        denial: Denial | None = None
         if override is None:
             if kind not in self.policy.access[RECORD_EVENTS]:
-                decision.denial = access.check_kind(self.policy, RECORD_EVENTS, kind)
-                return Outcome(None, decision)
+                denial = access.check_kind(self.policy, RECORD_EVENTS, kind)
         else:
             found = self._overrides[override]
             if found.kind != kind:
                 raise ValueError(f"override {override!r} is for {found.kind}, not {kind}")
-            decision.override, key = override, found.key
+            key = found.key
             denial = self._check_kind(RECORD_EVENTS, kind, found)
-            if denial is not None:
-                decision.denial = denial
-                return Outcome(None, decision)
-        out = self._payload_bytes(data, key, decision)
-        return self._metadata_bytes(data, decision) if out is None else out
+        if denial is not None:
 
-    def _payload_bytes(self, data: bytes, kind: str, decision: Decision) -> Outcome[bytes] | None:
-        """A message of an admitted kind's stream, but for a metadata message (None: see _metadata_bytes)."""
-        plan = self._plans[kind]
+            def denied(data: bytes) -> Outcome[bytes]:
+                decision = Decision(RECORD_EVENTS, kind, denial=denial)
+                decision.override = override
+                return Outcome(None, decision)
+
+            return denied
+        payload, plan, resolve = self._payload_bytes, self._plans[key], self._resolvers[key]
+
+        def judge(data: bytes) -> Outcome[bytes]:
+            decision = Decision(RECORD_EVENTS, kind)
+            decision.override = override
+            out = payload(data, plan, resolve, decision)
+            return self._metadata_bytes(data, decision) if out is None else out
+
+        return judge
+
+    def _payload_bytes(
+        self, data: bytes, plan: _KindPlan, resolve: fastpath.Resolver, decision: Decision
+    ) -> Outcome[bytes] | None:
+        """A message of an admitted kind's stream, but for a metadata message (None: see _metadata_bytes).
+        plan and resolve: the kind's (or the override's)."""
         if plan.fast is not None:
-            fast = plan.fast.filter(data, self._resolvers[kind])
+            fast = plan.fast.filter(data, resolve)
             if fast is not None:
                 decision.events_in += fast.events_in
                 decision.events_out += fast.events_out

@@ -4,9 +4,9 @@ The sidecar's handlers take and give raw bytes (no deserializer): a request is p
 guard, never by grpc, so a request that does not parse is refused by the guard
 (INVALID_ARGUMENT naming the rule) instead of being answered INTERNAL by grpc. Enforcement
 composes interceptors/: StreamGuard (the stream protocol: metadata first and only once; the
-identifier admitted once; each events payload judged on its wire bytes under the admitted kind,
-Engine.record_events_admitted; refusals audited), UnaryGuard, the credential verifier, the audit
-log and the acknowledgement ledger, as the four interceptors do.
+identifier admitted once; each events payload judged on its wire bytes under the admitted kind by
+a judge made once per stream, Engine.admitted_payloads; refusals audited), UnaryGuard, the
+credential verifier, the audit log and the acknowledgement ledger, as the four interceptors do.
 
 One client RecordEvents stream = one upstream stream:
 
@@ -23,7 +23,8 @@ the policy removed whole from the payload it answers are added (interceptors/ack
 the upstream did not acknowledge is never added.
 
 Audit and metrics: a message's audit line is written before it is forwarded (a forwarded payload
-always has its record first), from a template of the call's constant fields; its counters
+always has its record first), by the call's one encoder of decision records (a template of its
+constant fields, interceptors.audit.DecisionLines); its counters
 (requests, events, removals per rule, refusals, messages sent) go to the call's tally
 (sidecar.metrics.StreamTally: added up in the call, published at least every half second and when
 the call ends), and a payload's round trip is observed once the response is on its way to the
@@ -45,7 +46,7 @@ import asyncio
 import logging
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Collection
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection
 from typing import TYPE_CHECKING, Any, TypeAlias
 
 import grpc
@@ -98,36 +99,53 @@ async def _settle() -> None:
     await asyncio.sleep(END_SETTLE_SECONDS)
 
 
-async def _send(call: Any, data: bytes) -> bool:
-    """Write one message on an upstream stream call; False when the call has ended (its status says how).
+def _sender(call: Any) -> Callable[[bytes], Awaitable[bool]]:
+    """How to write messages on an upstream stream call: send(data) is False when the call has ended (its
+    status says how). Resolved once per call.
 
     Not call.write(): when the upstream ends the call while a write is on its way, grpc.aio's write
     sets the call's status to INTERNAL "Internal error from Core", over the status the upstream sent
     or before it arrives, so that the client would get INTERNAL instead of, say, UNAVAILABLE (which
     exporters retry; grpc/grpc#36066). This is call.write() through grpc's cython call, with core's
     refusal of the write taken for what it is: the call is over, and the upstream's status stands.
-    Where grpc has not that shape, call.write() as it is.
+    Where grpc has not that shape, call.write() as it is. The call's metadata goes out before its first
+    message (call.wait_for_connection(), which raises the status if the call ended meanwhile): once is
+    enough, as grpc.aio's own write waits for it only until it is out.
     """
-    if call.done():
-        return False
-    send = getattr(getattr(call, "_cython_call", None), "send_serialized_message", None)
-    if send is None or _CoreRefused is None:
-        await call.write(data)
+    core_send = getattr(getattr(call, "_cython_call", None), "send_serialized_message", None)
+    if core_send is None or _CoreRefused is None:
+
+        async def write(data: bytes) -> bool:
+            if call.done():
+                return False
+            await call.write(data)
+            return True
+
+        return write
+    connected = False
+
+    async def send(data: bytes) -> bool:
+        nonlocal connected
+        if call.done():
+            return False
+        if not connected:
+            await call.wait_for_connection()
+            connected = True
+        try:
+            await core_send(data)
+        except _CoreRefused:
+            return False
+        except asyncio.CancelledError:
+            if not call.cancelled():
+                call.cancel()
+            raise
         return True
-    await call.wait_for_connection()  # the call's metadata is out (raises the status if it ended meanwhile)
-    try:
-        await send(data)
-    except _CoreRefused:
-        return False
-    except asyncio.CancelledError:
-        if not call.cancelled():
-            call.cancel()
-        raise
-    return True
+
+    return send
 
 
 async def _close(call: Any) -> None:
-    """call.done_writing(); core refusing it means the call is over (see _send)."""
+    """call.done_writing(); core refusing it means the call is over (see _sender)."""
     try:
         await call.done_writing()
     except Exception as exc:
@@ -148,21 +166,44 @@ def _cancelled_from_outside() -> bool:
 
 
 class _Payloads:
-    """Events payloads sent upstream and not yet answered: the window, and their send times."""
+    """Events payloads sent upstream and not yet answered: the window, and their send times.
+
+    One writer (the pump) and one reader (the handler), on one event loop: a count, and a future only
+    while the pump waits for room.
+    """
+
+    __slots__ = ("_free", "_room", "_sent")
 
     def __init__(self, window: int) -> None:
-        self._slots = asyncio.Semaphore(window)
+        self._free = window
         self._sent: deque[float] = deque()
+        self._room: asyncio.Future[None] | None = None
 
-    async def sending(self) -> None:
-        await self._slots.acquire()
+    @property
+    def full(self) -> bool:
+        return self._free <= 0
+
+    async def room(self) -> None:
+        """Until the window has room (awaited only when it is full)."""
+        while self._free <= 0:
+            self._room = asyncio.get_running_loop().create_future()
+            await self._room
+
+    def sending(self) -> None:
+        """Count a payload as sent now (there is room: see full)."""
+        self._free -= 1
         self._sent.append(time.perf_counter())
 
     def answered(self) -> float | None:
         """Seconds since the oldest unanswered payload was sent (None: no payload was waiting)."""
         if not self._sent:
             return None
-        self._slots.release()
+        self._free += 1
+        room = self._room
+        if room is not None:
+            self._room = None
+            if not room.done():
+                room.set_result(None)
         return time.perf_counter() - self._sent.popleft()
 
 
@@ -310,17 +351,21 @@ class Forwarder:
         after it is written.
         """
         tally = stream.tally
+        send = _sender(call)
         try:
-            if not await _send(call, stream.pass_on(serialize, first)):
+            if not await send(stream.pass_on(serialize, first)):
                 return  # the upstream ended the call: its status is read by the handler
             tally.sent()
             async for raw in requests:
                 passed = stream.accept(raw)
                 if passed is None:
                     continue
-                out = stream.pass_on(serialize, passed)
-                await payloads.sending()
-                if not await _send(call, out):
+                # An events payload comes back as the bytes that may leave, judged once the stream was verified.
+                out = passed if type(passed) is bytes else stream.pass_on(serialize, passed)
+                if payloads.full:
+                    await payloads.room()
+                payloads.sending()
+                if not await send(out):
                     return  # the upstream ended the call: its status is read by the handler
                 tally.sent()
                 if shadow is not None:
@@ -415,15 +460,16 @@ class Forwarder:
         call: Any,
         shadow: ShadowCall | None = None,
     ) -> None:
+        send = _sender(call)
         try:
-            if not await _send(call, stream.pass_on(serialize, first)):
+            if not await send(stream.pass_on(serialize, first)):
                 return  # the upstream ended the call: its status is read by the handler
             stream.tally.sent()
             async for raw in requests:
                 passed = stream.accept(raw)
                 if passed is None:
                     continue
-                if not await _send(call, stream.pass_on(serialize, passed)):
+                if not await send(stream.pass_on(serialize, passed)):
                     return
                 stream.tally.sent()
                 if shadow is not None:

@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import sys
+import threading
 import time
 import traceback
 from typing import IO, Any
@@ -35,9 +36,12 @@ class JsonFormatter(logging.Formatter):
         self._stamp = (-1, "")  # (second, its time text): one attribute, replaced whole
         self._heads: dict[tuple[str, str, int | None], str] = {}
 
-    def _head(self, levelname: str, name: str, pid: int | None, created: float) -> str:
-        """json.dumps(head) without its closing brace, for an audit record (one per message): the
-        time text is made once per second, the level, logger and pid part once per logger."""
+    def audit_line(self, levelname: str, name: str, pid: int | None, message: str, created: float) -> str:
+        """The line of an audit record whose message is json.dumps of its fields (spliced, not re-encoded).
+
+        json.dumps of the head, its closing brace left out, then the message's fields: the time text is made
+        once per second, the level, logger and pid part once per logger (an audit record is written per message).
+        """
         whole = int(created)
         second, stamp = self._stamp
         if whole != second:
@@ -48,11 +52,9 @@ class JsonFormatter(logging.Formatter):
         if rest is None:
             rest = self._heads[key] = json.dumps({"level": levelname.lower(), "logger": name, "pid": pid})[1:-1]
         msecs = int((created - whole) * 1000)  # as logging.LogRecord computes it
-        return f'{{"time": "{stamp}.{msecs:03d}Z", {rest}'
-
-    def audit_line(self, levelname: str, name: str, pid: int | None, message: str, created: float) -> str:
-        """The line of an audit record whose message is json.dumps of its fields (spliced, not re-encoded)."""
-        return self._head(levelname, name, pid, created) + (", " + message[1:] if len(message) > 2 else "}")
+        if len(message) > 2:
+            return f'{{"time": "{stamp}.{msecs:03d}Z", {rest}, {message[1:]}'
+        return f'{{"time": "{stamp}.{msecs:03d}Z", {rest}}}'
 
     def format(self, record: logging.LogRecord) -> str:
         extra = getattr(record, FIELDS, None)
@@ -111,14 +113,14 @@ def audit_sink() -> Sink | None:
         return None
     pid = os.getpid()
     stream = handler.stream
+    lock = handler.lock or threading.RLock()  # whole lines, between the records other threads log through it
+    names = {level: logging.getLevelName(level) for level in (logging.DEBUG, logging.INFO, logging.WARNING)}
+    line = formatter.audit_line
 
     def write(level: int, message: str) -> None:
-        line = formatter.audit_line(logging.getLevelName(level), AUDIT_LOGGER_NAME, pid, message, time.time())
-        handler.acquire()  # whole lines, between the records other threads log through the handler
-        try:
-            stream.write(line + "\n")
+        text = line(names.get(level) or logging.getLevelName(level), AUDIT_LOGGER_NAME, pid, message, time.time())
+        with lock:
+            stream.write(text + "\n")
             stream.flush()
-        finally:
-            handler.release()
 
     return write

@@ -6,8 +6,8 @@ takes for speed give exactly what the slower forms gave.
   equal what those records say once built;
 - the audit trail builds no record when its logger would write none;
 - the JSON formatter's cached head gives the same line as encoding the head each time;
-- a call's decision records encoded from its template (DecisionLines) are the text json gives for
-  the record's dict, and a call's counters published in batches count the same as published at once;
+- a call's decision records encoded from its template (DecisionLines, their one encoder) are the text
+  json gives for the record's dict, and a call's counters published in batches count the same as published at once;
 - an events payload judged under the stream's admitted kind (Engine.record_events_admitted) gets the
   outcome record_events_bytes gives it with the stream's identifier.
 
@@ -334,10 +334,7 @@ def test_decision_lines_encode_exactly_what_json_encodes(
         decision = data.draw(decisions(kind))
         message = data.draw(st.none() | st.integers(0, 2**40))
         counts = data.draw(st.sampled_from([None, decision.counts()]))
-        line = lines.encode(decision, message, counts)
-        if (decision.kind and decision.kind != kind) or (decision.request_id and not request_id):
-            assert line is None  # fields of its own: the caller encodes the dict
-            continue
+        line = lines.encode(decision, message, counts)  # a kind or request_id of its own included
         assert line == _plain_record(side, rpc, ident, decision, request_id, message, counts)
         # ...which is also the line AuditLog.record writes.
         written: list[str] = []
@@ -359,13 +356,16 @@ def test_decision_lines_encode_exactly_what_json_encodes(
         {"counts": {1: 2}},
     ],
 )
-def test_decision_lines_leave_what_they_do_not_encode_like_json_to_the_dict(odd: dict[str, Any]) -> None:
+def test_decision_lines_encode_odd_values_as_json_encodes_them(odd: dict[str, Any]) -> None:
     decision = Decision("RecordEvents", "licensed_instance", unknown_fields="kept", events_in=3, events_out=2)
     for name in ("events_in", "events_out"):
         if name in odd:
             setattr(decision, name, odd[name])
-    lines = DecisionLines("server", "RecordEvents", identifier("licensed_instance"), "req")
-    assert lines.encode(decision, odd.get("message", 1), odd.get("counts", {})) is None
+    ident = identifier("licensed_instance")
+    lines = DecisionLines("server", "RecordEvents", ident, "req")
+    message, counts = odd.get("message", 1), odd.get("counts", {})
+    expected = _plain_record("server", "RecordEvents", ident, decision, "req", message, counts)
+    assert lines.encode(decision, message, counts) == expected
     written: list[str] = []
     audit = AuditLog(_INFO, sink=_into(written))
     audit.write_decision(lines, decision, odd.get("message", 1), odd.get("counts", {}))
@@ -379,6 +379,26 @@ def test_decision_lines_leave_what_they_do_not_encode_like_json_to_the_dict(odd:
         counts=odd.get("counts", {}),
     )
     assert len(written) == 2 and written[0] == written[1]
+
+
+def test_decision_records_through_logging_carry_the_dict_of_their_line(caplog: pytest.LogCaptureFixture) -> None:
+    """One encoder for every output: through logging, the line is the call's template's and the dict attached for
+    structured handlers says the same, for a decision of the call and for one with fields of its own."""
+    caplog.set_level(logging.INFO, logger=AUDIT_LOGGER_NAME)
+    lines = DecisionLines("server", "RecordEvents", identifier("licensed_instance"), "req", "overrides.x")
+    ours = Decision("RecordEvents", "licensed_instance", events_in=2, events_out=1)
+    ours.override = "overrides.x"
+    own = Decision("RecordEvents", "workspace", request_id="its-own")  # no override: a stream's metadata message
+    for decision in (ours, own):
+        AuditLog().write_decision(lines, decision, 3)
+    records = [r for r in caplog.records if r.name == AUDIT_LOGGER_NAME]
+    written = [json.loads(r.getMessage()) for r in records]
+    assert written == [r.telemetry_guard for r in records]  # type: ignore[attr-defined]
+    assert [r.getMessage() for r in records] == [lines.encode(ours, 3), lines.encode(own, 3)]
+    assert [(w["kind"], w.get("override"), w["request_id"]) for w in written] == [
+        ("licensed_instance", "overrides.x", "req"),
+        ("workspace", None, "req"),
+    ]
 
 
 def _without_created(metrics: Metrics) -> list[str]:
