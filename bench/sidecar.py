@@ -13,10 +13,10 @@ Three paths, in the same run, all on 127.0.0.1, each its own process:
                 for any Python proxy
 - sidecar:      client -> `telemetry-guard serve` (default policy, default logging: the audit
                 trail at info, to /dev/null) -> upstream
-- sidecar + shadow (--shadow): the same with `--shadow-policy bench/shadow/candidate.yaml
-                --shadow-sample RATE` (default 1): every payload is judged by the candidate too,
-                which differs from the default policy in one allowlist key that nearly every
-                100-event payload carries (the costly case: the two decisions are compared).
+- sidecar + shadow (--shadow): the same with `--shadow-policy CANDIDATE --shadow-sample RATE`
+                (default 1): every payload is judged by the candidate too, the default policy
+                with one more allowlist key (shadow_candidate()) that nearly every 100-event
+                payload carries (the costly case: the two decisions are compared).
                 The table's notes say how many payloads the shadow compared and found different.
 
 The upstream parses each payload and acknowledges every event. The client sends RecordEvents
@@ -53,6 +53,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
@@ -230,13 +231,32 @@ def start_passthrough(upstream: str, workers: int) -> list[Process]:
     ]
 
 
-SHADOW_CANDIDATE = ROOT / "bench" / "shadow" / "candidate.yaml"
+SHADOW_KEY = ("cody.completion", "triggerKind")  # the one allowlist key the candidate adds
 
 
-def shadow_args(rate: float) -> tuple[list[str], int]:
-    """serve's arguments for the shadow policy, with a metrics port to read its counts from; (args, port)."""
+def shadow_candidate(folder: Path) -> Path:
+    """The shadow's candidate, written into `folder`: the default policy with builtin:sourcegraph replaced by a
+    copy of it that also lets cody.completion send triggerKind, which about one event in six of
+    bench/workload.py carries (nearly every 100-event payload differs: the costly case for the shadow).
+    Made from the files in force, so that it differs from the default policy in that key only."""
+    feature, key = SHADOW_KEY
+    allowlist = (ROOT / "allowlists" / "sourcegraph.yaml").read_text()
+    entry = f'  - feature: {feature}\n    action: "*"\n    keys: ['
+    if allowlist.count(entry) != 1:
+        raise RuntimeError(f"allowlists/sourcegraph.yaml: no single {feature} entry to add {key} to")
+    (folder / "allowlist.yaml").write_text(allowlist.replace(entry, f"{entry}{key}, "))
+    policy = (ROOT / "policy" / "default.yaml").read_text()
+    if policy.count("  - builtin:sourcegraph\n") != 1:
+        raise RuntimeError("policy/default.yaml: no single builtin:sourcegraph to replace")
+    (folder / "candidate.yaml").write_text(policy.replace("  - builtin:sourcegraph\n", "  - allowlist.yaml\n"))
+    return folder / "candidate.yaml"
+
+
+def shadow_args(rate: float, folder: Path) -> tuple[list[str], int]:
+    """serve's arguments for the shadow policy (written into folder), with a metrics port to read its counts
+    from; (args, port)."""
     port = free_port()
-    args = ["--shadow-policy", str(SHADOW_CANDIDATE), "--shadow-sample", f"{rate:g}"]
+    args = ["--shadow-policy", str(shadow_candidate(folder)), "--shadow-sample", f"{rate:g}"]
     return [*args, "--metrics-listen", f"{HOST}:{port}"], port
 
 
@@ -395,7 +415,8 @@ def _shadow_summary(rows: Sequence[tuple[str, int, int, int, Result]], counts: S
         if result.cpu and base.cpu and result.payloads and base.payloads:
             cpus.append((result.cpu / result.payloads) / (base.cpu / base.payloads))
     print(
-        f"\nshadow policy at rate {rate:g} (bench/shadow/candidate.yaml): sidecar + shadow / sidecar events/s "
+        f"\nshadow policy at rate {rate:g} (the default policy, and {'/'.join(SHADOW_KEY)}): "
+        f"sidecar + shadow / sidecar events/s "
         f"{statistics.mean(rates):.0%} on average ({min(rates):.0%} to {max(rates):.0%}); proxy CPU per payload "
         f"x{statistics.mean(cpus):.2f} on average; {'; '.join(counts)}"
     )
@@ -476,6 +497,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     shadowed: list[str] = []
     rows: list[tuple[str, int, int, int, Result]] = []
     upstream = start_upstream()
+    candidate = tempfile.TemporaryDirectory()  # the shadow's candidate policy and its allowlist
     try:
         direct: dict[tuple[int, int], Result] = {}
         for batch in (100, 1000):
@@ -488,7 +510,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             sidecar = start_sidecar(upstream.target, workers, args.sidecar_arg)
             shadow: Process | None = None
             if args.shadow:
-                extra, shadow_port = shadow_args(args.shadow_sample)
+                extra, shadow_port = shadow_args(args.shadow_sample, Path(candidate.name))
                 shadow = start_sidecar(upstream.target, workers, [*args.sidecar_arg, *extra])
             measured: list[tuple[str, int, int, int, Result]] = []
             with_shadow: list[tuple[str, int, int, int, Result]] = []
@@ -562,6 +584,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     finally:
         upstream.stop()
+        candidate.cleanup()
     return 0
 
 
