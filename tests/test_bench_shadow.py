@@ -6,7 +6,6 @@ from __future__ import annotations
 from pathlib import Path
 
 from bench.sidecar import SHADOW_KEY, shadow_candidate
-
 from telemetry_guard.policy import default_policy, load_policy
 from telemetry_guard.policy.safety import check_enforceable
 
