@@ -420,7 +420,9 @@ def test_reloads_every_100ms_under_load(faulty: Served) -> None:
     finally:
         stop.set()
         writer.join()
-        faulty.policy.write_text(POLICY)
+        staged = faulty.policy.with_suffix(".new")
+        staged.write_text(POLICY)
+        staged.replace(faulty.policy)  # whole, as the writer does: a half-written file is a reload failure
     assert all(out.code == grpc.StatusCode.OK for out in outcomes), {out.details for out in outcomes}
     text = _metrics_text(faulty.metrics_port)
     assert _metric(text, "telemetry_guard_policy_reloads_total") - reloads_before >= 5
