@@ -31,7 +31,7 @@ from telemetry_guard.interceptors.acks import AckLedger
 from telemetry_guard.interceptors.errors import GuardError, protocol_error, wire_error
 from telemetry_guard.interceptors.guard import CallGuard, Encode, Guard, Passed
 from telemetry_guard.policy import Outcome, wire
-from telemetry_guard.policy.engine import RECORD_EVENTS
+from telemetry_guard.policy.engine import PUBLISH_USER_METADATA, RECORD_EVENTS
 from telemetrygateway.v1 import telemetrygateway_pb2 as pb
 
 
@@ -71,6 +71,11 @@ class StreamGuard(CallGuard):
                 data = self._events_wire(item)
                 if data is not None:
                     return self._events(data, index)
+                data = self._users_wire(item)
+                if data is not None:
+                    passed = self._users(data, index)
+                    if passed is not None:
+                        return passed
         except Exception as exc:
             raise self.failed(exc, message=index) from None
         with self.judging(message=index):
@@ -91,6 +96,33 @@ class StreamGuard(CallGuard):
             self.raw = False
             return item.SerializeToString()
         return None
+
+    def _users_wire(self, item: Any) -> bytes | None:
+        """The wire bytes of a user metadata payload of this admitted PublishInstanceUserMetadata stream (its one
+        top-level field is user_metadata, field 2, as events are in RecordEvents); None for anything else."""
+        if self.kind is None or self.rpc != PUBLISH_USER_METADATA:
+            return None
+        if type(item) is bytes or isinstance(item, bytearray | memoryview):
+            self.raw = True
+            data = bytes(item)
+            return data if wire.payload(data) == wire.EVENTS else None
+        if isinstance(item, pb.PublishInstanceUserMetadataRequest) and item.WhichOneof("payload") == "user_metadata":
+            self.raw = False
+            return item.SerializeToString()
+        return None
+
+    def _users(self, data: bytes, index: int) -> bytes | None:
+        """A user metadata payload judged on the C walk (Engine.user_metadata_bytes): the bytes that may leave,
+        counted and audited first; None when the walk does not take it (the payload is then parsed whole)."""
+        self._require_verified()
+        kind = self.kind
+        if kind is None:
+            raise RuntimeError("user metadata before the stream was admitted")
+        outcome = self.guard.engine.user_metadata_bytes(data, kind, override=self.override)
+        if outcome is None:
+            return None
+        self.audit(outcome.decision, index)
+        return outcome.request
 
     def _events(self, data: bytes, index: int) -> bytes | None:
         """One events payload of the admitted stream: the bytes that may leave (None: nothing to pass on).

@@ -23,7 +23,9 @@
 enum { T_VARINT, T_FIXED64, T_STRING, T_BYTES, T_MESSAGE, T_FIXED32 };
 /* F_INT32: a varint a parser reads as 32 bits (int32, uint32, sint32, enum); F_FLOAT: float or double. */
 enum { F_REPEATED = 1, F_IMPLICIT = 2, F_MAP = 4, F_INT32 = 8, F_FLOAT = 16 };
-enum { R_NONE, R_FALLBACK, R_EVENT, R_ID, R_FEATURE, R_ACTION, R_TIMESTAMP, R_MARKETING, R_PRIVATE, R_LEGACY };
+/* R_ITEM: an item of a user metadata payload (a user, an organization): written filtered, its drop_fields
+ * counted once per item, as events count theirs (the Python engine counts the items that had a field set). */
+enum { R_NONE, R_FALLBACK, R_EVENT, R_ID, R_FEATURE, R_ACTION, R_TIMESTAMP, R_MARKETING, R_PRIVATE, R_LEGACY, R_ITEM };
 enum { MODE_KEEP, MODE_DROP, MODE_ALLOWLIST };
 /* Flags of an event's record, read by policy/fastpath.py. */
 enum { REC_MARKETING = 1, REC_PRIVATE_WHOLE = 2, REC_UNKNOWN = 4 };
@@ -639,6 +641,21 @@ static int walk(Ctx *c, int mi, const uint8_t *p, const uint8_t *end, int depth,
         case R_LEGACY:
             if (emit && plan->merge_legacy) return FALLBACK; /* merged by the Python engine */
             break;
+        case R_ITEM: {
+            if (!emit) return FALLBACK;
+            uint64_t outer = c->drops;
+            Len len;
+            FLUSH();
+            c->drops = 0;
+            if (put(c, h.start, h.tag_end - h.start) < 0 || open_len(c, &len, h.end - h.v) < 0) return FAIL;
+            if ((r = walk(c, f->child, h.v, h.end, depth + 1, 1)) != OK) return r;
+            if (close_len(c, &len) < 0) return FAIL;
+            for (uint64_t d = c->drops; d; d &= d - 1) c->n_drops[__builtin_ctzll(d)]++;
+            c->drops = outer;
+            c->events_in++;
+            c->events_out++;
+            continue;
+        }
         case R_PRIVATE:
             if (!emit || plan->private_mode == MODE_KEEP) break;
             if (plan->private_mode == MODE_ALLOWLIST && c->keys != NULL) {
@@ -1118,7 +1135,8 @@ static int parse_messages(Plan *self, PyObject *messages) {
                 return -1;
             }
             if (num < 1 || num > MAX_FIELD || type < T_VARINT || type > T_FIXED32 || oneof < -1 || oneof > 31 ||
-                drop < -1 || drop > 63 || (type == T_MESSAGE && (child < 0 || child >= self->nmsgs))) {
+                drop < -1 || drop > 63 || (type == T_MESSAGE && (child < 0 || child >= self->nmsgs)) || role < R_NONE ||
+                role > R_ITEM || ((role == R_EVENT || role == R_ITEM) && type != T_MESSAGE)) {
                 Py_DECREF(seq);
                 PyErr_Format(PyExc_ValueError, "message %d: field %d is out of range", i, num);
                 return -1;

@@ -146,6 +146,12 @@ class Engine:
         ):
             names = tuple(f for f in fields if f not in kept)
             self._withheld[payload] = (items, names, f"{keep.rule}.{rule}")
+        # User metadata payloads on the C walk, per plan key (unknown fields are a kind's rule).
+        users = self._withheld["user_metadata"][1]
+        self._user_plans = {
+            key: fastpath.user_metadata_plan(users, plan.discard_unknown) if accelerate else None
+            for key, plan in self._plans.items()
+        }
 
     # -- access ---------------------------------------------------------------------------
 
@@ -494,6 +500,27 @@ class Engine:
 
     # -- PublishInstanceUserMetadata ------------------------------------------------------
 
+    def user_metadata_bytes(self, data: bytes, kind: str, *, override: str | None = None) -> Outcome[bytes] | None:
+        """A user metadata payload of a stream admitted as `kind` (with `override`, if it matched one) on the C walk:
+        the bytes that may leave and the decision publish_instance_user_metadata takes for the same payload; None
+        when the walk does not take it (any other payload, the extension missing, bytes not in its form): parse
+        the request and use publish_instance_user_metadata."""
+        key = kind if override is None else self._overrides[override].key
+        fast = self._user_plans[key]
+        if fast is None:
+            return None
+        got = fast.filter(data)
+        if got is None:
+            return None
+        out, removed = got
+        decision = Decision(PUBLISH_USER_METADATA, kind)
+        decision.override = override
+        items, _, rule = self._withheld["user_metadata"]
+        for name, count in removed:
+            decision.removals.append(Removal(rule, f"{items}.{name}", tuple([name] * count)))
+        decision.unknown_fields = "discarded" if self._plans[key].discard_unknown else "kept"
+        return Outcome(out, decision)
+
     def publish_instance_user_metadata(
         self, request: pb.PublishInstanceUserMetadataRequest, identifier: pb.Identifier | None = None
     ) -> Outcome[pb.PublishInstanceUserMetadataRequest]:
@@ -666,14 +693,15 @@ class Engine:
 
 
 def _removed_each(items: Iterable[Message], names: tuple[str, ...]) -> list[tuple[str, int]]:
-    """Remove the fields `names` from each item: (field, items that had it set), in the order they were met."""
-    removed: dict[str, int] = {}
+    """Remove the fields `names` from each item: (field, items that had it set), in the order of `names` (the
+    policy's field order: the order the C walk counts them in)."""
+    removed = dict.fromkeys(names, 0)
     for item in items:
         for name in names:
             if getattr(item, name):  # proto3 scalars and repeated fields: falsy when not set
                 item.ClearField(name)
-                removed[name] = removed.get(name, 0) + 1
-    return list(removed.items())
+                removed[name] += 1
+    return [(name, count) for name, count in removed.items() if count]
 
 
 def _as_bytes(data: Wire) -> bytes:

@@ -38,7 +38,9 @@ AVAILABLE = _wirefilter is not None
 # Field kinds, flags and roles: the numbering of _wirefilter.c.
 T_VARINT, T_FIXED64, T_STRING, T_BYTES, T_MESSAGE, T_FIXED32 = range(6)
 F_REPEATED, F_IMPLICIT, F_MAP, F_INT32, F_FLOAT = 1, 2, 4, 8, 16
-R_NONE, R_FALLBACK, R_EVENT, R_ID, R_FEATURE, R_ACTION, R_TIMESTAMP, R_MARKETING, R_PRIVATE, R_LEGACY = range(10)
+(R_NONE, R_FALLBACK, R_EVENT, R_ID, R_FEATURE, R_ACTION, R_TIMESTAMP, R_MARKETING, R_PRIVATE, R_LEGACY, R_ITEM) = range(
+    11
+)
 MODES = {"keep": 0, "drop": 1, "allowlist": 2}
 REC_MARKETING, REC_PRIVATE_WHOLE, REC_UNKNOWN = 1, 2, 4
 
@@ -90,8 +92,9 @@ FieldSpec = tuple[int, int, int, int, int, int, int]  # number, type, flags, rol
 Resolver = Callable[[str, str], tuple[str | None, bool, frozenset[bytes] | None]]
 
 
-def _messages(root: Descriptor) -> list[Descriptor]:
-    """Every message type reachable from root, root first."""
+def _messages(root: Descriptor, roles: dict[tuple[str, str], int]) -> list[Descriptor]:
+    """Every message type reachable from root, root first; not through a field the walk leaves to Python
+    (R_FALLBACK), whose child it never reads."""
     found: dict[str, Descriptor] = {}
     todo = [root]
     while todo:
@@ -99,13 +102,22 @@ def _messages(root: Descriptor) -> list[Descriptor]:
         if descriptor.full_name in found:
             continue
         found[descriptor.full_name] = descriptor
-        todo.extend(fd.message_type for fd in descriptor.fields if fd.message_type is not None)
+        todo.extend(
+            fd.message_type
+            for fd in descriptor.fields
+            if fd.message_type is not None and roles.get((descriptor.full_name, fd.name)) != R_FALLBACK
+        )
     return list(found.values())
 
 
-def _tables(drops: dict[tuple[str, str], int]) -> tuple[list[tuple[list[FieldSpec], bool, bool]], int, int]:
-    """(messages, root index, Value index) for the C Plan; drops: (message, field) -> rule bit."""
-    messages = _messages(pb.RecordEventsRequest.DESCRIPTOR)
+def _tables(
+    drops: dict[tuple[str, str], int],
+    root: Descriptor = pb.RecordEventsRequest.DESCRIPTOR,
+    roles: dict[tuple[str, str], int] = _ROLES,
+) -> tuple[list[tuple[list[FieldSpec], bool, bool]], int, int]:
+    """(messages, root index, Value index) for the C Plan; drops: (message, field) -> rule bit; roles:
+    (message, field) -> role. The Value index is 0 where no Value is reachable (nothing reads it then)."""
+    messages = _messages(root, roles)
     index = {d.full_name: i for i, d in enumerate(messages)}
     tables = []
     for descriptor in messages:
@@ -125,29 +137,34 @@ def _tables(drops: dict[tuple[str, str], int]) -> tuple[list[tuple[list[FieldSpe
             elif fd.type in _FLOAT:
                 flags |= F_FLOAT
             child = -1
+            key = (descriptor.full_name, fd.name)
             if fd.message_type is not None:
-                child = index[fd.message_type.full_name]
+                child = index.get(fd.message_type.full_name, 0)  # not in the tables: R_FALLBACK, never walked
                 if fd.message_type.GetOptions().map_entry:
                     flags |= F_MAP
                     if fd.message_type.fields_by_name["key"].type != _FD.TYPE_STRING:
                         raise ValueError(f"{fd.full_name}: maps with non-string keys are not in the fast path's tables")
             oneof = oneofs.get(fd.containing_oneof.name, -1) if fd.containing_oneof is not None else -1
-            key = (descriptor.full_name, fd.name)
-            fields.append((fd.number, kind, flags, _ROLES.get(key, R_NONE), oneof, drops.get(key, -1), child))
+            fields.append((fd.number, kind, flags, roles.get(key, R_NONE), oneof, drops.get(key, -1), child))
         strict = bool(descriptor.GetOptions().map_entry)
-        tables.append((fields, strict, _clean(descriptor, drops)))
-    return tables, 0, index[struct_pb2.Value.DESCRIPTOR.full_name]
+        tables.append((fields, strict, _clean(descriptor, drops, roles)))
+    return tables, 0, index.get(struct_pb2.Value.DESCRIPTOR.full_name, 0)
 
 
-def _clean(descriptor: Descriptor, drops: dict[tuple[str, str], int], seen: frozenset[str] = frozenset()) -> bool:
+def _clean(
+    descriptor: Descriptor,
+    drops: dict[tuple[str, str], int],
+    roles: dict[tuple[str, str], int] = _ROLES,
+    seen: frozenset[str] = frozenset(),
+) -> bool:
     """Nothing inside (at any depth) is dropped or read by a rule: the walk may copy it whole."""
     if descriptor.full_name in seen:
         return True  # a cycle (Struct, Value, ListValue) adds nothing new
     for fd in descriptor.fields:
         key = (descriptor.full_name, fd.name)
-        if key in _ROLES or key in drops:
+        if key in roles or key in drops:
             return False
-        if fd.message_type is not None and not _clean(fd.message_type, drops, seen | {descriptor.full_name}):
+        if fd.message_type is not None and not _clean(fd.message_type, drops, roles, seen | {descriptor.full_name}):
             return False
     return True
 
@@ -303,5 +320,63 @@ def plan(rules: KindRules, droppers: list[Removal], marketing: Removal) -> FastP
     """The kind's FastPlan, or None when the extension is missing or the rules are beyond it."""
     try:
         return FastPlan(rules, droppers, marketing)
+    except ValueError:
+        return None
+
+
+# PublishInstanceUserMetadata: a user metadata payload on the walk; the stream's metadata message and
+# organization payloads (repeated int64 user_ids: packed scalars are not in the tables) stay with Python.
+_PUBLISH = pb.PublishInstanceUserMetadataRequest.DESCRIPTOR
+_USER_ROLES = {
+    (_PUBLISH.full_name, "metadata"): R_FALLBACK,
+    (_PUBLISH.full_name, "organization_metadata"): R_FALLBACK,
+    (pb.PublishInstanceUserMetadataRequest.UserMetadataPayload.DESCRIPTOR.full_name, "users"): R_ITEM,
+}
+
+
+def _no_event_types(feature: str, action: str) -> tuple[str | None, bool, frozenset[bytes] | None]:
+    raise RuntimeError("a user metadata payload has no events")
+
+
+class UserMetadataPlan:
+    """A kind's user metadata rules on the C walk: the withheld fields of each user removed, and counted once
+    per user that had them set (as the Python engine counts them), unknown fields discarded where the kind
+    discards them."""
+
+    def __init__(self, withheld: tuple[str, ...], discard_unknown: bool) -> None:
+        if _wirefilter is None:
+            raise ValueError("not expressible on the fast path")
+        user = pb.InstanceUserMetadata.DESCRIPTOR.full_name
+        drops = {(user, name): bit for bit, name in enumerate(withheld)}
+        messages, root, value = _tables(drops, _PUBLISH, _USER_ROLES)
+        self._plan = _wirefilter.Plan(
+            messages,
+            root,
+            value,
+            drop_marketing=False,
+            private_mode=MODES["keep"],
+            merge_legacy=False,
+            discard_unknown=discard_unknown,
+            drop_invalid=False,
+            replacement=None,
+            invalid_rule="",
+        )
+        self._withheld = withheld
+
+    def filter(self, data: bytes) -> tuple[bytes, list[tuple[str, int]]] | None:
+        """(the bytes that may leave, (field, users that had it) in the policy's order), or None: use the Python
+        path (a metadata or organization payload, or bytes not in the form the walk takes)."""
+        got = self._plan.filter(data, _no_event_types)
+        if got is None:
+            return None
+        out, _, _, _, totals = got
+        drops = totals[5]
+        return out, [(name, drops[bit]) for bit, name in enumerate(self._withheld) if drops[bit]]
+
+
+def user_metadata_plan(withheld: tuple[str, ...], discard_unknown: bool) -> UserMetadataPlan | None:
+    """The UserMetadataPlan, or None when the extension is missing."""
+    try:
+        return UserMetadataPlan(withheld, discard_unknown)
     except ValueError:
         return None

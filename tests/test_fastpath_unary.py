@@ -1,12 +1,16 @@
-"""RecordEvent on the fast path, against the Python reference.
+"""RecordEvent and user metadata payloads on the fast path, against the Python reference.
 
 RecordEvent judges its event as a one-event RecordEvents payload on the C walk (falling back to the Python
 path where the walk says None). For the same request, `Engine(policy)` and `Engine(policy, accelerate=False)`
 must give equal decisions (records, counts, dropped ids, denials) and requests that serialize to the same bytes.
+A PublishInstanceUserMetadata user payload on the walk (`Engine.user_metadata_bytes`) must get the decision the
+reference gives the parsed request and bytes that parse to the message it writes; bytes the parser refuses, the
+walk never takes.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -14,9 +18,9 @@ from google.protobuf.message import DecodeError
 from hypothesis import given
 from hypothesis import strategies as st
 from test_fastpath import FAST, LICENSED, MANAGED, SLOW, WORKSPACE, engine_name, event, field, mutate, private
-from test_properties import SETTINGS, append_unknown, scenarios, unknown_fields
+from test_properties import SETTINGS, append_unknown, scenarios, unknown_fields, varint
 
-from telemetry_guard.policy import Engine, unknown
+from telemetry_guard.policy import Engine, load_policy, unknown
 from telemetry_guard.policy.engine import Outcome
 from telemetrygateway.v1 import telemetrygateway_pb2 as pb
 
@@ -147,3 +151,130 @@ def test_a_record_event_request_holds_structs_only_in_its_event() -> None:
     """What the fast path's upb discard of the rest of the request relies on (Engine._event_filtered)."""
     paths = unknown._paths(pb.RecordEventRequest.DESCRIPTOR)
     assert paths and all(path[0][0] == "event" for path in paths)
+
+
+# --- PublishInstanceUserMetadata ---------------------------------------------------------------------------
+
+ACCESS = "access:\n  PublishInstanceUserMetadata: [licensed_instance]\n"
+WITHHOLDING = {  # name: (user_fields, organization_fields, unknown_fields)
+    "email": ("[id, username, assigned_rbac_roles]", "[id, name, user_ids]", "discard"),
+    "numbers": ("[assigned_rbac_roles]", "[user_ids]", "discard"),
+    "repeated": ("[id, username]", "[id, name]", "discard"),
+    "kept-unknown": ("[id, username, assigned_rbac_roles]", "[user_ids]", "keep"),
+}
+
+
+@pytest.fixture(scope="module")
+def publish_engines(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Engine, Engine]]:
+    folder = tmp_path_factory.mktemp("policies")
+    engines = {}
+    for name, (users, organizations, unknown_rule) in WITHHOLDING.items():
+        path = folder / f"{name}.yaml"
+        path.write_text(
+            f"version: 1\n{ACCESS}user_metadata:\n  enabled: true\n  user_fields: {users}\n"
+            f"  organization_fields: {organizations}\ndefaults:\n  unknown_fields: {unknown_rule}\n"
+        )
+        policy = load_policy(Path(path))
+        engines[name] = (Engine(policy), Engine(policy, accelerate=False))
+    return engines
+
+
+def varint_field(number: int, value: int) -> bytes:
+    return varint(number << 3) + varint(value)
+
+
+def item_fields() -> st.SearchStrategy[bytes]:
+    """One field of a user or an organization as it may come on the wire: set, given its default, twice, with
+    another wire type (a number as a length-delimited run of varints, a string as a varint), or unknown."""
+    numbers = st.sampled_from([0, 1, 7, 2**40, 2**64 - 1])
+    texts = st.sampled_from([b"", b"a", b"user-1", b"x@example.com"])
+    return st.one_of(
+        numbers.map(lambda v: varint_field(1, v)),  # id
+        st.lists(numbers, max_size=3).map(lambda vs: field(1, b"".join(map(varint, vs)))),  # id, wrong wire type
+        st.tuples(st.integers(2, 3), texts).map(lambda t: field(*t)),  # username / name, primary_email / display
+        st.tuples(st.integers(2, 3), numbers).map(lambda t: varint_field(*t)),  # the same, wrong wire type
+        texts.map(lambda t: field(4, t)),  # a role (users)
+        st.lists(numbers, max_size=3).map(lambda vs: field(4, b"".join(map(varint, vs)))),  # user_ids packed
+        numbers.map(lambda v: varint_field(4, v)),  # user_ids unpacked
+        unknown_fields(),
+    )
+
+
+@st.composite
+def metadata_payloads(draw: st.DrawFn) -> tuple[str, bytes]:
+    name = draw(st.sampled_from(sorted(WITHHOLDING)))
+    items = draw(st.lists(st.lists(item_fields(), max_size=6).map(b"".join), max_size=6))
+    number = draw(st.sampled_from([2, 3]))  # user_metadata, organization_metadata
+    extra = draw(st.lists(unknown_fields(), max_size=1))
+    return name, field(number, b"".join(field(1, item) for item in items) + b"".join(extra))
+
+
+def walked_and_reference(engines: tuple[Engine, Engine], data: bytes) -> tuple[Outcome[Any] | None, Answer]:
+    """(Engine.user_metadata_bytes on the walk, or None where it does not take the bytes; the reference's answer
+    for the parsed request, or "DecodeError")."""
+    fast, slow = engines
+    walked = fast.user_metadata_bytes(data, "licensed_instance")
+    try:
+        request = pb.PublishInstanceUserMetadataRequest.FromString(data)
+    except DecodeError:
+        return walked, "DecodeError"
+    return walked, slow.publish_instance_user_metadata(request, LICENSED)
+
+
+def assert_walk_agrees(engines: tuple[Engine, Engine], data: bytes) -> Outcome[Any] | None:
+    """What the walk takes, the reference decides the same way and writes the same message; what the parser
+    refuses, the walk never takes."""
+    walked, reference = walked_and_reference(engines, data)
+    if walked is None:
+        return None
+    assert not isinstance(reference, str), "the walk took bytes the parser refuses"
+    assert walked.decision == reference.decision
+    assert walked.decision.counts() == reference.decision.counts()
+    parsed = pb.PublishInstanceUserMetadataRequest.FromString(walked.request)
+    assert parsed.SerializeToString(deterministic=True) == reference.request.SerializeToString(deterministic=True)
+    return walked
+
+
+@SETTINGS
+@given(metadata_payloads())
+def test_user_metadata_on_the_walk_agrees_with_the_reference(
+    publish_engines: dict[str, tuple[Engine, Engine]], case: tuple[str, bytes]
+) -> None:
+    name, data = case
+    assert_walk_agrees(publish_engines[name], data)
+
+
+@st.composite
+def mutated_payloads(draw: st.DrawFn) -> tuple[str, bytes]:
+    name, data = draw(metadata_payloads())
+    return name, mutate(draw, data)
+
+
+@SETTINGS
+@given(mutated_payloads())
+def test_user_metadata_mutated_bytes_on_the_walk_agree_with_the_reference(
+    publish_engines: dict[str, tuple[Engine, Engine]], case: tuple[str, bytes]
+) -> None:
+    name, data = case
+    assert_walk_agrees(publish_engines[name], data)
+
+
+def test_the_walk_serves_user_payloads_and_leaves_the_rest_to_python(
+    publish_engines: dict[str, tuple[Engine, Engine]],
+) -> None:
+    """Users in the form exporters write them take the walk, withheld fields counted once per user; organizations,
+    the stream's metadata message and a field given twice go to the reference."""
+    users = b"".join(
+        field(1, varint_field(1, i) + field(2, b"u") + field(3, b"e@x") + field(4, b"R")) for i in range(1, 4)
+    )
+    walked = assert_walk_agrees(publish_engines["email"], field(2, users))
+    assert walked is not None
+    assert walked.decision.counts() == {"user_metadata.user_fields": 3}
+    assert b"e@x" not in walked.request
+    walked = assert_walk_agrees(publish_engines["numbers"], field(2, users))
+    assert walked is not None and walked.decision.counts() == {"user_metadata.user_fields": 9}
+    organizations = field(3, field(1, varint_field(1, 1) + field(2, b"org")))
+    metadata = field(1, field(1, b"request"))
+    twice = field(2, field(1, field(3, b"SHADOWED") + field(3, b"e@x")))
+    for data in (organizations, metadata, twice):
+        assert publish_engines["email"][0].user_metadata_bytes(data, "licensed_instance") is None
