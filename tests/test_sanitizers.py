@@ -82,7 +82,8 @@ def test_the_sanitized_build_is_the_one_loaded(sanitized: tuple[Path, dict[str, 
 def test_the_fast_path_tests_pass_under_asan_and_ubsan(sanitized: tuple[Path, dict[str, str]]) -> None:
     _built, env = sanitized
     # --capture=sys: a sanitizer report, written to file descriptor 2, reaches this test
-    tests = run(env, "-m", "pytest", "-q", "-x", "--capture=sys", "-p", "no:cacheprovider", "tests/test_fastpath.py")
+    files = ("tests/test_fastpath.py", "tests/test_fastpath_unary.py")  # RecordEvents, RecordEvent, user metadata
+    tests = run(env, "-m", "pytest", "-q", "-x", "--capture=sys", "-p", "no:cacheprovider", *files)
     assert_clean(tests)
     assert " passed" in tests.stdout
 
@@ -94,3 +95,4 @@ def test_a_fuzz_run_passes_under_asan_and_ubsan(sanitized: tuple[Path, dict[str,
     assert_clean(fuzz)
     assert f"C fast path {built}" in fuzz.stdout
     assert "no finding" in fuzz.stdout and "| RecordEvents | passed: fast path |" in fuzz.stdout
+    assert "| PublishInstanceUserMetadata | passed: both paths |" in fuzz.stdout  # user metadata on the walk

@@ -5,7 +5,9 @@ and refusals are clean.
     (the Python reference) both refuse the bytes with DecodeError, or return equal decisions and
     outputs that parse to equal messages; record_events_admitted answers as record_events_bytes; a
     bytearray or memoryview gets the answer of bytes. RecordEvent answers as a one-event RecordEvents
-    payload, and both engines give it equal decisions and write the same request. The sidecar's
+    payload, and both engines give it equal decisions and write the same request; a user metadata
+    payload the C walk takes (Engine.user_metadata_bytes) gets the reference's decision and message,
+    and the walk takes nothing the parser refuses. The sidecar's
     payload sniff (policy/wire.py) never calls EVENTS or METADATA what
     protobuf reads otherwise, and its ids of the forwarded events are the parser's.
 (b) On every output, parsed by protobuf: no marketing_tracking where the kind drops it; no
@@ -106,6 +108,17 @@ def same_message(a: Outcome[Any], b: Outcome[Any], what: str, case: Case) -> Non
     expect(a.decision == b.decision, f"{what}: decisions differ:\n{a.decision}\n{b.decision}", case)
     written = [None if o.request is None else o.request.SerializeToString(deterministic=True) for o in (a, b)]
     expect(written[0] == written[1], f"{what}: outputs differ", case)
+
+
+def _walked_users(fast: Engine, case: Case) -> Outcome[bytes] | None:
+    """Engine.user_metadata_bytes for the case's bytes, as a stream admitted as its identifier would call it
+    (None: the walk does not take them, or no stream would be admitted)."""
+    identifier = case.identifier
+    kind = None if identifier is None else identifier.WhichOneof("identifier")
+    if identifier is None or kind is None or not isinstance(fast.check_access(PUBLISH, identifier, "Bearer x"), str):
+        return None
+    override = fast.override_for(identifier)
+    return fast.user_metadata_bytes(case.data, kind, override=None if override is None else override.name)
 
 
 def short(outcome: Outcome[bytes] | str) -> str:
@@ -296,10 +309,12 @@ def record_event(case: Case) -> str:
 
 
 def publish(case: Case) -> str:
-    _fast, slow = engines(case.policy)
+    fast, slow = engines(case.policy)
+    walked = _walked_users(fast, case)
     try:
         request = pb.PublishInstanceUserMetadataRequest.FromString(case.data)
     except DecodeError:
+        expect(walked is None, "the walk took user metadata the parser refuses", case)
         return "refused: DecodeError"
     given = pb.PublishInstanceUserMetadataRequest()
     given.CopyFrom(request)
@@ -308,6 +323,10 @@ def publish(case: Case) -> str:
         expect(outcome.denial is not None and bool(outcome.denial.rule), "no output and no denial", case)
         return "refused: denial"
     output = parsed(outcome.request.SerializeToString(), case, pb.PublishInstanceUserMetadataRequest)
+    if walked is not None:  # the C walk (a stream admitted as this identifier): the same decision and message
+        expect(walked.decision == outcome.decision, f"user metadata: decisions differ: {walked.decision}", case)
+        on_walk = parsed(walked.request, case, pb.PublishInstanceUserMetadataRequest)
+        expect(on_walk == output, "user metadata: the walk's output differs", case)
     assert isinstance(output, pb.PublishInstanceUserMetadataRequest) and outcome.decision.kind is not None
     keep = policies()[case.policy].user_metadata
     users = (given.user_metadata.users, output.user_metadata.users, frozenset(keep.user_fields))
@@ -324,4 +343,4 @@ def publish(case: Case) -> str:
     if policies()[case.policy].kinds[outcome.decision.kind].unknown_fields.value == "discard":
         expect(unknowns(output) == [], "unknown fields left", case)
     no_values_in(outcome, case)
-    return "passed: Python path"
+    return "passed: Python path" if walked is None else "passed: both paths"
