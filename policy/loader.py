@@ -95,6 +95,17 @@ def builtin_allowlist_path(name: str) -> Path:
     return Path(str(resources.files("telemetry_guard.allowlists").joinpath(f"{name}.yaml"))).resolve()
 
 
+def builtin_name(file: str | Path) -> str | None:
+    """builtin:NAME for a shipped file (the default policy, an allowlist of allowlists/), else None: how a
+    reader outside the checkout should see it, rather than by its path in site-packages."""
+    path = Path(file).resolve()
+    if path == default_policy_path().resolve():
+        return BUILTIN_DEFAULT
+    if path.suffix == ".yaml" and path == builtin_allowlist_path(path.stem):
+        return f"{BUILTIN_PREFIX}{path.stem}"
+    return None
+
+
 def _digest(contents: list[bytes]) -> str:
     digest = hashlib.sha256()
     for content in contents:

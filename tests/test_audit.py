@@ -257,3 +257,21 @@ def test_html_head_shows_date_version_and_fingerprint_and_code_names_wrap_only_a
     assert code_rule and "anywhere" not in code_rule[1] and "break-all" not in code_rule[1]
     # Wide tables scroll inside their own box instead of squeezing words on a narrow screen.
     assert html.count('<div class="wide"><table>') == html.count("<table>")
+
+
+def test_shipped_files_read_by_their_builtin_names_outside_the_checkout(tmp_path: Path) -> None:
+    """An installed package's files would show by their site-packages paths: outside the working directory a
+    reviewer reads builtin:default and builtin:sourcegraph (with the line of an entry), never the path."""
+    for fmt in ("markdown", "html"):
+        done = subprocess.run(
+            [sys.executable, "-m", "telemetry_guard", "audit", "builtin:default", "--format", fmt],
+            capture_output=True,
+            text=True,
+            cwd=tmp_path,
+            timeout=60,
+        )
+        assert done.returncode == 0, done.stderr
+        out = done.stdout.replace("<wbr>", "")  # where HTML lets a name break
+        assert "builtin:default" in out and "builtin:sourcegraph" in out
+        assert re.search(r"builtin:sourcegraph:\d+", out)
+        assert str(ROOT) not in out and "site-packages" not in out

@@ -7,9 +7,11 @@ is made of styled fragments; markdown.py and html.py only decide how a style loo
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 from telemetry_guard.policy.lint import display_path
+from telemetry_guard.policy.loader import builtin_name
 from telemetry_guard.policy.surface import Change, FieldRule, Surface, SurfaceDiff, collapse
 
 Style = Literal["", "code", "strong", "removed", "leaves", "partial"]
@@ -56,11 +58,15 @@ _MODE_STYLE: dict[str, Style] = {"keep": "leaves", "drop": "removed", "allowlist
 
 
 def shown(place: str) -> str:
-    """A file path, or file:line, relative to the working directory when under it."""
+    """A file path, or file:line, relative to the working directory when under it; a shipped file outside it
+    (an installed package's) by its builtin: name."""
     file, sep, line = place.rpartition(":")
-    if sep and line.isdigit():
-        return f"{display_path(file)}:{line}"
-    return display_path(place)
+    if not (sep and line.isdigit()):
+        file, line = place, ""
+    name = display_path(file)
+    if Path(name).is_absolute():
+        name = builtin_name(file) or name
+    return f"{name}:{line}" if line else name
 
 
 def _rule(rule: str) -> tuple[Fragment, ...]:
