@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import platform
 import queue
 import statistics
@@ -207,104 +208,86 @@ def _service(record_events: Any, record_event: Any, publish: Any) -> grpc.Generi
     return grpc.method_handlers_generic_handler(SERVICE, handlers)
 
 
-# -- grpc.aio clients: (units, messages, seconds taken) for `seconds` of one RPC's traffic --------------
+# -- the clients: (units, messages, seconds taken) for `seconds` of one RPC's traffic ------------------
+#
+# Each is one step repeated until the time is up (a payload and its answer, a call), one in flight.
+
+Traffic = tuple[int, int, float]
 
 
-async def _aio_record_events_client(channel: grpc.aio.Channel, seconds: float) -> tuple[int, int, float]:
+def _timed(step: Callable[[], object], seconds: float) -> tuple[int, float]:
+    """(steps, seconds taken): `step` run again and again for `seconds`."""
+    steps = 0
+    start = time.perf_counter()
+    stop_at = start + seconds
+    while time.perf_counter() < stop_at:
+        step()
+        steps += 1
+    return steps, time.perf_counter() - start
+
+
+async def _timed_async(step: Callable[[], Awaitable[object]], seconds: float) -> tuple[int, float]:
+    """_timed for a coroutine step."""
+    steps = 0
+    start = time.perf_counter()
+    stop_at = start + seconds
+    while time.perf_counter() < stop_at:
+        await step()
+        steps += 1
+    return steps, time.perf_counter() - start
+
+
+async def _aio_record_events_client(channel: grpc.aio.Channel, seconds: float) -> Traffic:
     """Payloads sent one at a time on one stream."""
     data = workload.batch(BATCH)
     call: Any = pb_grpc.TelemeteryGatewayServiceStub(channel).RecordEvents(timeout=600)
     await call.write(METADATA)
-    payloads = 0
-    start = time.perf_counter()
-    stop_at = start + seconds
-    while time.perf_counter() < stop_at:
+
+    async def payload() -> None:
         await call.write(data)
         if await call.read() is grpc.aio.EOF:
             raise RuntimeError(f"stream ended early: {await call.code()} {await call.details()}")
-        payloads += 1
-    taken = time.perf_counter() - start
+
+    payloads, taken = await _timed_async(payload, seconds)
     await call.done_writing()
     while await call.read() is not grpc.aio.EOF:
         pass
     return payloads * BATCH, payloads, taken
 
 
-async def _aio_record_event_client(channel: grpc.aio.Channel, seconds: float) -> tuple[int, int, float]:
+async def _aio_record_event_client(channel: grpc.aio.Channel, seconds: float) -> Traffic:
     """One call at a time, one event each."""
-    requests = unary_requests()
+    requests = itertools.cycle(unary_requests())
     stub = pb_grpc.TelemeteryGatewayServiceStub(channel)
-    calls = 0
-    start = time.perf_counter()
-    stop_at = start + seconds
-    while time.perf_counter() < stop_at:
-        await stub.RecordEvent(requests[calls % len(requests)], metadata=BEARER, timeout=60)
-        calls += 1
-    return calls, calls, time.perf_counter() - start
+    calls, taken = await _timed_async(lambda: stub.RecordEvent(next(requests), metadata=BEARER, timeout=60), seconds)
+    return calls, calls, taken
 
 
-async def _aio_publish_client(channel: grpc.aio.Channel, seconds: float) -> tuple[int, int, float]:
+async def _aio_publish_client(channel: grpc.aio.Channel, seconds: float) -> Traffic:
     """Calls of PAYLOADS_PER_CALL payloads, one at a time."""
     payload = users_payload()
     stub = pb_grpc.TelemeteryGatewayServiceStub(channel)
-    payloads = 0
-    start = time.perf_counter()
-    stop_at = start + seconds
-    while time.perf_counter() < stop_at:
+
+    async def publish() -> None:
         call: Any = stub.PublishInstanceUserMetadata(timeout=60)
         await call.write(USERS_METADATA)
         for _ in range(PAYLOADS_PER_CALL):
             await call.write(payload)
         await call.done_writing()
         await call
-        payloads += PAYLOADS_PER_CALL
-    return payloads * BATCH, payloads, time.perf_counter() - start
+
+    calls, taken = await _timed_async(publish, seconds)
+    return calls * PAYLOADS_PER_CALL * BATCH, calls * PAYLOADS_PER_CALL, taken
 
 
-AioClient = Callable[[grpc.aio.Channel, float], Awaitable[tuple[int, int, float]]]
-AIO_CLIENTS: dict[str, AioClient] = {
+AIO_CLIENTS: dict[str, Callable[[grpc.aio.Channel, float], Awaitable[Traffic]]] = {
     "RecordEvents": _aio_record_events_client,
     "RecordEvent": _aio_record_event_client,
     "PublishInstanceUserMetadata": _aio_publish_client,
 }
 
 
-async def _aio_cells(policy: Policy, rpcs: list[str], rounds: int, seconds: float) -> dict[tuple[str, str], Any]:
-    servers = []
-    ports = {}
-    for name, interceptors in (("plain", []), ("guarded", [AsyncGuardServerInterceptor(policy)])):
-        server = grpc.aio.server(interceptors=interceptors)
-        server.add_generic_rpc_handlers((_service(_aio_record_events, _aio_record_event, _aio_publish),))
-        ports[name] = server.add_insecure_port(f"{HOST}:0")
-        await server.start()
-        servers.append(server)
-    plain = grpc.aio.insecure_channel(f"{HOST}:{ports['plain']}")
-    to_guarded = grpc.aio.insecure_channel(f"{HOST}:{ports['guarded']}")
-    guarded = grpc.aio.insecure_channel(f"{HOST}:{ports['plain']}", interceptors=aio_client_interceptors(policy))
-    sides = {"grpc.aio server": (plain, to_guarded), "grpc.aio channel": (plain, guarded)}
-    cells = {(side, rpc): (Cell(), Cell()) for side in sides for rpc in rpcs}
-    try:
-        for side, rpc in cells:
-            for channel in sides[side]:  # warm-up, not measured
-                await AIO_CLIENTS[rpc](channel, seconds / 4)
-        for _ in range(rounds):
-            for (side, rpc), pair in cells.items():
-                for cell, channel in zip(pair, sides[side], strict=True):
-                    cpu = time.process_time()
-                    units, messages, taken = await AIO_CLIENTS[rpc](channel, seconds)
-                    cell.add(units, messages, taken, time.process_time() - cpu)
-    finally:
-        for channel in (plain, to_guarded, guarded):
-            await channel.close()
-        for server in servers:
-            await server.stop(0)
-    return cells
-
-
-# -- sync clients ----------------------------------------------------------------------------------------
-
-
-def _sync_record_events_client(channel: grpc.Channel, seconds: float) -> tuple[int, int, float]:
+def _sync_record_events_client(channel: grpc.Channel, seconds: float) -> Traffic:
     """As the aio client: the request iterator is fed one payload per response."""
     data = workload.batch(BATCH)
     outbox: queue.SimpleQueue[pb.RecordEventsRequest | None] = queue.SimpleQueue()
@@ -315,15 +298,13 @@ def _sync_record_events_client(channel: grpc.Channel, seconds: float) -> tuple[i
 
     outbox.put(METADATA)
     responses = pb_grpc.TelemeteryGatewayServiceStub(channel).RecordEvents(requests(), timeout=600)
-    payloads = 0
-    start = time.perf_counter()
-    stop_at = start + seconds
+
+    def payload() -> None:
+        outbox.put(data)
+        next(responses)
+
     try:
-        while time.perf_counter() < stop_at:
-            outbox.put(data)
-            next(responses)
-            payloads += 1
-        taken = time.perf_counter() - start
+        payloads, taken = _timed(payload, seconds)
     finally:
         outbox.put(None)
     for _ in responses:
@@ -331,39 +312,85 @@ def _sync_record_events_client(channel: grpc.Channel, seconds: float) -> tuple[i
     return payloads * BATCH, payloads, taken
 
 
-def _sync_record_event_client(channel: grpc.Channel, seconds: float) -> tuple[int, int, float]:
-    requests = unary_requests()
+def _sync_record_event_client(channel: grpc.Channel, seconds: float) -> Traffic:
+    requests = itertools.cycle(unary_requests())
     stub = pb_grpc.TelemeteryGatewayServiceStub(channel)
-    calls = 0
-    start = time.perf_counter()
-    stop_at = start + seconds
-    while time.perf_counter() < stop_at:
-        stub.RecordEvent(requests[calls % len(requests)], metadata=BEARER, timeout=60)
-        calls += 1
-    return calls, calls, time.perf_counter() - start
+    calls, taken = _timed(lambda: stub.RecordEvent(next(requests), metadata=BEARER, timeout=60), seconds)
+    return calls, calls, taken
 
 
-def _sync_publish_client(channel: grpc.Channel, seconds: float) -> tuple[int, int, float]:
-    payload = users_payload()
+def _sync_publish_client(channel: grpc.Channel, seconds: float) -> Traffic:
+    messages = [USERS_METADATA] + [users_payload()] * PAYLOADS_PER_CALL
     stub = pb_grpc.TelemeteryGatewayServiceStub(channel)
-    payloads = 0
-    start = time.perf_counter()
-    stop_at = start + seconds
-    while time.perf_counter() < stop_at:
-        stub.PublishInstanceUserMetadata(iter([USERS_METADATA] + [payload] * PAYLOADS_PER_CALL), timeout=60)
-        payloads += PAYLOADS_PER_CALL
-    return payloads * BATCH, payloads, time.perf_counter() - start
+    calls, taken = _timed(lambda: stub.PublishInstanceUserMetadata(iter(messages), timeout=60), seconds)
+    return calls * PAYLOADS_PER_CALL * BATCH, calls * PAYLOADS_PER_CALL, taken
 
 
-SyncClient = Callable[[grpc.Channel, float], tuple[int, int, float]]
-SYNC_CLIENTS: dict[str, SyncClient] = {
+SYNC_CLIENTS: dict[str, Callable[[grpc.Channel, float], Traffic]] = {
     "RecordEvents": _sync_record_events_client,
     "RecordEvent": _sync_record_event_client,
     "PublishInstanceUserMetadata": _sync_publish_client,
 }
 
 
-def _sync_cells(policy: Policy, rpcs: list[str], rounds: int, seconds: float) -> dict[tuple[str, str], Any]:
+# -- the cells: each side's traffic with and without the guard, in alternating rounds ---------------------
+
+Cells = dict[tuple[str, str], tuple[Cell, Cell]]
+
+
+def _measure(
+    sides: dict[str, tuple[Any, Any]], rpcs: list[str], rounds: int, seconds: float, run: Callable[..., Traffic]
+) -> Cells:
+    """Each (side, RPC) without and with the guard, alternating round by round after a warm-up;
+    sides: name -> (channel without the guard, channel with it); run(channel, rpc, seconds)."""
+    cells = {(side, rpc): (Cell(), Cell()) for side in sides for rpc in rpcs}
+    for side, rpc in cells:
+        for channel in sides[side]:  # warm-up, not measured
+            run(channel, rpc, seconds / 4)
+    for _ in range(rounds):
+        for (side, rpc), pair in cells.items():
+            for cell, channel in zip(pair, sides[side], strict=True):
+                cpu = time.process_time()
+                units, messages, taken = run(channel, rpc, seconds)
+                cell.add(units, messages, taken, time.process_time() - cpu)
+    return cells
+
+
+def _aio_cells(policy: Policy, rpcs: list[str], rounds: int, seconds: float) -> Cells:
+    loop = asyncio.new_event_loop()  # driven step by step, so that _measure serves both kinds of client
+    asyncio.set_event_loop(loop)  # grpc.aio binds servers and channels to the current loop
+    servers = []
+    ports = {}
+    for name, interceptors in (("plain", []), ("guarded", [AsyncGuardServerInterceptor(policy)])):
+        server = grpc.aio.server(interceptors=interceptors)
+        server.add_generic_rpc_handlers((_service(_aio_record_events, _aio_record_event, _aio_publish),))
+        ports[name] = server.add_insecure_port(f"{HOST}:0")
+        loop.run_until_complete(server.start())
+        servers.append(server)
+
+    async def channels() -> tuple[grpc.aio.Channel, ...]:  # made in the loop they run in
+        return (
+            grpc.aio.insecure_channel(f"{HOST}:{ports['plain']}"),
+            grpc.aio.insecure_channel(f"{HOST}:{ports['guarded']}"),
+            grpc.aio.insecure_channel(f"{HOST}:{ports['plain']}", interceptors=aio_client_interceptors(policy)),
+        )
+
+    plain, to_guarded, guarded = loop.run_until_complete(channels())
+    sides = {"grpc.aio server": (plain, to_guarded), "grpc.aio channel": (plain, guarded)}
+    try:
+        return _measure(
+            sides, rpcs, rounds, seconds, lambda ch, rpc, s: loop.run_until_complete(AIO_CLIENTS[rpc](ch, s))
+        )
+    finally:
+        for channel in (plain, to_guarded, guarded):
+            loop.run_until_complete(channel.close())
+        for server in servers:
+            loop.run_until_complete(server.stop(0))
+        asyncio.set_event_loop(None)
+        loop.close()
+
+
+def _sync_cells(policy: Policy, rpcs: list[str], rounds: int, seconds: float) -> Cells:
     servers = []
     ports = {}
     guarding: list[grpc.ServerInterceptor] = [GuardServerInterceptor(policy)]
@@ -377,23 +404,13 @@ def _sync_cells(policy: Policy, rpcs: list[str], rounds: int, seconds: float) ->
     to_guarded = grpc.insecure_channel(f"{HOST}:{ports['guarded']}")
     guarded = wrap_channel(grpc.insecure_channel(f"{HOST}:{ports['plain']}"), policy)
     sides = {"sync server": (plain, to_guarded), "sync channel": (plain, guarded)}
-    cells = {(side, rpc): (Cell(), Cell()) for side in sides for rpc in rpcs}
     try:
-        for side, rpc in cells:
-            for channel in sides[side]:  # warm-up, not measured
-                SYNC_CLIENTS[rpc](channel, seconds / 4)
-        for _ in range(rounds):
-            for (side, rpc), pair in cells.items():
-                for cell, channel in zip(pair, sides[side], strict=True):
-                    cpu = time.process_time()
-                    units, messages, taken = SYNC_CLIENTS[rpc](channel, seconds)
-                    cell.add(units, messages, taken, time.process_time() - cpu)
+        return _measure(sides, rpcs, rounds, seconds, lambda ch, rpc, s: SYNC_CLIENTS[rpc](ch, s))
     finally:
         for channel in (plain, to_guarded, guarded):
             channel.close()
         for server in servers:
             server.stop(0)
-    return cells
 
 
 def _row(side: str, rpc: str, base: Cell, guarded: Cell) -> str:
@@ -420,7 +437,7 @@ def main(argv: list[str] | None = None) -> int:
         f"per payload; {rounds} alternating round(s) of {seconds:g} s per cell (rates: the median round)"
     )
     print("# reproduce: python -m bench.interceptors")
-    cells = asyncio.run(_aio_cells(policy, rpcs, rounds, seconds))
+    cells = _aio_cells(policy, rpcs, rounds, seconds)
     cells.update(_sync_cells(policy, rpcs, rounds, seconds))
     print()
     print(

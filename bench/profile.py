@@ -162,15 +162,20 @@ async def _run(seconds: float, python: bool) -> tuple[Found, Found]:
     return found, functions
 
 
-def table(found: Found) -> list[str]:
-    """The markdown table: us of CPU per payload by group, for each proxy, and the difference."""
-    period_us = 1e6 / FREQ
-    names = [name for name, _ in GROUPS] + ["other"]
+def _per_payload(found: Found, rate: int) -> tuple[dict[str, float], dict[str, float]]:
+    """(pass-through, sidecar): us per payload of each group or function, from samples taken `rate` times a second."""
+    period_us = 1e6 / rate
     per = {
-        proxy: {group: n * period_us / max(1, payloads) for group, n in samples.items()}
+        proxy: {name: n * period_us / max(1, payloads) for name, n in samples.items()}
         for proxy, (payloads, samples) in found.items()
     }
-    base, side = per["pass-through"], per["sidecar"]
+    return per["pass-through"], per["sidecar"]
+
+
+def table(found: Found) -> list[str]:
+    """The markdown table: us of CPU per payload by group, for each proxy, and the difference."""
+    names = [name for name, _ in GROUPS] + ["other"]
+    base, side = _per_payload(found, FREQ)
     lines = [
         "| where | pass-through us/payload | sidecar us/payload | sidecar - pass-through |",
         "|---|---:|---:|---:|",
@@ -186,12 +191,7 @@ def table(found: Found) -> list[str]:
 
 def python_table(functions: Found) -> list[str]:
     """The TOP functions by the sidecar's us per payload (py-spy), beside the pass-through's."""
-    period_us = 1e6 / PY_RATE
-    per = {
-        proxy: {name: n * period_us / max(1, payloads) for name, n in samples.items()}
-        for proxy, (payloads, samples) in functions.items()
-    }
-    base, side = per["pass-through"], per["sidecar"]
+    base, side = _per_payload(functions, PY_RATE)
     lines = [
         "| Python function running (with the C it calls) | pass-through us/payload | sidecar us/payload |",
         "|---|---:|---:|",
