@@ -40,7 +40,13 @@ from grpc_harness import (
     users_request,
 )
 from test_credentials import Endpoint, introspection_endpoint
-from test_sidecar_support import FORWARD_TAG, ServedUpstream, Sidecar, serve_upstream, unary
+from test_sidecar_support import (
+    FORWARD_TAG,
+    ServedUpstream,
+    Sidecar,
+    module_upstream,  # noqa: F401 (the module's `upstream` fixture)
+    unary,
+)
 from test_sidecar_support import record_events as sidecar_record_events
 
 from telemetry_guard.interceptors import (
@@ -431,13 +437,6 @@ def check(row: Row, seen: Seen) -> None:
         assert not seen.reached, "a refused call reached the gateway"
     else:
         assert seen.reached and seen.sent == list(row.sent)
-
-
-@pytest.fixture(scope="module")
-def upstream() -> Iterator[ServedUpstream]:
-    served = serve_upstream()
-    yield served
-    served.stop()
 
 
 @pytest.fixture(scope="module")

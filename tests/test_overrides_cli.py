@@ -15,9 +15,9 @@ from test_sidecar_support import (
     ServedUpstream,
     Sidecar,
     event,
+    module_upstream,  # noqa: F401 (the module's `upstream` fixture)
     payload,
     record_events,
-    serve_upstream,
 )
 
 from telemetrygateway.v1 import telemetrygateway_pb2 as pb
@@ -138,13 +138,6 @@ def test_cases_name_the_override_they_exercise(tmp_path: Path) -> None:
 # -- a real sidecar ------------------------------------------------------------------------------------------
 
 DOTCOM_KEY = "sidecar-test-dotcom-key"
-
-
-@pytest.fixture(scope="module")
-def upstream() -> Iterator[ServedUpstream]:
-    served = serve_upstream()
-    yield served
-    served.stop()
 
 
 @pytest.fixture(scope="module")

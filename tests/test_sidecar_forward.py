@@ -34,13 +34,13 @@ from test_sidecar_support import (
     free_port,
     invalid,
     metadata,
+    module_upstream,  # noqa: F401 (the module's `upstream` fixture)
     organizations,
     payload,
     publish_metadata,
     record_event_request,
     record_events,
     sensitive,
-    serve_upstream,
     unary,
     users,
     wait_for,
@@ -50,13 +50,6 @@ from telemetrygateway.v1 import telemetrygateway_pb2 as pb
 
 METHOD = f"/{SERVICE}/RecordEvents"
 MAX = 4 * 1024 * 1024
-
-
-@pytest.fixture(scope="module")
-def upstream() -> Iterator[ServedUpstream]:
-    served = serve_upstream()
-    yield served
-    served.stop()
 
 
 @pytest.fixture(scope="module")

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import pytest
 from google.protobuf import struct_pb2, timestamp_pb2
 
 from telemetrygateway.v1 import telemetrygateway_pb2 as pb
@@ -332,6 +333,15 @@ def serve_upstream(credentials: grpc.ServerCredentials | None = None) -> ServedU
     port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
     server.start()
     return ServedUpstream(servicer, server, port)
+
+
+@pytest.fixture(scope="module", name="upstream")
+def module_upstream() -> Iterator[ServedUpstream]:
+    """One recording upstream for a whole module, under the name `upstream` (conftest's is per test): a
+    module that starts its sidecars once imports this (`from test_sidecar_support import module_upstream`)."""
+    served = serve_upstream()
+    yield served
+    served.stop()
 
 
 # -- the sidecar process ---------------------------------------------------------------------
