@@ -43,6 +43,7 @@ class StreamGuard(CallGuard):
         self.acks = AckLedger() if rpc == RECORD_EVENTS else None
         self._received = 0
         self._judge: Callable[[bytes], Outcome[bytes]] | None = None  # events payloads, once admitted and verified
+        self._users_judge: Callable[[bytes], Outcome[bytes] | None] | None = None  # user metadata payloads, the same
         self._acks = AckLedger()  # self.acks and self.kind, once _judge is made
         self._kind = ""
 
@@ -112,13 +113,15 @@ class StreamGuard(CallGuard):
         return None
 
     def _users(self, data: bytes, index: int) -> bytes | None:
-        """A user metadata payload judged on the C walk (Engine.user_metadata_bytes): the bytes that may leave,
-        counted and audited first; None when the walk does not take it (the payload is then parsed whole)."""
-        self._require_verified()
-        kind = self.kind
-        if kind is None:
-            raise RuntimeError("user metadata before the stream was admitted")
-        outcome = self.guard.engine.user_metadata_bytes(data, kind, override=self.override)
+        """A user metadata payload judged on the C walk (Engine.admitted_user_payloads, made at the first payload):
+        the bytes that may leave, counted and audited first; None when the walk does not take it (the payload is
+        then parsed whole)."""
+        judge = self._users_judge
+        if judge is None:
+            if not self._verified or self.kind is None:
+                raise RuntimeError("user metadata before the stream was admitted and its credentials verified")
+            judge = self._users_judge = self.guard.engine.admitted_user_payloads(self.kind, override=self.override)
+        outcome = judge(data)
         if outcome is None:
             return None
         self.audit(outcome.decision, index)

@@ -17,7 +17,7 @@ import hmac
 import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, Literal, TypeVar
 
 import grpc
 from cachetools import LRUCache
@@ -505,21 +505,31 @@ class Engine:
         the bytes that may leave and the decision publish_instance_user_metadata takes for the same payload; None
         when the walk does not take it (any other payload, the extension missing, bytes not in its form): parse
         the request and use publish_instance_user_metadata."""
+        return self.admitted_user_payloads(kind, override=override)(data)
+
+    def admitted_user_payloads(
+        self, kind: str, *, override: str | None = None
+    ) -> Callable[[bytes], Outcome[bytes] | None]:
+        """user_metadata_bytes for one stream, as a function of the payload's bytes: the plan, the rule and the
+        unknown fields' handling are looked up once, not for every payload (as admitted_payloads for events)."""
         key = kind if override is None else self._overrides[override].key
         fast = self._user_plans[key]
-        if fast is None:
-            return None
-        got = fast.filter(data)
-        if got is None:
-            return None
-        out, removed = got
-        decision = Decision(PUBLISH_USER_METADATA, kind)
-        decision.override = override
         items, _, rule = self._withheld["user_metadata"]
-        for name, count in removed:
-            decision.removals.append(Removal(rule, f"{items}.{name}", tuple([name] * count)))
-        decision.unknown_fields = "discarded" if self._plans[key].discard_unknown else "kept"
-        return Outcome(out, decision)
+        unknown_fields: Literal["discarded", "kept"] = "discarded" if self._plans[key].discard_unknown else "kept"
+
+        def judge(data: bytes) -> Outcome[bytes] | None:
+            got = None if fast is None else fast.filter(data)
+            if got is None:
+                return None
+            out, removed = got
+            decision = Decision(PUBLISH_USER_METADATA, kind)
+            decision.override = override
+            for name, count in removed:
+                decision.removals.append(Removal(rule, f"{items}.{name}", tuple([name] * count)))
+            decision.unknown_fields = unknown_fields
+            return Outcome(out, decision)
+
+        return judge
 
     def publish_instance_user_metadata(
         self, request: pb.PublishInstanceUserMetadataRequest, identifier: pb.Identifier | None = None
