@@ -269,13 +269,17 @@ class AuditLog:
             record["refused"]["reason"] = refusal.reason
         self.emit(logging.WARNING, record)
 
+    def writes_decisions(self) -> bool:
+        """Whether decisions are written at all (INFO enabled): a caller builds nothing for them otherwise."""
+        return self.logger.isEnabledFor(logging.INFO)
+
     def write_decision(
         self, lines: DecisionLines, decision: Decision, message: int | None = None, counts: dict[str, int] | None = None
     ) -> None:
         """A decision's record (INFO), encoded by the call's DecisionLines for every output; with logging as the
         output its dict is attached too. At DEBUG, the removed key names follow in a record of their own."""
         logger = self.logger
-        if not logger.isEnabledFor(logging.INFO):
+        if not self.writes_decisions():
             return  # nothing would be written (the DEBUG record needs INFO enabled too): build nothing
         line = lines.encode(decision, message, counts)
         if self._sink is not None:

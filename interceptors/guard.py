@@ -304,7 +304,9 @@ class CallGuard:
         if self.tally is not NO_TALLY:
             counts = decision.counts()
             self.tally.judged(self.identified_as, decision.events_in, decision.events_out, counts)
-        self.guard.audit.write_decision(self.decision_lines(), decision, message, counts)
+        audit = self.guard.audit
+        if audit.writes_decisions():
+            audit.write_decision(self.decision_lines(), decision, message, counts)
 
     def decision_lines(self) -> DecisionLines:
         """The audit template of this call's decisions (made anew when identifier, request_id or override change)."""
@@ -410,7 +412,9 @@ class UnaryGuard(CallGuard):
         """What may be passed on; None when the policy removed the event whole."""
         try:
             self._require_verified()
-            outcome = self.guard.engine.record_event(request, detailed=self.guard.detailed)
+            if self.kind is None:
+                raise RuntimeError("the request was not admitted")
+            outcome = self.guard.engine.record_event_admitted(request, self.kind, override=self.override)
             if outcome.denial is not None:
                 raise GuardError.from_denial(outcome.denial)
             self.audit(outcome.decision)

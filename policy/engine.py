@@ -407,6 +407,22 @@ class Engine:
         )
         if kind is None:
             return Outcome(None, decision)
+        return self._event_of(request, kind, decision)
+
+    def record_event_admitted(
+        self, request: pb.RecordEventRequest, kind: str, *, override: str | None = None
+    ) -> Outcome[pb.RecordEventRequest]:
+        """record_event for a request its caller has checked and admitted already (access.check_event, then
+        check_access: the kind, and the override its identifier matched), as a stream's payloads are judged
+        (admitted_payloads): the same decision, without judging the request's event and identifier again."""
+        decision = Decision(RECORD_EVENT, kind, request_id=request.metadata.request_id)
+        decision.override = override
+        return self._event_of(request, kind if override is None else self._overrides[override].key, decision)
+
+    def _event_of(
+        self, request: pb.RecordEventRequest, kind: str, decision: Decision
+    ) -> Outcome[pb.RecordEventRequest]:
+        """record_event once its request is admitted; kind: the plan's key (the kind, or overrides.NAME)."""
         plan = self._plans[kind]
         # The same path as RecordEvents: the event as a one-event payload, on the C walk where it applies.
         payload = _events_payload(request.event.SerializeToString())

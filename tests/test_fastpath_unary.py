@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from test_fastpath import FAST, LICENSED, MANAGED, SLOW, WORKSPACE, engine_name, event, field, mutate, private
 from test_properties import SETTINGS, append_unknown, scenarios, unknown_fields, varint
 
-from telemetry_guard.policy import Engine, load_policy, unknown
+from telemetry_guard.policy import Engine, access, load_policy, unknown
 from telemetry_guard.policy.engine import Outcome
 from telemetrygateway.v1 import telemetrygateway_pb2 as pb
 
@@ -76,6 +76,26 @@ def unary_requests(draw: st.DrawFn) -> tuple[str, bytes]:
 @given(unary_requests())
 def test_record_event_fast_and_python_paths_agree(case: tuple[str, bytes]) -> None:
     assert_same_event(*case)
+
+
+@SETTINGS
+@given(unary_requests(), st.booleans())
+def test_record_event_admitted_is_record_event_once_admitted(case: tuple[str, bytes], accelerate: bool) -> None:
+    """What the interceptors call once they have admitted the request themselves (the kind and override check_access
+    found): the answer record_event gives, on both paths; a request it would refuse before its event is not asked."""
+    name, data = case
+    engine = (FAST if accelerate else SLOW)[name]
+    whole = record_event(engine, data)
+    assert not isinstance(whole, str)
+    request = pb.RecordEventRequest.FromString(data)
+    identifier = request.metadata.identifier if request.HasField("metadata") else None
+    found = engine.check_access("RecordEvent", identifier, "Bearer token")
+    if access.check_event(request) is not None or not isinstance(found, str):
+        assert whole.denial is not None  # refused by record_event too, before its event is judged
+        return
+    matched = engine.override_for(identifier)
+    admitted = engine.record_event_admitted(request, found, override=None if matched is None else matched.name)
+    same(admitted, whole)
 
 
 @st.composite

@@ -443,6 +443,8 @@ class BrokenEngine(Engine):
     def record_event(self, *args: Any, **kwargs: Any) -> Any:
         raise KeyError("SECRET-PRIVATE-VALUE")
 
+    record_event_admitted = record_event  # what the interceptors call, once they have admitted the request
+
     def publish_instance_user_metadata(self, *args: Any, **kwargs: Any) -> Any:
         raise ValueError("SECRET-PRIVATE-VALUE")
 

@@ -328,8 +328,12 @@ def test_record_event_uses_the_override_too(tmp_path: Path) -> None:
     request = pb.RecordEventRequest(event=pb.Event(id="u1", feature="cody.chat", action="submitted"))
     request.event.interaction.trace_id = "trace"
     request.metadata.identifier.managed_service.service_id = "noisy"
+    data = request.SerializeToString()
     out = engine.record_event(request)
     assert out.decision.override == "svc" and not out.request.event.HasField("interaction")  # type: ignore[union-attr]
+    # The interceptors' entry, the request admitted by check_access: the same answer, under the same override.
+    admitted = engine.record_event_admitted(pb.RecordEventRequest.FromString(data), "managed_service", override="svc")
+    assert admitted.decision == out.decision and admitted.request == out.request
 
 
 OVERRIDE_ENGINES = {}
