@@ -2,9 +2,10 @@
 
     python -m bench.profile                 # 100-event payloads, one stream, 8 s per proxy
     python -m bench.profile --seconds 20    # steadier figures
+    python -m bench.profile --workers 2     # both proxies with two serving processes
 
-It starts the upstream, the pass-through proxy and `telemetry-guard serve` (one worker, the
-default policy and logging) as bench.sidecar does, drives one RecordEvents stream of 100-event
+It starts the upstream, the pass-through proxy and `telemetry-guard serve` (one worker unless
+--workers says more; the default policy and logging) as bench.sidecar does, drives one RecordEvents stream of 100-event
 payloads from bench/workload.py through each proxy in turn, and samples the proxy's processes
 with Linux `perf record` while it does. Each sample is charged to the shared object it was
 taken in (the C walk of policy/_wirefilter.c, the Python interpreter, protobuf's upb, grpc's
@@ -78,9 +79,10 @@ def _samples_by_group(data: Path) -> dict[str, int]:
     return dict(counts)
 
 
-async def _profile(proxy: Process, seconds: float, out: Path) -> tuple[int, dict[str, int]]:
-    """(payloads sent, samples by group) for one proxy driven for `seconds` under perf."""
-    pids = [proxy.process.pid, *_children(proxy.process.pid)]
+async def _profile(proxies: list[Process], seconds: float, out: Path) -> tuple[int, dict[str, int]]:
+    """(payloads sent, samples by group) for one proxy (its processes, workers included) driven for `seconds`
+    under perf."""
+    pids = [pid for proxy in proxies for pid in (proxy.process.pid, *_children(proxy.process.pid))]
     perf = subprocess.Popen(
         ["perf", "record", "-F", str(FREQ), "-o", str(out), "-p", ",".join(map(str, pids))],
         stdout=subprocess.DEVNULL,
@@ -88,7 +90,7 @@ async def _profile(proxy: Process, seconds: float, out: Path) -> tuple[int, dict
     )
     try:
         await asyncio.sleep(0.5)  # perf attached
-        result = await drive(proxy.target, BATCH, 1, seconds, 0.5)
+        result = await drive(proxies[0].target, BATCH, 1, seconds, 0.5)
     finally:
         perf.send_signal(signal.SIGINT)
         perf.wait(30)
@@ -138,25 +140,26 @@ def _perf_usable() -> str | None:
 Found = dict[str, tuple[int, dict[str, int]]]  # proxy -> (payloads, samples by group or function)
 
 
-async def _run(seconds: float, python: bool) -> tuple[Found, Found]:
+async def _run(seconds: float, python: bool, workers: int) -> tuple[Found, Found]:
     upstream = start_upstream()
     found: Found = {}
     functions: Found = {}
     try:
         with tempfile.TemporaryDirectory() as tmp:
             for name in ("pass-through", "sidecar"):
-                proxy = (
-                    start_passthrough(upstream.target, 1)[0]
+                proxies = (
+                    start_passthrough(upstream.target, workers)
                     if name == "pass-through"
-                    else start_sidecar(upstream.target, 1)
+                    else [start_sidecar(upstream.target, workers)]
                 )
                 try:
-                    await drive(proxy.target, BATCH, 1, 1.0, 0.5)  # warm-up, not sampled
-                    found[name] = await _profile(proxy, seconds, Path(tmp) / f"{name}.data")
+                    await drive(proxies[0].target, BATCH, 1, 1.0, 0.5)  # warm-up, not sampled
+                    found[name] = await _profile(proxies, seconds, Path(tmp) / f"{name}.data")
                     if python:
-                        functions[name] = await _py_profile(proxy, seconds, Path(tmp) / f"{name}.txt")
+                        functions[name] = await _py_profile(proxies[0], seconds, Path(tmp) / f"{name}.txt")
                 finally:
-                    proxy.stop()
+                    for proxy in proxies:
+                        proxy.stop()
     finally:
         upstream.stop()
     return found, functions
@@ -206,16 +209,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=float, default=8.0, help="sampled seconds per proxy (default: 8)")
     parser.add_argument("--python", action="store_true", help="also sample with py-spy, function by function")
+    parser.add_argument("--workers", type=int, default=1, help="serving processes of each proxy (default: 1)")
     args = parser.parse_args(argv)
+    if args.workers < 1 or (args.python and args.workers != 1):
+        parser.error("--workers: 1 or more, and 1 with --python (py-spy samples one serving process)")
     why = _perf_usable()
     if why is None and args.python and shutil.which("py-spy") is None:
         why = "py-spy is not installed (pip install -e '.[profile]')"
     if why is not None:
         print(f"bench.profile: {why}", file=sys.stderr)
         return 2
-    found, functions = asyncio.run(_run(args.seconds, args.python))
+    found, functions = asyncio.run(_run(args.seconds, args.python, args.workers))
+    workers = "one worker" if args.workers == 1 else f"{args.workers} workers"
     print(
-        f"# one payload in the running sidecar: {BATCH}-event payloads, one stream, one worker, "
+        f"# one payload in the running sidecar: {BATCH}-event payloads, one stream, {workers}, "
         f"{args.seconds:g} s sampled at {FREQ} Hz per proxy"
     )
     print()
