@@ -11,7 +11,8 @@ An aio servicer method comes in three forms, and each is handled explicitly:
 A plain (sync) function or generator for a streaming RPC is refused with INTERNAL.
 
 The wrapper of a streaming RPC is itself a coroutine writing through context.write(), so
-that responses of both the yield and the write style go out the same way, in order.
+that responses of both the yield and the write style go out the same way, in order. As on the
+sync server, the guarded handler is made once per servicer handler (guard.GuardedHandlers).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from telemetry_guard.interceptors.credentials import CredentialVerifier
 from telemetry_guard.interceptors.errors import GuardError, internal_error
 from telemetry_guard.interceptors.guard import (
     Guard,
+    GuardedHandlers,
     UnaryGuard,
     authorization_from,
     removed_event_response,
@@ -58,6 +60,7 @@ class AsyncGuardServerInterceptor(grpc.aio.ServerInterceptor):
         self.guard = Guard.build(
             policy_or_engine, verifier=verifier, audit=audit, side="server", allow_unsafe_policy=allow_unsafe_policy
         )
+        self._handlers: GuardedHandlers[Handler] = GuardedHandlers(self._wrap)
 
     async def intercept_service(
         self,
@@ -68,9 +71,11 @@ class AsyncGuardServerInterceptor(grpc.aio.ServerInterceptor):
         rpc = rpc_for_method(details.method)
         if handler is None or rpc is None:
             return handler
+        return self._handlers.get(rpc, handler)
+
+    def _wrap(self, rpc: str, handler: Handler) -> Handler:
         try:
-            authorization = authorization_from(details.invocation_metadata)
-            return _WRAP[rpc](self.guard, rpc, handler, authorization)
+            return _WRAP[rpc](self.guard, rpc, handler)
         except Exception as exc:  # fail closed: a handler that refuses, never the servicer's
             return _refusing(handler, internal_error(rpc, exc))
 
@@ -112,14 +117,14 @@ async def _run_stream(
     raise stream.refuse(internal_error(stream.rpc, TypeError("sync handler on an aio server")))
 
 
-def _record_event(guard: Guard, rpc: str, handler: Handler, authorization: str | None) -> Handler:
+def _record_event(guard: Guard, rpc: str, handler: Handler) -> Handler:
     behavior: Callable[..., Any] | None = handler.unary_unary
     if behavior is None:
         raise TypeError(f"{rpc} handler is not unary-unary")
     encode = server_encoder(rpc, handler.request_deserializer)
 
     async def unary_unary(raw: bytes, context: Context) -> Any:
-        call = UnaryGuard(guard, rpc, authorization)
+        call = UnaryGuard(guard, rpc, authorization_from(context.invocation_metadata()))
         try:
             request = call.admit(raw)
             await call.verify_async()
@@ -137,7 +142,7 @@ def _record_event(guard: Guard, rpc: str, handler: Handler, authorization: str |
     )
 
 
-def _streaming(guard: Guard, rpc: str, handler: Handler, authorization: str | None) -> Handler:
+def _streaming(guard: Guard, rpc: str, handler: Handler) -> Handler:
     """RecordEvents (stream-stream) and PublishInstanceUserMetadata (stream-unary)."""
     behavior: Callable[..., Any] | None = handler.stream_stream if rpc == RECORD_EVENTS else handler.stream_unary
     if behavior is None:
@@ -145,7 +150,7 @@ def _streaming(guard: Guard, rpc: str, handler: Handler, authorization: str | No
     encode = server_encoder(rpc, handler.request_deserializer)
 
     async def streaming(raw: AsyncIterator[bytes], context: Context) -> Any:
-        stream = StreamGuard(guard, rpc, authorization)
+        stream = StreamGuard(guard, rpc, authorization_from(context.invocation_metadata()))
         try:
             first = await stream.first_async(raw)
             await stream.verify_async()
@@ -170,7 +175,7 @@ def _streaming(guard: Guard, rpc: str, handler: Handler, authorization: str | No
     )
 
 
-_WRAP: dict[str, Callable[[Guard, str, Handler, str | None], Handler]] = {
+_WRAP: dict[str, Callable[[Guard, str, Handler], Handler]] = {
     RECORD_EVENT: _record_event,
     RECORD_EVENTS: _streaming,
     PUBLISH_USER_METADATA: _streaming,

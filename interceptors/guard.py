@@ -23,7 +23,7 @@ import asyncio
 import logging
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import grpc
 from google.protobuf import empty_pb2
@@ -122,6 +122,35 @@ def _message_of(cls: type[Message]) -> Encode:
         return cls.FromString(passed) if isinstance(passed, bytes) else passed
 
     return message
+
+
+H = TypeVar("H")
+
+
+class GuardedHandlers(Generic[H]):
+    """A server interceptor's guarded handlers, made once per servicer handler rather than once per call.
+
+    A servicer's handlers are the same objects call after call (the generated code registers them once), so the
+    handler that wraps one is kept, by the wrapped handler's identity. Bounded: a servicer that made a new handler
+    for every call would only have its handlers made again, never kept without end.
+    """
+
+    LIMIT = 64
+
+    def __init__(self, wrap: Callable[[str, H], H]) -> None:
+        self._wrap = wrap
+        self._made: dict[int, tuple[H, str, H]] = {}
+
+    def get(self, rpc: str, handler: H) -> H:
+        """The guarded handler of `handler`, a handler of `rpc` (made at its first call for that RPC)."""
+        made = self._made.get(id(handler))
+        if made is not None and made[0] is handler and made[1] == rpc:
+            return made[2]
+        guarded = self._wrap(rpc, handler)
+        if len(self._made) >= self.LIMIT:
+            self._made.clear()
+        self._made[id(handler)] = (handler, rpc, guarded)  # the handler kept with it: its id is not reused meanwhile
+        return guarded
 
 
 def removed_event_response(serializer: Callable[[Any], bytes] | None) -> Any:

@@ -5,7 +5,9 @@
 gRPC's server interceptors see only the method name and metadata, so for the three
 TelemeteryGatewayService methods the interceptor returns a new handler of the same shape
 that wraps the servicer's behaviour and its request iterator, keeping its serializers; the
-handlers of every other method are returned untouched.
+handlers of every other method are returned untouched. The guarded handler is made once per
+servicer handler (guard.GuardedHandlers), not per call: a call reads its credentials from its
+own context.
 
 Refusals are raised with context.abort() from the handler itself: the first message is read
 by the handler before the servicer is called, and a later violation, raised into the
@@ -26,6 +28,7 @@ from telemetry_guard.interceptors.credentials import CredentialVerifier
 from telemetry_guard.interceptors.errors import GuardError, internal_error
 from telemetry_guard.interceptors.guard import (
     Guard,
+    GuardedHandlers,
     UnaryGuard,
     authorization_from,
     removed_event_response,
@@ -54,6 +57,7 @@ class GuardServerInterceptor(grpc.ServerInterceptor):
         self.guard = Guard.build(
             policy_or_engine, verifier=verifier, audit=audit, side="server", allow_unsafe_policy=allow_unsafe_policy
         )
+        self._handlers: GuardedHandlers[Handler] = GuardedHandlers(self._wrap)
 
     def intercept_service(
         self, continuation: Callable[[grpc.HandlerCallDetails], Handler | None], details: grpc.HandlerCallDetails
@@ -62,21 +66,23 @@ class GuardServerInterceptor(grpc.ServerInterceptor):
         rpc = rpc_for_method(details.method)
         if handler is None or rpc is None:
             return handler
+        return self._handlers.get(rpc, handler)
+
+    def _wrap(self, rpc: str, handler: Handler) -> Handler:
         try:
-            authorization = authorization_from(details.invocation_metadata)
-            return _WRAP[rpc](self.guard, rpc, handler, authorization)
+            return _WRAP[rpc](self.guard, rpc, handler)
         except Exception as exc:  # fail closed: a handler that refuses, never the servicer's
             return _refusing(handler, internal_error(rpc, exc))
 
 
-def _record_event(guard: Guard, rpc: str, handler: Handler, authorization: str | None) -> Handler:
+def _record_event(guard: Guard, rpc: str, handler: Handler) -> Handler:
     behavior = handler.unary_unary
     if behavior is None:
         raise TypeError(f"{rpc} handler is not unary-unary")
     encode = server_encoder(rpc, handler.request_deserializer)
 
     def unary_unary(raw: bytes, context: grpc.ServicerContext) -> Any:
-        call = UnaryGuard(guard, rpc, authorization)
+        call = UnaryGuard(guard, rpc, authorization_from(context.invocation_metadata()))
         try:
             request = call.admit(raw)
             call.verify(context.is_active)
@@ -93,14 +99,14 @@ def _record_event(guard: Guard, rpc: str, handler: Handler, authorization: str |
     )
 
 
-def _record_events(guard: Guard, rpc: str, handler: Handler, authorization: str | None) -> Handler:
+def _record_events(guard: Guard, rpc: str, handler: Handler) -> Handler:
     behavior = handler.stream_stream
     if behavior is None:
         raise TypeError(f"{rpc} handler is not stream-stream")
     encode = server_encoder(rpc, handler.request_deserializer)
 
     def stream_stream(raw: Iterator[bytes], context: grpc.ServicerContext) -> Iterator[Any]:
-        stream = StreamGuard(guard, rpc, authorization)
+        stream = StreamGuard(guard, rpc, authorization_from(context.invocation_metadata()))
         try:
             first = stream.first(raw)
             stream.verify(context.is_active)
@@ -120,14 +126,14 @@ def _record_events(guard: Guard, rpc: str, handler: Handler, authorization: str 
     )
 
 
-def _publish_user_metadata(guard: Guard, rpc: str, handler: Handler, authorization: str | None) -> Handler:
+def _publish_user_metadata(guard: Guard, rpc: str, handler: Handler) -> Handler:
     behavior = handler.stream_unary
     if behavior is None:
         raise TypeError(f"{rpc} handler is not stream-unary")
     encode = server_encoder(rpc, handler.request_deserializer)
 
     def stream_unary(raw: Iterator[bytes], context: grpc.ServicerContext) -> Any:
-        stream = StreamGuard(guard, rpc, authorization)
+        stream = StreamGuard(guard, rpc, authorization_from(context.invocation_metadata()))
         try:
             first = stream.first(raw)
             stream.verify(context.is_active)
@@ -148,7 +154,7 @@ def _publish_user_metadata(guard: Guard, rpc: str, handler: Handler, authorizati
     )
 
 
-_WRAP: dict[str, Callable[[Guard, str, Handler, str | None], Handler]] = {
+_WRAP: dict[str, Callable[[Guard, str, Handler], Handler]] = {
     RECORD_EVENT: _record_event,
     RECORD_EVENTS: _record_events,
     PUBLISH_USER_METADATA: _publish_user_metadata,

@@ -28,6 +28,7 @@ from grpc_harness import (
     INVALID,
     OK,
     TIMEOUT,
+    UNAUTHENTICATED,
     Call,
     Case,
     Recorder,
@@ -53,6 +54,7 @@ from grpc_harness import (
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from telemetry_guard.interceptors import AsyncGuardServerInterceptor, GuardServerInterceptor
+from telemetry_guard.interceptors.guard import GuardedHandlers
 from telemetry_guard.policy import Engine, default_policy
 from telemetrygateway.v1 import telemetrygateway_pb2 as pb
 from telemetrygateway.v1 import telemetrygateway_pb2_grpc as pb_grpc
@@ -510,3 +512,39 @@ def test_wrong_handler_shape_is_refused_with_internal() -> None:
         server.stop(None)
     assert raised.value.code() == grpc.StatusCode.INTERNAL
     assert not seen.is_set()
+
+
+@pytest.mark.parametrize("stack", STACKS)
+def test_each_call_is_judged_by_its_own_credentials(stack: str) -> None:
+    """The guarded handler is made once per servicer handler, not per call: the token it judges is the call's own.
+    With and without a bearer token, in turn, on one server: every call without one refused, every call with one
+    passed on, whichever came first."""
+    record_event = record_event_request("managed_service", event("c1"))
+    stream = [metadata_request("managed_service"), events_request(event("c2"))]
+    calls = [
+        call
+        for metadata in (BEARER, (), BEARER, ())
+        for call in (Call("RecordEvent", [record_event], metadata), Call("RecordEvents", stream, metadata))
+    ]
+    results, recorder = exercise(stack, "server", calls)
+    assert [result.code for result in results] == [OK, OK, UNAUTHENTICATED, UNAUTHENTICATED] * 2
+    assert len(recorder.calls) == 4
+
+
+def test_guarded_handlers_are_made_once_per_handler_and_kept_within_a_bound() -> None:
+    made: list[tuple[str, object]] = []
+
+    def wrap(rpc: str, handler: object) -> object:
+        made.append((rpc, handler))
+        return ("guarded", rpc, handler)
+
+    handlers: GuardedHandlers[object] = GuardedHandlers(wrap)
+    servicers = [object(), object()]
+    for _ in range(3):
+        assert [handlers.get("RecordEvent", h) for h in servicers] == [("guarded", "RecordEvent", h) for h in servicers]
+    assert made == [("RecordEvent", h) for h in servicers]
+    assert handlers.get("RecordEvents", servicers[0]) == ("guarded", "RecordEvents", servicers[0])  # another RPC
+    for _ in range(3 * GuardedHandlers.LIMIT):  # a servicer making a new handler for every call
+        fresh = object()
+        assert handlers.get("RecordEvent", fresh) == ("guarded", "RecordEvent", fresh)
+        assert len(handlers._made) <= GuardedHandlers.LIMIT
