@@ -199,26 +199,35 @@ class StreamTally(CallTally):
 
     FLUSH_SECONDS = 0.5
 
-    __slots__ = ("_call", "_counters", "_flushed", "_kind", "_metrics", "_removals", "_rpc", "_totals")
+    __slots__ = (
+        "_call",
+        "_events_in",
+        "_events_out",
+        "_flushed",
+        "_kind",
+        "_metrics",
+        "_removals",
+        "_requests",
+        "_rpc",
+        "_sent",
+    )
 
     def __init__(self, metrics: Metrics, rpc: str) -> None:
         self._metrics = metrics
         self._rpc = rpc
         self._kind = NO_KIND
-        # requests in, events in, events out, requests sent upstream: the counters and unpublished totals
-        self._counters = (metrics.requests_in, metrics.events_in, metrics.events_out, metrics.requests_out)
-        self._totals = [0, 0, 0, 0]
-        self._removals: dict[str, int] = {}  # rule -> removals not yet published
+        # Not yet published: requests and events received, events forwarded, requests sent upstream, removals per rule.
+        self._requests = self._events_in = self._events_out = self._sent = 0
+        self._removals: dict[str, int] = {}
         self._flushed = time.monotonic()
         self._call = CALL.get()
 
     def judged(self, kind: str | None, events_in: int, events_out: int, counts: dict[str, int]) -> None:
         if (kind or NO_KIND) != self._kind:
             self._label(kind)
-        totals = self._totals
-        totals[0] += 1
-        totals[1] += events_in
-        totals[2] += events_out
+        self._requests += 1
+        self._events_in += events_in
+        self._events_out += events_out
         if counts:
             removals = self._removals
             for rule, count in counts.items():
@@ -230,7 +239,7 @@ class StreamTally(CallTally):
 
     def refused(self, kind: str | None, error: GuardError) -> None:
         self._label(kind)
-        self._totals[0] += 1
+        self._requests += 1
         m = self._metrics
         m.child(m.denials, self._rpc, error.code.name, error.rule).inc()
         if self._call is not None:
@@ -238,16 +247,20 @@ class StreamTally(CallTally):
         self.flush()
 
     def sent(self) -> None:
-        self._totals[3] += 1
+        self._sent += 1
 
     def flush(self) -> None:
         self._flushed = time.monotonic()
         m = self._metrics
-        totals = self._totals
-        for i, amount in enumerate(totals):
+        for counter, amount in (
+            (m.requests_in, self._requests),
+            (m.events_in, self._events_in),
+            (m.events_out, self._events_out),
+            (m.requests_out, self._sent),
+        ):
             if amount:
-                m.child(self._counters[i], self._rpc, self._kind).inc(amount)
-                totals[i] = 0
+                m.child(counter, self._rpc, self._kind).inc(amount)
+        self._requests = self._events_in = self._events_out = self._sent = 0
         if self._removals:
             for rule, count in self._removals.items():
                 m.child(m.removals, self._rpc, self._kind, rule).inc(count)
