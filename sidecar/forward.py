@@ -112,8 +112,10 @@ def _sender(call: Any) -> Callable[[bytes], Awaitable[bool]]:
     message (call.wait_for_connection(), which raises the status if the call ended meanwhile): once is
     enough, as grpc.aio's own write waits for it only until it is out.
     """
-    core_send = getattr(getattr(call, "_cython_call", None), "send_serialized_message", None)
-    if core_send is None or _CoreRefused is None:
+    core = getattr(call, "_cython_call", None)
+    core_send = getattr(core, "send_serialized_message", None)
+    done = getattr(core, "done", None)  # what call.done() asks, without its frame
+    if core_send is None or done is None or _CoreRefused is None:
 
         async def write(data: bytes) -> bool:
             if call.done():
@@ -126,7 +128,7 @@ def _sender(call: Any) -> Callable[[bytes], Awaitable[bool]]:
 
     async def send(data: bytes) -> bool:
         nonlocal connected
-        if call.done():
+        if done():
             return False
         if not connected:
             await call.wait_for_connection()
