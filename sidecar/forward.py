@@ -26,8 +26,8 @@ Audit and metrics: a message's audit line is written before it is forwarded (a f
 always has its record first), by the call's one encoder of decision records (a template of its
 constant fields, interceptors.audit.DecisionLines); its counters
 (requests, events, removals per rule, refusals, messages sent) go to the call's tally
-(sidecar.metrics.StreamTally: added up in the call, published at least every half second and when
-the call ends), and a payload's round trip is observed once the response is on its way to the
+(sidecar.metrics.StreamTally: kept in the call, published at least every half second and when
+the call ends), and so does a payload's round trip, once the response is on its way to the
 client: off the round trip's critical path.
 
 Errors, in order of precedence: a refusal by the guard (its status, the call upstream
@@ -299,7 +299,7 @@ class Forwarder:
             payloads = _Payloads(self._window)
             pump = asyncio.create_task(self._pump_events(stream, first, requests, call, payloads, shadow))
             pump.add_done_callback(_retrieve)
-            latency = self.metrics.child(self.metrics.upstream_latency, RECORD_EVENTS)
+            tally = stream.tally
             failure: grpc.aio.AioRpcError | None = None
             waited: float | None = None  # measured, observed once the response is on its way to the client
             try:
@@ -322,11 +322,11 @@ class Forwarder:
                         break  # an answer that cannot be merged (refused, audited): stream.error ends the call
                     yield merged
                     if waited is not None:
-                        latency.observe(waited)
+                        tally.answered(waited)
                         waited = None
             finally:  # upstream ended (or we are cancelled): nothing more can be forwarded
                 if waited is not None:
-                    latency.observe(waited)
+                    tally.answered(waited)
                 if not pump.done():
                     pump.cancel()
                 if not call.done():
@@ -446,9 +446,7 @@ class Forwarder:
                 if not call.done():
                     call.cancel()
             await self._finish(stream, call=call, pump=pump, failure=failure, context=context)
-            self.metrics.child(self.metrics.upstream_latency, PUBLISH_USER_METADATA).observe(
-                time.perf_counter() - started
-            )
+            stream.tally.answered(time.perf_counter() - started)
             return bytes(response)
         finally:
             active.dec()
@@ -522,7 +520,7 @@ class Forwarder:
             if failure is not None:
                 self._upstream_failed(RECORD_EVENT, failure.code())
                 await context.abort(failure.code(), failure.details() or "")
-            self.metrics.child(self.metrics.upstream_latency, RECORD_EVENT).observe(time.perf_counter() - started)
+            guarded.tally.answered(time.perf_counter() - started)
             return bytes(response)
         finally:
             active.dec()
