@@ -146,6 +146,40 @@ def _sender(call: Any) -> Callable[[bytes], Awaitable[bool]]:
     return send
 
 
+def _receiver(call: Any) -> Callable[[], Awaitable[Any]]:
+    """How to read responses on an upstream stream call: read() gives a message, or grpc.aio.EOF once the messages
+    ended and the call's status arrived (the handler reads it, as after any end). Resolved once per call.
+
+    The first read is call.read() itself (it waits for the call to be set up and fixes its style of use); the
+    later ones are what call.read() does then, through grpc's cython call, without its three frames per message:
+    a call already done goes to call.read() (which raises its status when it is not OK), a cancellation cancels the
+    call as call.read() does. Where grpc has not that shape, call.read() as it is.
+    """
+    core = getattr(call, "_cython_call", None)
+    receive = getattr(core, "receive_serialized_message", None)
+    done = getattr(core, "done", None)
+    if receive is None or done is None:
+        return call.read  # type: ignore[no-any-return]
+    started = False
+
+    async def read() -> Any:
+        nonlocal started
+        if not started or done():
+            started = True
+            return await call.read()
+        try:
+            response = await receive()  # bytes (no deserializer), or EOF
+        except asyncio.CancelledError:
+            if not call.cancelled():
+                call.cancel()
+            raise
+        if response is grpc.aio.EOF:
+            await call.code()  # the messages ended: the call's status arrives, as call.read() waits for it
+        return response
+
+    return read
+
+
 async def _close(call: Any) -> None:
     """call.done_writing(); core refusing it means the call is over (see _sender)."""
     try:
@@ -181,20 +215,19 @@ class _Payloads:
         self._sent: deque[float] = deque()
         self._room: asyncio.Future[None] | None = None
 
-    @property
-    def full(self) -> bool:
-        return self._free <= 0
-
     async def room(self) -> None:
         """Until the window has room (awaited only when it is full)."""
         while self._free <= 0:
             self._room = asyncio.get_running_loop().create_future()
             await self._room
 
-    def sending(self) -> None:
-        """Count a payload as sent now (there is room: see full)."""
+    def sending(self) -> bool:
+        """Count a payload as sent now, if the window has room; False when it is full (await room(), then again)."""
+        if self._free <= 0:
+            return False
         self._free -= 1
         self._sent.append(time.perf_counter())
+        return True
 
     def answered(self) -> float | None:
         """Seconds since the oldest unanswered payload was sent (None: no payload was waiting)."""
@@ -297,6 +330,7 @@ class Forwarder:
                     shadow.admitted(stream)
             call = self._record_events(metadata=self._outgoing(metadata), timeout=self._timeout(context))
             payloads = _Payloads(self._window)
+            read = _receiver(call)
             pump = asyncio.create_task(self._pump_events(stream, first, requests, call, payloads, shadow))
             pump.add_done_callback(_retrieve)
             tally = stream.tally
@@ -305,7 +339,7 @@ class Forwarder:
             try:
                 while True:
                     try:
-                        response = await call.read()
+                        response = await read()
                     except grpc.aio.AioRpcError as exc:
                         failure = exc
                         break
@@ -364,9 +398,9 @@ class Forwarder:
                     continue
                 # An events payload comes back as the bytes that may leave, judged once the stream was verified.
                 out = passed if type(passed) is bytes else stream.pass_on(serialize, passed)
-                if payloads.full:
+                if not payloads.sending():
                     await payloads.room()
-                payloads.sending()
+                    payloads.sending()
                 if not await send(out):
                     return  # the upstream ended the call: its status is read by the handler
                 tally.sent()
