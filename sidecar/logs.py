@@ -21,6 +21,7 @@ from telemetry_guard.interceptors.audit import AUDIT_LOGGER_NAME
 
 FIELDS = "telemetry_guard"  # the LogRecord attribute holding a record's structured fields
 LEVELS = ("debug", "info", "warning", "error")
+_MILLIS = tuple(f"{n:03d}" for n in range(1000))  # a line's milliseconds, as "%03d" writes them
 
 
 def fields(**values: Any) -> dict[str, Any]:
@@ -116,11 +117,12 @@ class AuditSink:
     a LogRecord and a handler chain per record (an audit record is written per message).
 
     opening() is a line's head (time, level, logger, pid) followed by the record's fields, which the record's
-    encoder writes in the same format (interceptors.audit.DecisionLines): one pass over a line. The time text's
-    seconds are made once per second, the rest of the head once per level.
+    encoder writes in the same format (interceptors.audit.DecisionLines): one pass over a line. The line up to its
+    milliseconds is made once per second, the rest of the head once per level, and the milliseconds are looked up,
+    not formatted.
     """
 
-    __slots__ = ("_flush", "_heads", "_lock", "_pid", "_second", "_seconds", "_write")
+    __slots__ = ("_flush", "_heads", "_lock", "_pid", "_prefix", "_second", "_write")
 
     def __init__(self, stream: IO[str], lock: threading.RLock, pid: int) -> None:
         self._write = stream.write
@@ -129,18 +131,18 @@ class AuditSink:
         self._pid = pid
         self._heads: dict[int, str] = {}  # level -> 'Z", "level": ..., "pid": ..., ': the head after the time
         self._second = -1
-        self._seconds = ""
+        self._prefix = ""  # the line up to its milliseconds, in that second
 
     def opening(self, level: int) -> str:
         now = time.time()
         whole = int(now)
         if whole != self._second:
-            self._seconds = _seconds(whole)
+            self._prefix = f'{{"time": "{_seconds(whole)}.'
             self._second = whole
         head = self._heads.get(level)
         if head is None:
             head = self._heads[level] = f'Z", {_head(logging.getLevelName(level), AUDIT_LOGGER_NAME, self._pid)}, '
-        return f'{{"time": "{self._seconds}.{int((now - whole) * 1000):03d}{head}'  # msecs as LogRecord has them
+        return self._prefix + _MILLIS[int((now - whole) * 1000)] + head  # msecs as LogRecord computes them
 
     def write(self, line: str) -> None:
         with self._lock:  # whole lines, between the records other threads log through the handler
