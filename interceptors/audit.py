@@ -14,16 +14,17 @@ attached to the LogRecord as the attribute `telemetry_guard` for structured hand
 
 A decision's record has one encoder, whatever the output: the call's DecisionLines, a template
 of the fields that are constant in the call, made once per call (AuditLog.write_decision). A
-process that writes the records itself (a sink: the sidecar) gets the same line as logging
-would write, without a LogRecord per message and without building the dict.
+process that writes the records itself (a Sink: the sidecar) gets the same line as logging
+would write, without a LogRecord per message and without building the dict: the sink's
+opening of the line (time, level, logger, pid) takes the place of the record's "{" in the
+one format that makes the line.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 from telemetry_guard.interceptors.errors import GuardError
 from telemetry_guard.policy import Decision, Removal
@@ -35,6 +36,9 @@ AUDIT_LOGGER_NAME = "telemetry_guard.audit"
 # json.dumps(record, sort_keys=True), without building an encoder per record (one record per message).
 _encode = json.JSONEncoder(sort_keys=True).encode
 _encode_str = json.encoder.encode_basestring_ascii  # what _encode writes for a str (ensure_ascii), key or value
+
+_INT = frozenset((int,))  # counts written as they are (bool, a subclass, is not: JSON writes it true or false)
+_SHAPES = 64  # the removed_per_rule templates a call keeps, at most (a few sets of rules remove something)
 
 # The fields of a decision record that change from message to message, in sorted order (a %s each in a template).
 _VARIABLE = ("dropped_event_ids", "events_in", "events_out", "message", "removed_per_rule", "unknown_fields")
@@ -61,8 +65,16 @@ def _removal(removal: Removal) -> dict[str, Any]:
     return {"rule": removal.rule, "path": removal.path, "action": removal.action, "keys": list(removal.keys)}
 
 
-# Writes one encoded audit record at a level, in place of logger.log (see AuditLog).
-Sink = Callable[[int, str], None]
+class Sink(Protocol):
+    """Where a process that owns its log stream writes the audit trail itself, in place of logger.log (see AuditLog)."""
+
+    def opening(self, level: int) -> str:
+        """The text of a line at this level, written now, that takes the place of its record's opening brace."""
+        ...
+
+    def write(self, line: str) -> None:
+        """One whole line (the newline is the sink's), written and flushed before it returns: record first."""
+        ...
 
 
 def _variable(with_message: bool, with_unknown: bool) -> tuple[str, ...]:
@@ -74,14 +86,15 @@ def _variable(with_message: bool, with_unknown: bool) -> tuple[str, ...]:
 
 
 def _template(constant: dict[str, Any], variable: tuple[str, ...]) -> str:
-    """_encode of a record with these constant fields as a %-format, a %s for each variable field's JSON."""
+    """_encode of a record with these constant fields as a %-format: a %s for its opening brace (or a line's opening
+    that stands for it), then a %s for each variable field's JSON."""
     fields = []
     for key in sorted([*constant, *variable]):  # the order sort_keys gives: keys are distinct strings
         if key in constant:
             fields.append(_encode({key: constant[key]})[1:-1].replace("%", "%%"))
         else:
             fields.append(f"{_encode_str(key)}: %s")
-    return "{" + ", ".join(fields) + "}"
+    return "%s" + ", ".join(fields) + "}"
 
 
 class DecisionLines:
@@ -97,7 +110,7 @@ class DecisionLines:
     __slots__ = (
         "_constant",
         "_others",
-        "_rules",
+        "_shapes",
         "_templates",
         "identifier",
         "kind",
@@ -130,7 +143,7 @@ class DecisionLines:
         constant["request_id"] = request_id
         self._constant = constant
         self._templates: tuple[str, ...] = ()  # made at the first encode()
-        self._rules: dict[str, str] = {}  # rule name -> its JSON key and separator, for removed_per_rule
+        self._shapes: dict[tuple[str, ...], tuple[tuple[str, ...], str]] = {}  # removed_per_rule: see _counts
         self._others: dict[tuple[str | None, str | None, str], DecisionLines] = {}
 
     def for_decision(self, decision: Decision) -> DecisionLines:
@@ -156,14 +169,19 @@ class DecisionLines:
             )
         return self._templates
 
-    def encode(self, decision: Decision, message: int | None = None, counts: dict[str, int] | None = None) -> str:
-        """The JSON text of the record of this decision of the call (counts: decision.counts(), if known)."""
+    def encode(
+        self, decision: Decision, message: int | None = None, counts: dict[str, int] | None = None, opening: str = "{"
+    ) -> str:
+        """The JSON text of the record of this decision of the call (counts: decision.counts(), if known).
+
+        opening: what stands for the record's "{": a sink's opening of its line makes the whole line in this one format.
+        """
         if (
             (decision.kind and decision.kind != self.kind)
             or decision.override != self.override
             or (decision.request_id and not self.request_id)
         ):
-            return self.for_decision(decision).encode(decision, message, counts)
+            return self.for_decision(decision).encode(decision, message, counts, opening)
         # Decision.fields, read field by field (no dict per message): tests hold the two to the same text.
         events_in: Any = decision.events_in
         events_out: Any = decision.events_out
@@ -179,28 +197,40 @@ class DecisionLines:
         templates = self._templates or self._made()
         if message is None:
             if unknown:
-                return templates[1] % (dropped, events_in, events_out, removed, unknown)
-            return templates[0] % (dropped, events_in, events_out, removed)
+                return templates[1] % (opening, dropped, events_in, events_out, removed, unknown)
+            return templates[0] % (opening, dropped, events_in, events_out, removed)
         index: Any = message if type(message) is int else _encode(message)
         if unknown:
-            return templates[3] % (dropped, events_in, events_out, index, removed, unknown)
-        return templates[2] % (dropped, events_in, events_out, index, removed)
+            return templates[3] % (opening, dropped, events_in, events_out, index, removed, unknown)
+        return templates[2] % (opening, dropped, events_in, events_out, index, removed)
 
     def _counts(self, counts: dict[str, int]) -> str:
-        """_encode(counts), the keys of rule names encoded once per call."""
+        """_encode(counts): from a template per set of rules that removed something (keyed by the rules in the
+        dict's order), made once per call; the counts are what change from message to message."""
         if not counts:
             return "{}"
-        rules = self._rules
-        parts = []
-        for rule in sorted(counts):
-            count = counts[rule]
-            key = rules.get(rule)
-            if key is None:
-                if type(rule) is not str:
-                    return _encode(counts)
-                key = rules[rule] = f"{_encode_str(rule)}: "
-            parts.append(f"{key}{count}" if type(count) is int else f"{key}{_encode(count)}")
-        return "{" + ", ".join(parts) + "}"
+        shape = self._shapes.get(tuple(counts))
+        if shape is None:
+            shape = self._shape(counts)
+            if shape is None:
+                return _encode(counts)
+        rules, template = shape
+        values = tuple(map(counts.__getitem__, rules))
+        if _INT.issuperset(map(type, values)):
+            return template % values
+        return _encode(counts)  # a count that is not an int: as the encoder writes it
+
+    def _shape(self, counts: dict[str, int]) -> tuple[tuple[str, ...], str] | None:
+        """The rules of counts in sorted order and the template of their JSON object; None for a rule that is not
+        a str (the encoder then writes the dict)."""
+        if not all(type(rule) is str for rule in counts):
+            return None
+        rules = tuple(sorted(counts))
+        fields = (_encode_str(rule).replace("%", "%%") + ": %s" for rule in rules)
+        shape = rules, "{" + ", ".join(fields) + "}"
+        if len(self._shapes) < _SHAPES:
+            self._shapes[tuple(counts)] = shape
+        return shape
 
     def record(
         self, decision: Decision, message: int | None = None, counts: dict[str, int] | None = None
@@ -217,7 +247,7 @@ class DecisionLines:
 class AuditLog:
     """Writes decisions and refusals. One instance may serve several interceptors.
 
-    sink: a process that owns its log stream (the sidecar) writes the encoded records there
+    sink: a process that owns its log stream (the sidecar) writes the records' lines there
     itself, the same line as through logging, without a LogRecord per message; the logger
     still decides which levels are written.
     """
@@ -281,11 +311,12 @@ class AuditLog:
         logger = self.logger
         if not self.writes_decisions():
             return  # nothing would be written (the DEBUG record needs INFO enabled too): build nothing
-        line = lines.encode(decision, message, counts)
-        if self._sink is not None:
-            self._sink(logging.INFO, line)
+        sink = self._sink
+        if sink is not None:
+            sink.write(lines.encode(decision, message, counts, sink.opening(logging.INFO)))
         else:
-            logger.log(logging.INFO, line, extra={"telemetry_guard": lines.record(decision, message, counts)})
+            extra = {"telemetry_guard": lines.record(decision, message, counts)}
+            logger.log(logging.INFO, lines.encode(decision, message, counts), extra=extra)
         if logger.isEnabledFor(logging.DEBUG):
             self._debug_keys(lines.for_decision(decision), decision, message)
 
@@ -310,7 +341,8 @@ class AuditLog:
     def emit(self, level: int, record: dict[str, Any]) -> None:
         """One record at a level: through the sink when there is one, else logging (the dict attached)."""
         if self.logger.isEnabledFor(level):
-            if self._sink is not None:
-                self._sink(level, _encode(record))
+            sink = self._sink
+            if sink is not None:
+                sink.write(sink.opening(level) + _encode(record)[1:])  # a record is never empty
             else:
                 self.logger.log(level, _encode(record), extra={"telemetry_guard": record})

@@ -185,6 +185,9 @@ class CallTally:
     def sent(self) -> None:
         """One message passed on."""
 
+    def answered(self, seconds: float) -> None:
+        """A message's upstream round trip, in seconds (a forwarding proxy's)."""
+
     def flush(self) -> None:
         """Publish what was counted (the call's owner calls it when the call ends)."""
 

@@ -26,8 +26,8 @@ Audit and metrics: a message's audit line is written before it is forwarded (a f
 always has its record first), by the call's one encoder of decision records (a template of its
 constant fields, interceptors.audit.DecisionLines); its counters
 (requests, events, removals per rule, refusals, messages sent) go to the call's tally
-(sidecar.metrics.StreamTally: added up in the call, published at least every half second and when
-the call ends), and a payload's round trip is observed once the response is on its way to the
+(sidecar.metrics.StreamTally: kept in the call, published at least every half second and when
+the call ends), and so does a payload's round trip, once the response is on its way to the
 client: off the round trip's critical path.
 
 Errors, in order of precedence: a refusal by the guard (its status, the call upstream
@@ -112,8 +112,10 @@ def _sender(call: Any) -> Callable[[bytes], Awaitable[bool]]:
     message (call.wait_for_connection(), which raises the status if the call ended meanwhile): once is
     enough, as grpc.aio's own write waits for it only until it is out.
     """
-    core_send = getattr(getattr(call, "_cython_call", None), "send_serialized_message", None)
-    if core_send is None or _CoreRefused is None:
+    core = getattr(call, "_cython_call", None)
+    core_send = getattr(core, "send_serialized_message", None)
+    done = getattr(core, "done", None)  # what call.done() asks, without its frame
+    if core_send is None or done is None or _CoreRefused is None:
 
         async def write(data: bytes) -> bool:
             if call.done():
@@ -126,7 +128,7 @@ def _sender(call: Any) -> Callable[[bytes], Awaitable[bool]]:
 
     async def send(data: bytes) -> bool:
         nonlocal connected
-        if call.done():
+        if done():
             return False
         if not connected:
             await call.wait_for_connection()
@@ -142,6 +144,40 @@ def _sender(call: Any) -> Callable[[bytes], Awaitable[bool]]:
         return True
 
     return send
+
+
+def _receiver(call: Any) -> Callable[[], Awaitable[Any]]:
+    """How to read responses on an upstream stream call: read() gives a message, or grpc.aio.EOF once the messages
+    ended and the call's status arrived (the handler reads it, as after any end). Resolved once per call.
+
+    The first read is call.read() itself (it waits for the call to be set up and fixes its style of use); the
+    later ones are what call.read() does then, through grpc's cython call, without its three frames per message:
+    a call already done goes to call.read() (which raises its status when it is not OK), a cancellation cancels the
+    call as call.read() does. Where grpc has not that shape, call.read() as it is.
+    """
+    core = getattr(call, "_cython_call", None)
+    receive = getattr(core, "receive_serialized_message", None)
+    done = getattr(core, "done", None)
+    if receive is None or done is None:
+        return call.read  # type: ignore[no-any-return]
+    started = False
+
+    async def read() -> Any:
+        nonlocal started
+        if not started or done():
+            started = True
+            return await call.read()
+        try:
+            response = await receive()  # bytes (no deserializer), or EOF
+        except asyncio.CancelledError:
+            if not call.cancelled():
+                call.cancel()
+            raise
+        if response is grpc.aio.EOF:
+            await call.code()  # the messages ended: the call's status arrives, as call.read() waits for it
+        return response
+
+    return read
 
 
 async def _close(call: Any) -> None:
@@ -179,20 +215,19 @@ class _Payloads:
         self._sent: deque[float] = deque()
         self._room: asyncio.Future[None] | None = None
 
-    @property
-    def full(self) -> bool:
-        return self._free <= 0
-
     async def room(self) -> None:
         """Until the window has room (awaited only when it is full)."""
         while self._free <= 0:
             self._room = asyncio.get_running_loop().create_future()
             await self._room
 
-    def sending(self) -> None:
-        """Count a payload as sent now (there is room: see full)."""
+    def sending(self) -> bool:
+        """Count a payload as sent now, if the window has room; False when it is full (await room(), then again)."""
+        if self._free <= 0:
+            return False
         self._free -= 1
         self._sent.append(time.perf_counter())
+        return True
 
     def answered(self) -> float | None:
         """Seconds since the oldest unanswered payload was sent (None: no payload was waiting)."""
@@ -295,15 +330,16 @@ class Forwarder:
                     shadow.admitted(stream)
             call = self._record_events(metadata=self._outgoing(metadata), timeout=self._timeout(context))
             payloads = _Payloads(self._window)
+            read = _receiver(call)
             pump = asyncio.create_task(self._pump_events(stream, first, requests, call, payloads, shadow))
             pump.add_done_callback(_retrieve)
-            latency = self.metrics.child(self.metrics.upstream_latency, RECORD_EVENTS)
+            tally = stream.tally
             failure: grpc.aio.AioRpcError | None = None
             waited: float | None = None  # measured, observed once the response is on its way to the client
             try:
                 while True:
                     try:
-                        response = await call.read()
+                        response = await read()
                     except grpc.aio.AioRpcError as exc:
                         failure = exc
                         break
@@ -320,11 +356,11 @@ class Forwarder:
                         break  # an answer that cannot be merged (refused, audited): stream.error ends the call
                     yield merged
                     if waited is not None:
-                        latency.observe(waited)
+                        tally.answered(waited)
                         waited = None
             finally:  # upstream ended (or we are cancelled): nothing more can be forwarded
                 if waited is not None:
-                    latency.observe(waited)
+                    tally.answered(waited)
                 if not pump.done():
                     pump.cancel()
                 if not call.done():
@@ -362,9 +398,9 @@ class Forwarder:
                     continue
                 # An events payload comes back as the bytes that may leave, judged once the stream was verified.
                 out = passed if type(passed) is bytes else stream.pass_on(serialize, passed)
-                if payloads.full:
+                if not payloads.sending():
                     await payloads.room()
-                payloads.sending()
+                    payloads.sending()
                 if not await send(out):
                     return  # the upstream ended the call: its status is read by the handler
                 tally.sent()
@@ -444,9 +480,7 @@ class Forwarder:
                 if not call.done():
                     call.cancel()
             await self._finish(stream, call=call, pump=pump, failure=failure, context=context)
-            self.metrics.child(self.metrics.upstream_latency, PUBLISH_USER_METADATA).observe(
-                time.perf_counter() - started
-            )
+            stream.tally.answered(time.perf_counter() - started)
             return bytes(response)
         finally:
             active.dec()
@@ -520,7 +554,7 @@ class Forwarder:
             if failure is not None:
                 self._upstream_failed(RECORD_EVENT, failure.code())
                 await context.abort(failure.code(), failure.details() or "")
-            self.metrics.child(self.metrics.upstream_latency, RECORD_EVENT).observe(time.perf_counter() - started)
+            guarded.tally.answered(time.perf_counter() - started)
             return bytes(response)
         finally:
             active.dec()

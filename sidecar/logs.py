@@ -17,15 +17,26 @@ import time
 import traceback
 from typing import IO, Any
 
-from telemetry_guard.interceptors.audit import AUDIT_LOGGER_NAME, Sink
+from telemetry_guard.interceptors.audit import AUDIT_LOGGER_NAME
 
 FIELDS = "telemetry_guard"  # the LogRecord attribute holding a record's structured fields
 LEVELS = ("debug", "info", "warning", "error")
+_MILLIS = tuple(f"{n:03d}" for n in range(1000))  # a line's milliseconds, as "%03d" writes them
 
 
 def fields(**values: Any) -> dict[str, Any]:
     """`extra=` for a structured record: log.info("serving", extra=fields(port=port))."""
     return {FIELDS: values}
+
+
+def _seconds(whole: int) -> str:
+    """The time text of a line up to its milliseconds (UTC)."""
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole))
+
+
+def _head(levelname: str, name: str, pid: int | None) -> str:
+    """The level, logger and pid of a line, as json.dumps of the head writes them (no braces)."""
+    return json.dumps({"level": levelname.lower(), "logger": name, "pid": pid})[1:-1]
 
 
 class JsonFormatter(logging.Formatter):
@@ -40,17 +51,18 @@ class JsonFormatter(logging.Formatter):
         """The line of an audit record whose message is json.dumps of its fields (spliced, not re-encoded).
 
         json.dumps of the head, its closing brace left out, then the message's fields: the time text is made
-        once per second, the level, logger and pid part once per logger (an audit record is written per message).
+        once per second, the level, logger and pid part once per logger. (The sidecar's own audit trail does not
+        come here: its AuditSink makes each line in one format, with the same parts.)
         """
         whole = int(created)
         second, stamp = self._stamp
         if whole != second:
-            stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(created))
+            stamp = _seconds(whole)
             self._stamp = (whole, stamp)
         key = (levelname, name, pid)
         rest = self._heads.get(key)
         if rest is None:
-            rest = self._heads[key] = json.dumps({"level": levelname.lower(), "logger": name, "pid": pid})[1:-1]
+            rest = self._heads[key] = _head(levelname, name, pid)
         msecs = int((created - whole) * 1000)  # as logging.LogRecord computes it
         if len(message) > 2:
             return f'{{"time": "{stamp}.{msecs:03d}Z", {rest}, {message[1:]}'
@@ -100,27 +112,51 @@ def configure(level: str = "info", stream: IO[str] | None = None) -> None:
     logging.getLogger("grpc").setLevel(max(logging.WARNING, root.level))
 
 
-def audit_sink() -> Sink | None:
-    """The audit trail's lines written straight to the stream configure() set up: the same text as
-    through logging, without a LogRecord and a handler chain per message (about a tenth of the
-    sidecar's CPU per message). None before configure() (the audit trail then goes through
-    logging). Call it in the process that writes (after any fork: the pid is taken here)."""
+class AuditSink:
+    """The audit trail's lines written straight to the stream configure() set up: the text logging writes, without
+    a LogRecord and a handler chain per record (an audit record is written per message).
+
+    opening() is a line's head (time, level, logger, pid) followed by the record's fields, which the record's
+    encoder writes in the same format (interceptors.audit.DecisionLines): one pass over a line. The line up to its
+    milliseconds is made once per second, the rest of the head once per level, and the milliseconds are looked up,
+    not formatted.
+    """
+
+    __slots__ = ("_flush", "_heads", "_lock", "_pid", "_prefix", "_second", "_write")
+
+    def __init__(self, stream: IO[str], lock: threading.RLock, pid: int) -> None:
+        self._write = stream.write
+        self._flush = stream.flush
+        self._lock = lock
+        self._pid = pid
+        self._heads: dict[int, str] = {}  # level -> 'Z", "level": ..., "pid": ..., ': the head after the time
+        self._second = -1
+        self._prefix = ""  # the line up to its milliseconds, in that second
+
+    def opening(self, level: int) -> str:
+        now = time.time()
+        whole = int(now)
+        if whole != self._second:
+            self._prefix = f'{{"time": "{_seconds(whole)}.'
+            self._second = whole
+        head = self._heads.get(level)
+        if head is None:
+            head = self._heads[level] = f'Z", {_head(logging.getLevelName(level), AUDIT_LOGGER_NAME, self._pid)}, '
+        return self._prefix + _MILLIS[int((now - whole) * 1000)] + head  # msecs as LogRecord computes them
+
+    def write(self, line: str) -> None:
+        with self._lock:  # whole lines, between the records other threads log through the handler
+            self._write(line + "\n")
+            self._flush()
+
+
+def audit_sink() -> AuditSink | None:
+    """The audit trail's sink on the stream configure() set up (about a tenth of the sidecar's CPU per message
+    if it went through logging). None before configure() (the audit trail then goes through logging). Call it in
+    the process that writes (after any fork: the pid is taken here)."""
     if not _configured:
         return None
     handler = _configured[0]
-    formatter = handler.formatter
-    if not isinstance(formatter, JsonFormatter):
+    if not isinstance(handler.formatter, JsonFormatter):
         return None
-    pid = os.getpid()
-    stream = handler.stream
-    lock = handler.lock or threading.RLock()  # whole lines, between the records other threads log through it
-    names = {level: logging.getLevelName(level) for level in (logging.DEBUG, logging.INFO, logging.WARNING)}
-    line = formatter.audit_line
-
-    def write(level: int, message: str) -> None:
-        text = line(names.get(level) or logging.getLevelName(level), AUDIT_LOGGER_NAME, pid, message, time.time())
-        with lock:
-            stream.write(text + "\n")
-            stream.flush()
-
-    return write
+    return AuditSink(handler.stream, handler.lock or threading.RLock(), os.getpid())

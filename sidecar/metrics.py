@@ -6,11 +6,11 @@ such as kinds.licensed_instance.private_metadata), a reload trigger, and the pol
 Never a value from a message: a removed value cannot become a label.
 
 The counters of the policy's work (requests and events received, events forwarded, removals per
-rule, refusals, messages sent upstream) have one writer: each call's StreamTally, which the guard
-makes for every call (interceptors.guard.Guard's tally) and feeds with each decision and refusal
-as it is audited, and the forwarder with each message it writes upstream. It adds them up in the
-call and publishes them in batches. The forwarder adds what only it knows: upstream latency,
-upstream errors and the calls in progress.
+rule, refusals, messages sent upstream) and the upstream round trips have one writer: each call's
+StreamTally, which the guard makes for every call (interceptors.guard.Guard's tally) and feeds with
+each decision and refusal as it is audited, and the forwarder with each message it writes upstream
+and each answer. It keeps them in the call and publishes them in batches. The forwarder adds what
+only it knows: upstream errors and the calls in progress.
 
 With --workers N the workers write their values to PROMETHEUS_MULTIPROC_DIR and the parent
 process serves the sum (prometheus_client's multiprocess mode; see workers.py). An Info
@@ -189,40 +189,35 @@ def serve_metrics(host: str, port: int, registry: CollectorRegistry) -> int:
 
 
 class StreamTally(CallTally):
-    """The counters of one call (a RecordEvent call is a stream of one message), added up in the call
-    and published in batches: at least every FLUSH_SECONDS while it runs, at once for a refusal, and
-    when it ends (flush(), called by the forwarder). Five or more counter updates per payload, each a
-    lock and with --workers an mmap write, become a few per half second. The kind label is the call's
-    identifier kind ("none" before one is known). With tracing on, each decision and the refusal are
-    also added to the call's span counts (sidecar.spans).
+    """The counters of one call (a RecordEvent call is a stream of one message), kept in the call and
+    published in batches: at least every FLUSH_SECONDS while it runs, at once for a refusal, and when
+    it ends (flush(), called by the forwarder). A payload's decision and round trip are appended as
+    they come and added up at the flush: the per-payload step is an append, and some eight counter
+    and histogram updates per payload, each a lock and with --workers an mmap write, become a batch
+    per half second. The kind label is the call's identifier kind ("none" before one is known). With
+    tracing on, each decision and the refusal are also added to the call's span counts (sidecar.spans).
     """
 
     FLUSH_SECONDS = 0.5
 
-    __slots__ = ("_call", "_counters", "_flushed", "_kind", "_metrics", "_removals", "_rpc", "_totals")
+    __slots__ = ("_answered", "_call", "_flushed", "_judged", "_kind", "_metrics", "_refused", "_rpc", "_sent")
 
     def __init__(self, metrics: Metrics, rpc: str) -> None:
         self._metrics = metrics
         self._rpc = rpc
         self._kind = NO_KIND
-        # requests in, events in, events out, requests sent upstream: the counters and unpublished totals
-        self._counters = (metrics.requests_in, metrics.events_in, metrics.events_out, metrics.requests_out)
-        self._totals = [0, 0, 0, 0]
-        self._removals: dict[str, int] = {}  # rule -> removals not yet published
+        # Not yet published: the decisions (events in, events out, removals per rule), refusals, requests sent
+        # upstream, and round trips.
+        self._judged: list[tuple[int, int, dict[str, int]]] = []
+        self._refused = self._sent = 0
+        self._answered: list[float] = []
         self._flushed = time.monotonic()
         self._call = CALL.get()
 
     def judged(self, kind: str | None, events_in: int, events_out: int, counts: dict[str, int]) -> None:
         if (kind or NO_KIND) != self._kind:
             self._label(kind)
-        totals = self._totals
-        totals[0] += 1
-        totals[1] += events_in
-        totals[2] += events_out
-        if counts:
-            removals = self._removals
-            for rule, count in counts.items():
-                removals[rule] = removals.get(rule, 0) + count
+        self._judged.append((events_in, events_out, counts))
         if self._call is not None:
             self._call.judged(events_in, events_out, counts)
         if time.monotonic() - self._flushed >= self.FLUSH_SECONDS:
@@ -230,7 +225,7 @@ class StreamTally(CallTally):
 
     def refused(self, kind: str | None, error: GuardError) -> None:
         self._label(kind)
-        self._totals[0] += 1
+        self._refused += 1
         m = self._metrics
         m.child(m.denials, self._rpc, error.code.name, error.rule).inc()
         if self._call is not None:
@@ -238,20 +233,38 @@ class StreamTally(CallTally):
         self.flush()
 
     def sent(self) -> None:
-        self._totals[3] += 1
+        self._sent += 1
+
+    def answered(self, seconds: float) -> None:
+        self._answered.append(seconds)
 
     def flush(self) -> None:
         self._flushed = time.monotonic()
         m = self._metrics
-        totals = self._totals
-        for i, amount in enumerate(totals):
+        judged, self._judged = self._judged, []
+        events_in = events_out = 0
+        removals: dict[str, int] = {}
+        for ins, outs, counts in judged:
+            events_in += ins
+            events_out += outs
+            for rule, count in counts.items():
+                removals[rule] = removals.get(rule, 0) + count
+        for counter, amount in (
+            (m.requests_in, len(judged) + self._refused),
+            (m.events_in, events_in),
+            (m.events_out, events_out),
+            (m.requests_out, self._sent),
+        ):
             if amount:
-                m.child(self._counters[i], self._rpc, self._kind).inc(amount)
-                totals[i] = 0
-        if self._removals:
-            for rule, count in self._removals.items():
-                m.child(m.removals, self._rpc, self._kind, rule).inc(count)
-            self._removals = {}
+                m.child(counter, self._rpc, self._kind).inc(amount)
+        self._refused = self._sent = 0
+        for rule, count in removals.items():
+            m.child(m.removals, self._rpc, self._kind, rule).inc(count)
+        if self._answered:
+            latency = m.child(m.upstream_latency, self._rpc)
+            for seconds in self._answered:
+                latency.observe(seconds)
+            self._answered = []
 
     def _label(self, kind: str | None) -> None:
         """The call's kind label: what was counted under another one is published first."""

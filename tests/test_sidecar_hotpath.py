@@ -16,8 +16,10 @@ policy/wire.py's own tests (the payload sniff, the ids reader) are in test_polic
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -237,6 +239,35 @@ def test_the_audit_sink_writes_the_lines_logging_writes(engine: Engine, configur
     assert {json.loads(line)["level"] for line in by_sink} == {"info", "debug", "warning"}
 
 
+def test_the_audit_sink_makes_in_one_format_the_line_the_formatter_splices(
+    configured_logs: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The sink's opening of a line stands for the record's brace: byte for byte the line JsonFormatter.audit_line
+    makes of the record, at each level, across millisecond, second and hour boundaries."""
+    from telemetry_guard.sidecar import logs
+
+    sink = logs.audit_sink()
+    assert sink is not None
+    formatter = JsonFormatter()
+    lines = DecisionLines("server", "RecordEvents", identifier("licensed_instance"), 'q"uote%s')
+    decision = Decision("RecordEvents", "licensed_instance", unknown_fields="kept", events_in=3, events_out=2)
+    record = lines.encode(decision, 7, {"r": 2})
+    written = 0
+    for step in (0.0, 0.001, 0.0015, 0.5, 0.999, 0.9999, 1.0, 61.5, 3600.25):
+        created = 1_700_000_000.0 + step
+        monkeypatch.setattr(logs.time, "time", itertools.repeat(created).__next__)
+        for level in (logging.INFO, logging.DEBUG, logging.WARNING, logging.INFO):
+            name = logging.getLevelName(level)
+            sink.write(lines.encode(decision, 7, {"r": 2}, sink.opening(level)))
+            written += 1
+            line = configured_logs.getvalue().splitlines()[-1]
+            assert line == formatter.audit_line(name, AUDIT_LOGGER_NAME, os.getpid(), record, created)
+            logged = logging.getLogger(AUDIT_LOGGER_NAME).makeRecord(AUDIT_LOGGER_NAME, level, "", 1, record, (), None)
+            logged.created, logged.msecs = created, (created - int(created)) * 1000
+            assert line == _reference(logged)  # the head as json.dumps writes it
+    assert len(configured_logs.getvalue().splitlines()) == written
+
+
 # -- decision records from a call's template ---------------------------------------------------------
 
 
@@ -269,9 +300,21 @@ _INFO = logging.getLogger(f"{AUDIT_LOGGER_NAME}.test-lines")
 _INFO.setLevel(logging.INFO)
 
 
-def _into(lines: list[str]) -> Any:
-    """A sink that keeps the lines written."""
-    return lambda _level, text: lines.append(text)
+class _Into:
+    """A sink that keeps the records written: its opening of a line is the record's own brace."""
+
+    def __init__(self, lines: list[str]) -> None:
+        self.lines = lines
+
+    def opening(self, level: int) -> str:
+        return "{"
+
+    def write(self, line: str) -> None:
+        self.lines.append(line)
+
+
+def _into(lines: list[str]) -> _Into:
+    return _Into(lines)
 
 
 # Text that needs escaping in JSON, non-ASCII, %-format directives, long ids (clipped), and empty.
@@ -379,6 +422,20 @@ def test_decision_lines_encode_odd_values_as_json_encodes_them(odd: dict[str, An
         counts=odd.get("counts", {}),
     )
     assert len(written) == 2 and written[0] == written[1]
+
+
+def test_removed_per_rule_is_exact_for_every_set_and_order_of_rules() -> None:
+    """removed_per_rule is written from a template per set of rules (in the order the counts have them), a bounded
+    number of them kept per call: exact for every set, order and count, past the bound too."""
+    ident = identifier("licensed_instance")
+    lines = DecisionLines("server", "RecordEvents", ident, "req")
+    decision = Decision("RecordEvents", "licensed_instance", events_in=1, events_out=1)
+    rules = ["b", "a%s", 'q"', "\u00fc", "kinds.x.y", "events"]
+    for n, order in enumerate(itertools.permutations(rules, 3)):  # 120 orders of 20 sets: past the bound
+        counts: dict[str, Any] = {rule: n + i for i, rule in enumerate(order)}
+        for value in (counts, {**counts, order[1]: True}, counts):
+            expected = _plain_record("server", "RecordEvents", ident, decision, "req", n, value)
+            assert lines.encode(decision, n, value) == expected
 
 
 def test_decision_records_through_logging_carry_the_dict_of_their_line(caplog: pytest.LogCaptureFixture) -> None:

@@ -80,7 +80,7 @@ async def _serve(handler: grpc.GenericRpcHandler) -> tuple[grpc.aio.Server, int]
     return server, port
 
 
-async def _window(engine: Engine) -> tuple[list[int], list[list[str]]]:
+async def _window(engine: Engine) -> tuple[list[int], list[list[str]], Metrics]:
     upstream = HeldUpstream()
     upstream_server, upstream_port = await _serve(
         grpc.method_handlers_generic_handler(
@@ -113,7 +113,7 @@ async def _window(engine: Engine) -> tuple[list[int], list[list[str]]]:
             responses.append(list(pb.RecordEventsResponse.FromString(response).succeeded_events))
         assert await call.code() == grpc.StatusCode.OK
         seen.append(upstream.payloads())
-        return seen, responses
+        return seen, responses, metrics
     finally:
         await client.close()
         await sidecar.stop(0)
@@ -124,6 +124,10 @@ async def _window(engine: Engine) -> tuple[list[int], list[list[str]]]:
 def test_at_most_the_window_of_payloads_waits_upstream_unanswered(tmp_path: Path) -> None:
     path = tmp_path / "policy.yaml"
     path.write_text(POLICY)
-    seen, responses = asyncio.run(_window(Engine(load_policy(path))))
+    seen, responses, metrics = asyncio.run(_window(Engine(load_policy(path))))
     assert seen == [WINDOW, WINDOW + 1, PAYLOADS]
     assert responses == [[f"e{n}"] for n in range(PAYLOADS)]
+    # Each payload's round trip observed once, published by the call's end; the first two waited two holds.
+    latency = metrics.registry.get_sample_value
+    assert latency("telemetry_guard_upstream_latency_seconds_count", {"rpc": "RecordEvents"}) == PAYLOADS
+    assert (latency("telemetry_guard_upstream_latency_seconds_sum", {"rpc": "RecordEvents"}) or 0) >= 2 * 0.2
