@@ -29,9 +29,9 @@ from google.protobuf.message import DecodeError, Message
 
 from telemetry_guard.interceptors.acks import AckLedger
 from telemetry_guard.interceptors.errors import GuardError, protocol_error, wire_error
-from telemetry_guard.interceptors.guard import CallGuard, Encode, Guard, Passed
+from telemetry_guard.interceptors.guard import REQUEST_TYPES, CallGuard, Encode, Guard, Passed
 from telemetry_guard.policy import Outcome, wire
-from telemetry_guard.policy.engine import PUBLISH_USER_METADATA, RECORD_EVENTS
+from telemetry_guard.policy.engine import RECORD_EVENTS
 from telemetrygateway.v1 import telemetrygateway_pb2 as pb
 
 
@@ -46,6 +46,8 @@ class StreamGuard(CallGuard):
         self._users_judge: Callable[[bytes], Outcome[bytes] | None] | None = None  # user metadata payloads, the same
         self._acks = AckLedger()  # self.acks and self.kind, once _judge is made
         self._kind = ""
+        self._request_type = REQUEST_TYPES[rpc]
+        self._payload = "events" if rpc == RECORD_EVENTS else "user_metadata"  # the payload judged on its bytes
 
     # -- one message --------------------------------------------------------------------
 
@@ -57,57 +59,38 @@ class StreamGuard(CallGuard):
     def accept(self, item: Any) -> Passed | None:
         """The next request as received: what to pass on, or None to skip it; raises GuardError.
 
-        An events payload of an admitted stream is judged on its wire bytes (_events()) and passed on as
-        the bytes that may leave; every other message is parsed whole and checked against the protocol.
+        A payload of an admitted stream (events, or user metadata: field 2 of either request) is judged on its
+        wire bytes (_events(), _users()) and passed on as the bytes that may leave; every other message, and a
+        user metadata payload the walk does not take, is parsed whole and checked against the protocol.
         Fails closed as judging() does, without a context manager on the per-payload path.
         """
         index = self._received
         self._received = index + 1
         try:
-            if self._judge is not None and type(item) is bytes:  # the usual: bytes, on an admitted stream
-                if wire.payload(item) == wire.EVENTS:
+            if self.kind is not None:
+                if type(item) is bytes:  # the usual: a server's or a proxy's bytes
                     self.raw = True
-                    return self._events(item, index)
-            else:
-                data = self._events_wire(item)
+                    data = item if wire.payload(item) == wire.EVENTS else None
+                else:
+                    data = self._payload_wire(item)
                 if data is not None:
-                    return self._events(data, index)
-                data = self._users_wire(item)
-                if data is not None:
+                    if self.acks is not None:
+                        return self._events(data, index)
                     passed = self._users(data, index)
                     if passed is not None:
                         return passed
+            return self._message(item, index)
         except Exception as exc:
             raise self.failed(exc, message=index) from None
-        with self.judging(message=index):
-            return self._message(item, index)
 
-    def _events_wire(self, item: Any) -> bytes | None:
-        """The wire bytes of an events payload of this admitted RecordEvents stream; None for anything else.
-
-        Told from the top-level tags only (policy.wire.payload): what is irregular there is parsed whole.
-        """
-        if self.kind is None or self.acks is None:
-            return None
-        if type(item) is bytes or isinstance(item, bytearray | memoryview):
-            self.raw = True
-            data = bytes(item)  # the same object for bytes
-            return data if wire.payload(data) == wire.EVENTS else None
-        if isinstance(item, pb.RecordEventsRequest) and item.WhichOneof("payload") == "events":
-            self.raw = False
-            return item.SerializeToString()
-        return None
-
-    def _users_wire(self, item: Any) -> bytes | None:
-        """The wire bytes of a user metadata payload of this admitted PublishInstanceUserMetadata stream (its one
-        top-level field is user_metadata, field 2, as events are in RecordEvents); None for anything else."""
-        if self.kind is None or self.rpc != PUBLISH_USER_METADATA:
-            return None
-        if type(item) is bytes or isinstance(item, bytearray | memoryview):
+    def _payload_wire(self, item: Any) -> bytes | None:
+        """The wire bytes of a payload of this admitted stream given as a message or a buffer; None for anything
+        else. Told from the top-level tags only (policy.wire.payload): what is irregular there is parsed whole."""
+        if isinstance(item, bytearray | memoryview):
             self.raw = True
             data = bytes(item)
             return data if wire.payload(data) == wire.EVENTS else None
-        if isinstance(item, pb.PublishInstanceUserMetadataRequest) and item.WhichOneof("payload") == "user_metadata":
+        if isinstance(item, self._request_type) and item.WhichOneof("payload") == self._payload:
             self.raw = False
             return item.SerializeToString()
         return None

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import hashlib
 import hmac
 import threading
@@ -530,19 +531,19 @@ class Engine:
         unknown fields' handling are looked up once, not for every payload (as admitted_payloads for events)."""
         key = kind if override is None else self._overrides[override].key
         fast = self._user_plans[key]
-        items, _, rule = self._withheld["user_metadata"]
+        items, names, rule = self._withheld["user_metadata"]
         unknown_fields: Literal["discarded", "kept"] = "discarded" if self._plans[key].discard_unknown else "kept"
 
         def judge(data: bytes) -> Outcome[bytes] | None:
             got = None if fast is None else fast.filter(data)
             if got is None:
                 return None
-            out, removed = got
-            decision = Decision(PUBLISH_USER_METADATA, kind)
+            out, counts = got  # counts: per withheld field, by position (the plan's table holds more)
+            removals = [
+                _withheld_removal(rule, items, name, count) for name, count in zip(names, counts, strict=False) if count
+            ]
+            decision = Decision(PUBLISH_USER_METADATA, kind, removals=removals, unknown_fields=unknown_fields)
             decision.override = override
-            for name, count in removed:
-                decision.removals.append(Removal(rule, f"{items}.{name}", tuple([name] * count)))
-            decision.unknown_fields = unknown_fields
             return Outcome(out, decision)
 
         return judge
@@ -562,8 +563,7 @@ class Engine:
         items, names, rule = self._withheld[payload]
         removed = _removed_each(getattr(getattr(request, payload), items), names) if names else []
         self._unknown(plan, request, decision)
-        for name, count in removed:
-            decision.removals.append(Removal(rule, f"{items}.{name}", tuple([name] * count)))
+        decision.removals.extend(_withheld_removal(rule, items, name, count) for name, count in removed)
         return Outcome(request, decision)
 
     # -- shared -------------------------------------------------------------------------
@@ -716,6 +716,13 @@ class Engine:
         params.private_metadata.Clear()
         params.private_metadata.MergeFromString(struct.SerializeToString())
         return removals
+
+
+@functools.lru_cache(maxsize=256)
+def _withheld_removal(rule: str, items: str, name: str, count: int) -> Removal:
+    """The record of field `name` withheld from `count` of a payload's `items`. Removals are immutable, so equal
+    ones are shared: a stream's payloads of one size mostly withhold the same fields from as many items."""
+    return Removal(rule, f"{items}.{name}", (name,) * count)
 
 
 def _removed_each(items: Iterable[Message], names: tuple[str, ...]) -> list[tuple[str, int]]:

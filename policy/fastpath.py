@@ -361,17 +361,15 @@ class UserMetadataPlan:
             replacement=None,
             invalid_rule="",
         )
-        self._withheld = withheld
 
-    def filter(self, data: bytes) -> tuple[bytes, list[tuple[str, int]]] | None:
-        """(the bytes that may leave, (field, users that had it) in the policy's order), or None: use the Python
-        path (a metadata or organization payload, or bytes not in the form the walk takes)."""
+    def filter(self, data: bytes) -> tuple[bytes, tuple[int, ...]] | None:
+        """(the bytes that may leave, how many users had each withheld field: by its position in `withheld`, zip
+        them), or None: use the Python path (a metadata or organization payload, or bytes not in the form the walk
+        takes)."""
         got = self._plan.filter(data, _no_event_types)
         if got is None:
             return None
-        out, _, _, _, totals = got
-        drops = totals[5]
-        return out, [(name, drops[bit]) for bit, name in enumerate(self._withheld) if drops[bit]]
+        return got[0], got[4][5]
 
 
 def user_metadata_plan(withheld: tuple[str, ...], discard_unknown: bool) -> UserMetadataPlan | None:

@@ -20,8 +20,10 @@ from hypothesis import strategies as st
 from test_fastpath import FAST, LICENSED, MANAGED, SLOW, WORKSPACE, engine_name, event, field, mutate, private
 from test_properties import SETTINGS, append_unknown, scenarios, unknown_fields, varint
 
+from telemetry_guard.interceptors.guard import CallTally, Guard
+from telemetry_guard.interceptors.stream import StreamGuard
 from telemetry_guard.policy import Engine, access, load_policy, unknown
-from telemetry_guard.policy.engine import Outcome
+from telemetry_guard.policy.engine import PUBLISH_USER_METADATA, Outcome
 from telemetrygateway.v1 import telemetrygateway_pb2 as pb
 
 Answer = Outcome[Any] | str
@@ -298,3 +300,57 @@ def test_the_walk_serves_user_payloads_and_leaves_the_rest_to_python(
     twice = field(2, field(1, field(3, b"SHADOWED") + field(3, b"e@x")))
     for data in (organizations, metadata, twice):
         assert publish_engines["email"][0].user_metadata_bytes(data, "licensed_instance") is None
+
+
+class _Counted(CallTally):
+    """A call's tally that keeps the removals per rule of every decision it is given."""
+
+    def __init__(self) -> None:
+        self.counts: list[dict[str, int]] = []
+
+    def judged(self, kind: str | None, events_in: int, events_out: int, counts: dict[str, int]) -> None:
+        self.counts.append(counts)
+
+
+def _publish_stream(engine: Engine, first: Any) -> tuple[StreamGuard, _Counted]:
+    """An admitted PublishInstanceUserMetadata stream (as a channel guards it: the caller's messages copied)."""
+    tally = _Counted()
+    guard = Guard(engine, side="client", copy_requests=True, tally=lambda rpc: tally)
+    stream = StreamGuard(guard, PUBLISH_USER_METADATA, None)
+    assert stream.accept(first) is not None
+    stream.verify()
+    return stream, tally
+
+
+@pytest.mark.parametrize("form", ["bytes", "bytearray", "memoryview", "message"])
+@pytest.mark.parametrize("payload", ["users", "field twice"])
+def test_a_publish_stream_judges_user_payloads_on_their_bytes_in_every_form(
+    publish_engines: dict[str, tuple[Engine, Engine]], form: str, payload: str
+) -> None:
+    """A user payload of an admitted stream takes the walk whatever form it comes in (a server's bytes, a proxy's
+    buffer, an exporter's message) and leaves as the walk's bytes; bytes the walk does not take (a field given
+    twice) are parsed whole. Either way the message and the counts are the reference's."""
+    users = b"".join(field(1, varint_field(1, i) + field(2, b"u") + field(3, b"e@x")) for i in range(1, 4))
+    twice = field(1, field(3, b"SHADOWED") + field(3, b"e@x"))
+    data = field(2, users if payload == "users" else twice)
+    metadata = pb.PublishInstanceUserMetadataRequest(
+        metadata=pb.PublishInstanceUserMetadataRequestMetadata(request_id="r", identifier=LICENSED)
+    ).SerializeToString()
+
+    def given(wire: bytes) -> Any:
+        forms = {"bytes": bytes, "bytearray": bytearray, "memoryview": memoryview}
+        return forms[form](wire) if form in forms else pb.PublishInstanceUserMetadataRequest.FromString(wire)
+
+    passed = []
+    for engine in publish_engines["email"]:  # the walk, then the reference
+        stream, tally = _publish_stream(engine, given(metadata))
+        passed.append((stream.accept(given(data)), tally.counts))
+    (walked, walked_counts), (reference, reference_counts) = passed
+    assert isinstance(reference, pb.PublishInstanceUserMetadataRequest)
+    assert isinstance(walked, bytes) == (payload == "users" or form == "message")  # a message holds a field once
+    if isinstance(walked, bytes):
+        walked = pb.PublishInstanceUserMetadataRequest.FromString(walked)
+    assert walked == reference
+    assert b"e@x" not in reference.SerializeToString()
+    removed = 3 if payload == "users" else 1
+    assert walked_counts == reference_counts == [{}, {"user_metadata.user_fields": removed}]
