@@ -109,6 +109,8 @@ async def _py_profile(proxy: Process, seconds: float, out: Path) -> tuple[int, d
     counts: collections.Counter[str] = collections.Counter()
     for line in out.read_text().splitlines():
         stack, _, n = line.rpartition(" ")
+        if not n.isdigit():  # not a stack line (py-spy may write a note of its own into the file)
+            continue
         function = _function(stack.rsplit(";", 1)[-1])
         if function is not None:
             counts[function] += int(n)
