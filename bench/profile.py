@@ -227,20 +227,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"# one payload in the running sidecar: {BATCH}-event payloads, one stream, {workers}, "
         f"{args.seconds:g} s sampled at {FREQ} Hz per proxy"
     )
+    _print(table(found), found, "sampled")
+    if functions:
+        _print(python_table(functions), functions, f"sampled by py-spy at {PY_RATE} Hz")
+    return 0
+
+
+def _print(lines: list[str], found: Found, sampled: str) -> None:
+    """A table, then how many payloads each proxy's figures cover."""
     print()
-    for line in table(found):
+    for line in lines:
         print(line)
     print()
     for proxy, (payloads, _) in found.items():
-        print(f"{proxy}: {payloads:,} payloads sampled")
-    if functions:
-        print()
-        for line in python_table(functions):
-            print(line)
-        print()
-        for proxy, (payloads, _) in functions.items():
-            print(f"{proxy}: {payloads:,} payloads sampled by py-spy at {PY_RATE} Hz")
-    return 0
+        print(f"{proxy}: {payloads:,} payloads {sampled}")
 
 
 if __name__ == "__main__":

@@ -369,7 +369,8 @@ class UserMetadataPlan:
         got = self._plan.filter(data, _no_event_types)
         if got is None:
             return None
-        return got[0], got[4][5]
+        out, _, _, _, totals = got
+        return out, totals[5]  # the drops of each drop_fields bit: here, each withheld field
 
 
 def user_metadata_plan(withheld: tuple[str, ...], discard_unknown: bool) -> UserMetadataPlan | None:
